@@ -1,0 +1,140 @@
+"""The contract every attention backend meets.
+
+A *backend* (one per `attention=<name>`) turns its config section into per-layer modules.
+The model asks it for a token mixer (and optionally a replacement for the MLP) per layer
+and never looks at the backend's name.
+
+A *mixer* is a causal sequence layer with two forms that must agree:
+- `forward(x)`: a whole sequence at positions 0..N-1 with fresh state (training, eval);
+- `init_state(batch)` / `step(x, state, start)`: streaming, where `x` holds the tokens at
+  positions start..start+n-1 and `state` carries whatever earlier tokens left behind.
+States are nested tuples/lists/dicts of tensors; `step` returns a new state and never
+mutates the one it was given, so a caller may branch from a saved state.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+from torch import Tensor, nn
+
+from longctx.errors import ConfigError
+
+State = Any  # nested tuple / list / dict of tensors
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The model-level settings a backend may need to build its layers."""
+
+    n_layer: int
+    n_head: int
+    d_model: int
+    context_length: int
+    position: str = "rope"  # rope | alibi | learned | none
+    rope_base: float = 10000.0
+    bias: bool = False
+    dropout: float = 0.0
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_head
+
+
+class Mixer(nn.Module):
+    """A causal sequence-mixing layer (attention, recurrence, or a stateful MLP replacement).
+
+    Token mixers also split `forward` into `project(x) -> tuple of tensors` (the per-token
+    projections) and `mix(*tensors) -> Tensor` (the mechanism's own kernel across positions),
+    with forward(x) == output projection of mix(*project(x)). The bench module times `mix`
+    side by side with SDPA on the same shapes.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def init_state(self, batch_size: int) -> State:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def step(self, x: Tensor, state: State, start: int) -> tuple[Tensor, State]:  # pragma: no cover
+        raise NotImplementedError
+
+    def init_weights(self, n_layer: int) -> None:
+        """Called after the model's default normal init; override for mechanism-specific init."""
+
+
+class StatelessMixer(Mixer):
+    """A mixer that looks at one position at a time (an MLP): streaming needs no state."""
+
+    def init_state(self, batch_size: int) -> State:
+        return ()
+
+    def step(self, x: Tensor, state: State, start: int) -> tuple[Tensor, State]:
+        return self(x), state
+
+
+class Backend:
+    """How one named mechanism builds its layers. Subclasses register with `@register`.
+
+    `Options` is a dataclass whose defaults are the spec's defaults; the config section
+    (minus `name`) is validated against it when the backend is built.
+    """
+
+    name: ClassVar[str]
+    Options: ClassVar[type]
+    # True when training must feed ordered contiguous streams and carry state across batches.
+    ordered_stream: ClassVar[bool] = False
+
+    def __init__(self, options: Any, dims: ModelDims):
+        self.options = options
+        self.dims = dims
+        self.validate()
+
+    @classmethod
+    def from_config(cls, attn_cfg: Mapping, dims: ModelDims) -> "Backend":
+        fields = {f.name for f in dataclasses.fields(cls.Options)}
+        given = {k: v for k, v in dict(attn_cfg).items() if k != "name"}
+        unknown = sorted(set(given) - fields)
+        if unknown:
+            raise ConfigError(
+                f"attention={cls.name} has no option(s) {unknown}; valid options: {sorted(fields)}"
+            )
+        return cls(cls.Options(**given), dims)
+
+    def validate(self) -> None:
+        """Raise ConfigError for impossible settings (checked before any data or weights exist)."""
+
+    def mixer(self, layer: int) -> Mixer:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def ffn(self, layer: int) -> Mixer | None:
+        """A replacement for the model's MLP in this layer, or None to keep the MLP."""
+        return None
+
+    @property
+    def max_len(self) -> int | None:
+        """The longest sequence `forward` accepts, or None when unbounded."""
+        return None
+
+    def attention_flops(self, seq_len: int) -> float:
+        """Forward FLOPs of one layer's sequence mixing for one sequence (excluding projections).
+
+        Used for MFU: counts the work the backend really does, not the dense formula.
+        """
+        raise NotImplementedError(f"{self.name} does not count its FLOPs")
+
+    def check_sequence_length(self, seq_len: int) -> None:
+        limit = self.max_len
+        if limit is not None and seq_len > limit:
+            raise ConfigError(
+                f"attention={self.name} accepts at most {limit} positions (max_len) but got "
+                f"{seq_len}; raise attention.max_len or shorten the sequence"
+            )
+
+    def require_even_heads(self, why: str) -> None:
+        if self.dims.n_head % 2:
+            raise ConfigError(
+                f"attention={self.name} {why} needs an even model.n_head, got "
+                f"{self.dims.n_head}; choose an even head count"
+            )

@@ -1,0 +1,56 @@
+"""Dense masked softmax attention.
+
+`masked_attention` is the one place a softmax is taken over an explicit mask: streaming steps
+use it over their small caches. `reference_attention` materialises the full N×N mask from a
+pattern's predicate; only tests use it (it is O(N²) by construction).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from longctx.model.positions import alibi_bias
+
+# predicate(h, i, j) -> bool tensor broadcastable to [H, nq, nk]; h: [H,1,1], i: [1,nq,1], j: [1,1,nk]
+Predicate = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def masked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    allowed: Tensor,
+    q_pos: Tensor,
+    k_pos: Tensor,
+    slopes: Tensor | None = None,
+) -> Tensor:
+    """Softmax attention of q [B,H,nq,D] over k, v [B,H,nk,D] where `allowed` [H|1, nq, nk] holds.
+
+    Every row of `allowed` must have at least one True (patterns always allow j = i).
+    """
+    if slopes is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    bias = alibi_bias(slopes, q_pos, k_pos).to(q.dtype)
+    bias = bias.masked_fill(~allowed, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+
+
+def pattern_mask(predicate: Predicate, n_head: int, q_pos: Tensor, k_pos: Tensor) -> Tensor:
+    """The boolean mask [H, nq, nk] of a causal pattern (j <= i is always enforced)."""
+    h = torch.arange(n_head, device=q_pos.device)[:, None, None]
+    i = q_pos[None, :, None]
+    j = k_pos[None, None, :]
+    return (predicate(h, i, j) & (j <= i)).expand(n_head, len(q_pos), len(k_pos))
+
+
+def reference_attention(
+    q: Tensor, k: Tensor, v: Tensor, predicate: Predicate, slopes: Tensor | None = None
+) -> Tensor:
+    """Dense O(N²) reference: attention of every position 0..N-1 under `predicate`."""
+    n = q.shape[-2]
+    pos = torch.arange(n, device=q.device)
+    mask = pattern_mask(predicate, q.shape[1], pos, pos)
+    return masked_attention(q, k, v, mask, pos, pos, slopes)

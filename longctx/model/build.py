@@ -1,0 +1,57 @@
+"""`build_model(cfg, vocab_size)`: the composed root config to a LanguageModel."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Mapping
+
+from longctx.attention import ModelDims, build_backend
+from longctx.errors import ConfigError
+from longctx.model.layers import MLPS, NORMS
+from longctx.model.lm import LanguageModel
+from longctx.model.positions import POSITION_SCHEMES
+
+
+def _choice(value: str, options, key: str) -> None:
+    if value not in options:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of {sorted(options)}")
+
+
+def model_dims(cfg: Mapping) -> ModelDims:
+    """The model-level settings a backend needs, validated."""
+    model = cfg["model"]
+    _choice(model["position"], POSITION_SCHEMES, "model.position")
+    if model["d_model"] % model["n_head"]:
+        raise ConfigError(
+            f"model.d_model={model['d_model']} must be divisible by model.n_head={model['n_head']}"
+        )
+    if cfg["context_length"] < 1:
+        raise ConfigError(f"context_length must be positive, got {cfg['context_length']}")
+    return ModelDims(
+        n_layer=int(model["n_layer"]),
+        n_head=int(model["n_head"]),
+        d_model=int(model["d_model"]),
+        context_length=int(cfg["context_length"]),
+        position=model["position"],
+        rope_base=float(model.get("rope_base", 10000.0)),
+        bias=bool(model.get("bias", False)),
+        dropout=float(model.get("dropout", 0.0)),
+    )
+
+
+def build_model(cfg: Mapping, vocab_size: int) -> LanguageModel:
+    """Build the LM described by the composed root config (conf/train.yaml plus overrides)."""
+    model = cfg["model"]
+    dims = model_dims(cfg)
+    _choice(model.get("mlp", "gelu"), MLPS, "model.mlp")
+    _choice(model.get("norm", "layernorm"), NORMS, "model.norm")
+    backend = build_backend(cfg["attention"], dims)
+    hidden = int(model.get("mlp_hidden") or 4 * dims.d_model)
+    make_ffn = partial(MLPS[model.get("mlp", "gelu")], dims.d_model, hidden, dims.bias, dims.dropout)
+    return LanguageModel(
+        dims,
+        backend,
+        vocab_size,
+        make_ffn=make_ffn,
+        norm=NORMS[model.get("norm", "layernorm")],
+        tie_embeddings=bool(model.get("tie_embeddings", True)),
+    )

@@ -1,0 +1,37 @@
+"""Shared fixtures: configs composed with Hydra's compose API, exactly as train.py sees them."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = str(ROOT / "conf")
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def compose_config(*overrides: str, config_name: str = "train") -> DictConfig:
+    """The root config with overrides, as Hydra composes it for a run (hydra node included)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides), return_hydra_config=True)
+
+
+def model_config(attention: str, options: dict | None = None, *overrides: str) -> DictConfig:
+    """A tiny-model root config for `attention` with its options replaced by `options`."""
+    cfg = compose_config(f"attention={attention}", "model=tiny", *overrides)
+    with open_dict(cfg):
+        for key, value in (options or {}).items():
+            cfg.attention[key] = value
+    return cfg
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    return tmp_path / "run"

@@ -1,0 +1,127 @@
+"""Properties every backend must have, run over the shared table in backend_cases.py."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from backend_cases import CASES
+from conftest import CONF_DIR, model_config
+from longctx import build_model
+from longctx.attention import available_backends, backend_class
+
+VOCAB = 37
+NAMES = sorted(CASES)
+
+
+def _model(name: str, dtype=torch.float64, seed: int = 0, **extra):
+    case = CASES[name]
+    cfg = model_config(name, case["options"], *case.get("model", ()), *extra.get("overrides", ()))
+    cfg.context_length = max(cfg.context_length, case["seq_len"])
+    torch.manual_seed(seed)
+    return build_model(cfg, VOCAB).to(dtype).eval()
+
+
+def _ids(n: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
+
+
+def _state_numel(state) -> int:
+    if isinstance(state, torch.Tensor):
+        return state.numel()
+    if isinstance(state, dict):
+        return sum(_state_numel(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(_state_numel(v) for v in state)
+    return 0
+
+
+def test_every_backend_is_in_the_table():
+    assert sorted(available_backends()) == NAMES
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_yaml_lists_the_spec_defaults(name):
+    """conf/attention/<name>.yaml shows exactly the options and defaults the code uses."""
+    yaml = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "attention" / f"{name}.yaml"))
+    assert yaml.pop("name") == name
+    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(backend_class(name).Options)}
+    defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
+    assert yaml == defaults
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_chunked_step_equals_forward(name):
+    case = CASES[name]
+    model = _model(name)
+    n = case["seq_len"]
+    ids = _ids(n)
+    with torch.no_grad():
+        reference = model(ids)
+        for chunks in case.get("chunks", [[1] * n, [5, 1, 13, n], [n]]):
+            state, outputs, start = model.init_state(ids.shape[0]), [], 0
+            for size in chunks:
+                if start >= n:
+                    break
+                logits, state = model.step(ids[:, start:start + size], state)
+                outputs.append(logits)
+                start += size
+            torch.testing.assert_close(torch.cat(outputs, 1), reference, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_future_tokens_never_change_past_logits(name):
+    model = _model(name, dtype=torch.float32)
+    n = CASES[name]["seq_len"]
+    ids = _ids(n)
+    with torch.no_grad():
+        base = model(ids)
+        for t in (0, n // 3, n - 2):
+            changed = ids.clone()
+            changed[:, t + 1:] = (changed[:, t + 1:] + 1 + torch.arange(n - t - 1)) % VOCAB
+            assert torch.equal(model(changed)[:, : t + 1], base[:, : t + 1]), f"leak into position <= {t}"
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_zero_gradient_to_the_future(name):
+    model = _model(name)
+    n = CASES[name]["seq_len"]
+    captured = {}
+
+    def keep_embeddings(module, inputs, output):
+        output.retain_grad()
+        captured["x"] = output
+
+    model.embed.register_forward_hook(keep_embeddings)
+    i = n // 2
+    model(_ids(n))[:, i].sum().backward()
+    grad = captured["x"].grad
+    assert grad[:, i + 1:].abs().max() == 0
+    assert grad[:, : i + 1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if CASES[n]["state"] != "grows"])
+def test_streaming_state_does_not_grow(name):
+    model = _model(name, dtype=torch.float32, overrides=["context_length=4096"])
+    state = model.init_state(1)
+    sizes = {}
+    with torch.no_grad():
+        for start in range(0, 4096, 256):
+            _, state = model.step(_ids(256, batch=1, seed=start), state)
+            sizes[start + 256] = _state_numel(state)
+    if CASES[name]["state"] == "constant":
+        assert sizes[4096] == sizes[256]
+    assert sizes[4096] <= sizes[1024]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bf16_forward_and_backward_are_finite(name):
+    model = _model(name, dtype=torch.bfloat16).train()
+    logits = model(_ids(CASES[name]["seq_len"]))
+    logits.float().logsumexp(-1).mean().backward()
+    assert torch.isfinite(logits).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
