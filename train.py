@@ -1,0 +1,19 @@
+"""Train a decoder LM with the chosen attention backend: `python train.py attention=<name> ...`."""
+import hydra
+from omegaconf import DictConfig
+
+from longctx.train.run import finish_wandb, set_matmul_precision, train
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    set_matmul_precision()
+    try:
+        metrics = train(cfg)
+    finally:
+        finish_wandb()
+    return metrics.get("val/loss", float("nan"))
+
+
+if __name__ == "__main__":
+    main()
