@@ -1,0 +1,152 @@
+"""What to measure: the bench's settings (conf/bench.yaml) and the configurations they expand to."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import torch
+
+from longctx.attention import available_backends, backend_class
+from longctx.bench.anchors import ANCHORS
+from longctx.errors import ConfigError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+# fwd / fwd_bwd: the mixing kernel alone (`mix` on projected inputs; SDPA on q, k, v).
+# decode: single-token `step` after an N-token prefill. layer: the whole mixer (projections
+# included), forward + backward. train_step: a whole model's optimizer step (model_size).
+MODES = ("fwd", "fwd_bwd", "decode", "layer", "train_step")
+KERNEL_MODES = ("fwd", "fwd_bwd")
+BASELINE = "sdpa"  # F.scaled_dot_product_attention(q, k, v, is_causal=True), in every run
+
+
+@dataclass(frozen=True)
+class Config:
+    """One measurement: a subject (backend, baseline or anchor) at one length, dtype and mode."""
+
+    subject: str
+    kind: str  # backend | baseline | anchor
+    mode: str
+    dtype: str
+    seq_len: int
+    batch: int
+    heads: int
+    head_dim: int
+    device: str
+    warmup: int
+    repeats: int
+    decode_tokens: int
+    prefill_chunk: int
+    model_size: str
+    memory_cap_mib: float | None
+    threads: int | None
+    seed: int
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def series(self) -> tuple[str, str, str]:
+        """The line this point belongs to (in fits and plots): one per subject, dtype and mode."""
+        return (self.subject, self.dtype, self.mode)
+
+
+@dataclass(frozen=True)
+class Settings:
+    subjects: list[tuple[str, str]]  # (name, kind), baseline first
+    lengths: list[int]
+    dtypes: list[str]
+    modes: list[str]
+    template: Config  # subject / mode / dtype / seq_len filled per configuration
+    config_budget_s: float
+    total_budget_s: float
+    backend_options: Mapping[str, Mapping[str, Any]]  # attention options per backend name
+
+    def configs(self) -> list[Config]:
+        """Every configuration, shortest lengths first so a spent total budget cuts the longest."""
+        planned = []
+        for seq_len in self.lengths:
+            for dtype in self.dtypes:
+                for mode in self.modes:
+                    for name, kind in self.subjects:
+                        if kind != "backend" and mode not in _NON_BACKEND_MODES[kind]:
+                            continue
+                        planned.append(dataclasses.replace(
+                            self.template, subject=name, kind=kind, mode=mode, dtype=dtype,
+                            seq_len=seq_len, options=self.backend_options.get(name, {}),
+                        ))
+        return planned
+
+
+# Which modes the non-backend subjects have: SDPA has a KV-cache decode; anchors are kernels only.
+_NON_BACKEND_MODES = {"baseline": ("fwd", "fwd_bwd", "decode"), "anchor": KERNEL_MODES}
+
+
+def _check_choices(values, valid, key: str) -> list:
+    values = list(values)
+    unknown = [v for v in values if v not in valid]
+    if unknown or not values:
+        raise ConfigError(f"{key}={values} is not valid; choose from {list(valid)}")
+    return values
+
+
+def _subjects(backends, anchors, missing_anchors) -> list[tuple[str, str]]:
+    registered = available_backends()
+    if backends == "all":
+        names = registered
+    else:
+        names = [name for name in _check_choices(backends, registered + [BASELINE], "backends") if name != BASELINE]
+    anchors = [a for a in _check_choices(anchors, ANCHORS, "anchors") if a not in missing_anchors] if anchors else []
+    return [(BASELINE, "baseline")] + [(n, "backend") for n in names] + [(a, "anchor") for a in anchors]
+
+
+def _backend_options(given: Mapping | None) -> dict[str, dict[str, Any]]:
+    """Per-backend option overrides, with names and keys checked against the Options dataclasses."""
+    options = {name: dict(opts or {}) for name, opts in dict(given or {}).items()}
+    for name, opts in options.items():
+        valid = {f.name for f in dataclasses.fields(backend_class(name).Options)}
+        if set(opts) - valid:
+            raise ConfigError(
+                f"options.{name} has unknown key(s) {sorted(set(opts) - valid)}; valid: {sorted(valid)}"
+            )
+    return options
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device={device} but CUDA is not available here; use device=cpu or auto")
+    return device
+
+
+def settings_from_config(cfg: Mapping, missing_anchors: Mapping[str, str]) -> Settings:
+    """Validate the Hydra config (all mistakes surface here, before anything is measured).
+
+    Anchors named in `missing_anchors` (not importable here) are left out.
+    """
+    lengths = sorted(int(n) for n in cfg["lengths"])
+    if not lengths or lengths[0] < 1:
+        raise ConfigError(f"lengths={list(cfg['lengths'])} must be positive sequence lengths")
+    for key in ("batch", "heads", "head_dim", "repeats", "decode_tokens", "prefill_chunk"):
+        if int(cfg[key]) < 1:
+            raise ConfigError(f"{key}={cfg[key]} must be at least 1")
+    options = _backend_options(cfg["options"])
+    subjects = _subjects(cfg["backends"], cfg["anchors"], missing_anchors)
+    template = Config(
+        subject="", kind="", mode="", dtype="", seq_len=0,
+        batch=int(cfg["batch"]), heads=int(cfg["heads"]), head_dim=int(cfg["head_dim"]),
+        device=resolve_device(str(cfg["device"])), warmup=int(cfg["warmup"]), repeats=int(cfg["repeats"]),
+        decode_tokens=int(cfg["decode_tokens"]), prefill_chunk=int(cfg["prefill_chunk"]),
+        model_size=str(cfg["model_size"]),
+        memory_cap_mib=float(cfg["memory_cap_mib"]) if cfg["memory_cap_mib"] else None,
+        threads=int(cfg["threads"]) if cfg["threads"] else None, seed=int(cfg["seed"]),
+    )
+    return Settings(
+        subjects=subjects,
+        lengths=lengths,
+        dtypes=_check_choices(cfg["dtypes"], DTYPES, "dtypes"),
+        modes=_check_choices(cfg["modes"], MODES, "modes"),
+        template=template,
+        config_budget_s=float(cfg["config_budget_s"]),
+        total_budget_s=float(cfg["total_budget_s"]),
+        backend_options=options,
+    )

@@ -1,0 +1,198 @@
+"""The bench's outputs: ratios to SDPA, scaling exponents, and bench.json/.csv/.md/.png."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from longctx.bench.config import BASELINE
+
+CSV_COLUMNS = [
+    "subject", "kind", "label", "mode", "dtype", "seq_len", "batch", "heads", "head_dim", "device",
+    "status", "reason", "time_ms", "time_ms_min", "ratio_vs_sdpa", "tokens_per_s", "gflops_per_s",
+    "memory_mib", "peak_alloc_mib", "peak_rss_mib", "state_elements", "state_mib", "prefill_ms",
+    "wall_s", "threads", "options",
+]
+MEMORY_MEANING = {
+    "decode": "streaming state after N tokens",
+    "default": "allocator peak during one call, above what was live before it",
+}
+
+
+def fit_exponent(lengths: list[float], values: list[float]) -> float | None:
+    """k of value ~ c * N^k: least squares on log-log over the points (None below two lengths)."""
+    points = [(n, v) for n, v in zip(lengths, values) if v is not None and v > 0]
+    if len({n for n, _ in points}) < 2:
+        return None
+    logs_n = np.log([n for n, _ in points])
+    logs_v = np.log([v for _, v in points])
+    return float(np.polyfit(logs_n, logs_v, 1)[0])
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """ratio_vs_sdpa: the row's time over SDPA's at the same N, dtype and mode (None if none)."""
+    baseline = {
+        (r["dtype"], r["mode"], r["seq_len"]): r["time_ms"]
+        for r in rows if r["subject"] == BASELINE and r["status"] == "ok"
+    }
+    for row in rows:
+        reference = baseline.get((row["dtype"], row["mode"], row["seq_len"]))
+        row["ratio_vs_sdpa"] = row["time_ms"] / reference if row["status"] == "ok" and reference else None
+
+
+def fits(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Time and memory scaling exponents per subject, dtype and mode."""
+    series: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["status"] == "ok":
+            series[(row["subject"], row["dtype"], row["mode"])].append(row)
+    return [
+        {
+            "subject": subject, "dtype": dtype, "mode": mode,
+            "lengths": [r["seq_len"] for r in points],
+            "time_exponent": fit_exponent([r["seq_len"] for r in points], [r["time_ms"] for r in points]),
+            "memory_exponent": fit_exponent([r["seq_len"] for r in points], [r["memory_mib"] for r in points]),
+        }
+        for (subject, dtype, mode), points in series.items()
+    ]
+
+
+def write_json(path: Path, environment: dict, settings: dict, rows: list, fitted: list, notes: list[str]) -> None:
+    document = {"environment": environment, "settings": settings, "rows": rows, "fits": fitted, "notes": notes}
+    path.write_text(json.dumps(document, indent=2, default=str))
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**row, "options": json.dumps(row.get("options") or {})})
+
+
+def _length(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _number(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return ""
+    if row["status"] != "ok":
+        return row["status"]
+    unit = "ms/token" if row["mode"] == "decode" else "ms"
+    cell = f"{_number(row['time_ms'])} {unit} / {_number(row['memory_mib'])} MiB"
+    if row.get("ratio_vs_sdpa") is not None:
+        cell += f" ({row['ratio_vs_sdpa']:.2f}x)"
+    return cell
+
+
+def _exponent(value: float | None) -> str:
+    return "" if value is None else f"{value:.2f}"
+
+
+def _not_measured(rows: list[dict[str, Any]]) -> list[str]:
+    """One line per series that missed lengths: the first failure's reason, then the lengths it cut."""
+    series: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["status"] != "ok":
+            series[(row["subject"], row["mode"], row["dtype"])].append(row)
+    lines = []
+    for (subject, mode, dtype), missed in series.items():
+        first = missed[0]
+        line = f"- {subject}, {mode}, {dtype}, N={_length(first['seq_len'])}: {first['status']}: {first['reason']}"
+        if len(missed) > 1:
+            line += "; so not run at N=" + ", ".join(_length(r["seq_len"]) for r in missed[1:])
+        lines.append(line)
+    return lines
+
+
+def markdown(rows: list[dict[str, Any]], fitted: list[dict], environment: dict, notes: list[str]) -> str:
+    """One README-ready table per (mode, dtype): rows = subjects, columns = N."""
+    lengths = sorted({r["seq_len"] for r in rows})
+    by_key = {(r["subject"], r["dtype"], r["mode"], r["seq_len"]): r for r in rows}
+    exponents = {(f["subject"], f["dtype"], f["mode"]): f for f in fitted}
+    load = environment.get("load_average_start")
+    lines = [
+        f"Measured on {environment['device_name']}, torch {environment['torch']}, "
+        f"{environment['threads']} threads, B={rows[0]['batch']}, H={rows[0]['heads']}, "
+        f"Dh={rows[0]['head_dim']}; median of the timed runs; (1.23x) = time / SDPA's time at the same N, dtype and mode"
+        + (f"; 1-minute load average at the start: {load[0]:.1f}" if load else "") + ".",
+        "",
+    ]
+    panels = sorted({(r["mode"], r["dtype"]) for r in rows})
+    for mode, dtype in panels:
+        memory = MEMORY_MEANING.get(mode, MEMORY_MEANING["default"])
+        lines += [f"### {mode}, {dtype}: time / memory ({memory})", ""]
+        header = ["implementation"] + [f"N={_length(n)}" for n in lengths] + ["time ~N^k", "memory ~N^k"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        labels = {r["subject"]: r["label"] for r in rows if (r["mode"], r["dtype"]) == (mode, dtype)}
+        for subject, label in labels.items():
+            fit = exponents.get((subject, dtype, mode), {})
+            cells = [_cell(by_key.get((subject, dtype, mode, n))) for n in lengths]
+            cells += [_exponent(fit.get("time_exponent")), _exponent(fit.get("memory_exponent"))]
+            lines.append("| " + " | ".join([label] + cells) + " |")
+        lines.append("")
+    not_measured = _not_measured(rows)
+    if not_measured:
+        lines += ["### Not measured", ""] + not_measured + [""]
+    if notes:
+        lines += ["### Notes", ""] + [f"- {note}" for note in notes] + [""]
+    return "\n".join(lines)
+
+
+def plot(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Log-log time and memory versus N: a row of panels per mode, a time and a memory panel per
+    dtype, one line per subject (dashed: SDPA and the anchors)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    modes = sorted({r["mode"] for r in rows})
+    dtypes = sorted({r["dtype"] for r in rows})
+    figure, axes = plt.subplots(
+        len(modes), 2 * len(dtypes), figsize=(4.5 * 2 * len(dtypes), 3.8 * len(modes) + 1), squeeze=False
+    )
+    subjects = list(dict.fromkeys(r["subject"] for r in rows))
+    colors = plt.get_cmap("tab20")
+    for row_index, mode in enumerate(modes):
+        for dtype_index, dtype in enumerate(dtypes):
+            time_axis, memory_axis = axes[row_index, 2 * dtype_index], axes[row_index, 2 * dtype_index + 1]
+            for index, subject in enumerate(subjects):
+                points = sorted(
+                    (r for r in rows if (r["subject"], r["mode"], r["dtype"]) == (subject, mode, dtype)
+                     and r["status"] == "ok"),
+                    key=lambda r: r["seq_len"],
+                )
+                if not points:
+                    continue
+                style = {"color": colors(index % 20), "marker": "o", "label": subject,
+                         "linestyle": "-" if points[0]["kind"] == "backend" else "--"}
+                lengths = [r["seq_len"] for r in points]
+                time_axis.plot(lengths, [r["time_ms"] for r in points], **style)
+                memory_axis.plot(lengths, [max(r["memory_mib"], 1e-6) for r in points], **style)
+            decode = mode == "decode"
+            time_axis.set(ylabel="ms per token" if decode else "ms", title=f"{mode}, {dtype}: time")
+            memory_axis.set(ylabel="state MiB" if decode else "allocator peak MiB", title=f"{mode}, {dtype}: memory")
+            for axis in (time_axis, memory_axis):
+                axis.set(xscale="log", yscale="log", xlabel="sequence length N")
+                axis.grid(True, which="both", alpha=0.3)
+    labels: dict[str, Any] = {}
+    for axis in axes.flat:  # every subject once, even those missing from some panels
+        for handle, label in zip(*axis.get_legend_handles_labels()):
+            labels.setdefault(label, handle)
+    columns = min(8, max(1, len(labels)))
+    figure.legend(list(labels.values()), list(labels), loc="lower center", ncol=columns, fontsize="small")
+    legend_rows = math.ceil(len(labels) / columns)
+    figure.tight_layout(rect=(0, min(0.3, 0.12 * legend_rows / len(modes)), 1, 1))
+    figure.savefig(path, dpi=100)
+    plt.close(figure)

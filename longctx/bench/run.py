@@ -1,0 +1,89 @@
+"""The bench run: plan, measure each configuration in a fresh process, write the outputs."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Mapping
+
+from longctx.bench import anchors, report
+from longctx.bench.config import Settings, settings_from_config
+from longctx.bench.environment import describe, load_average
+from longctx.bench.isolation import IsolatedRunner
+from longctx.bench.plan import Planner
+from longctx.bench.sanity import sanity_check
+from longctx.bench.worker import base_row
+
+log = logging.getLogger("longctx.bench")
+
+NOTES = [
+    "Each configuration ran in a fresh process forked from a server that had imported torch but "
+    "computed nothing, so no allocator cache or high-water mark carries over between configurations.",
+    "memory_mib: allocator peak of one call above the bytes live before it (CPU: the allocator's "
+    "alloc/free events from torch.profiler(profile_memory=True), kernels' scratch buffers included; "
+    "CUDA: max_memory_allocated); for decode: the streaming state's size after N tokens. "
+    "peak_rss_mib: the worker's resident-set high-water mark minus its resident set at start "
+    "(inputs, weights and allocator slack included).",
+    "fwd_bwd uses loss = out.sum(); bf16 casts inputs and weights (no autocast) except train_step.",
+]
+
+
+def _timeout_s(settings: Settings) -> float:
+    return 2 * settings.config_budget_s + 60
+
+
+def _runner(settings: Settings) -> IsolatedRunner:
+    # Importing transformers takes seconds: do it once in the forkserver, not in every worker.
+    preload = [anchors.ANCHORS[name].preload for name, kind in settings.subjects if kind == "anchor"]
+    return IsolatedRunner(extra_preload=preload)
+
+
+def _summary(row: dict[str, Any]) -> str:
+    head = f"{row['subject']} {row['mode']} {row['dtype']} N={row['seq_len']}"
+    if row["status"] != "ok":
+        return f"{head}: {row['status']}: {row['reason']}"
+    return f"{head}: {row['time_ms']:.3g} ms, {row['memory_mib']:.3g} MiB ({row['wall_s']:.1f} s)"
+
+
+def measure_all(settings: Settings, runner: IsolatedRunner) -> list[dict[str, Any]]:
+    planner = Planner(settings.config_budget_s, settings.total_budget_s, settings.template.memory_cap_mib)
+    configs = settings.configs()
+    rows = []
+    for index, config in enumerate(configs, 1):
+        reason = planner.skip_reason(config)
+        if reason is None:
+            row = runner.run(config, _timeout_s(settings))
+        else:
+            row = {**base_row(config), "status": "skipped", "reason": reason, "wall_s": 0.0}
+        planner.record(config, row)
+        rows.append(row)
+        log.info("[%d/%d] %s", index, len(configs), _summary(row))
+    return rows
+
+
+def run_bench(cfg: Mapping[str, Any], out_dir: Path) -> list[dict[str, Any]]:
+    """Measure everything cfg asks for and write bench.json/.csv/.md/.png into out_dir."""
+    missing = anchors.missing_anchors(list(cfg["anchors"] or []))
+    settings = settings_from_config(cfg, missing)
+    environment = describe(settings.template.device, settings.template.threads)
+    rows = measure_all(settings, _runner(settings))
+    environment["load_average_end"] = load_average()
+    report.add_ratios(rows)
+    fitted = report.fits(rows)
+    notes = NOTES + [f"anchor {name} not run: {why}" for name, why in missing.items()]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report.write_json(out_dir / "bench.json", environment, dict(cfg), rows, fitted, notes)
+    report.write_csv(out_dir / "bench.csv", rows)
+    (out_dir / "bench.md").write_text(report.markdown(rows, fitted, environment, notes))
+    report.plot(out_dir / "bench.png", rows)
+    log.info("wrote bench.json, bench.csv, bench.md, bench.png to %s", out_dir)
+    return rows
+
+
+def run_sanity(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
+    settings = settings_from_config({**cfg, "anchors": []}, {})
+    result = sanity_check(settings, IsolatedRunner(), _timeout_s(settings))
+    result["environment"] = describe(settings.template.device, settings.template.threads)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "sanity.json").write_text(json.dumps(result, indent=2, default=str))
+    return result

@@ -1,0 +1,254 @@
+"""The bench module (`python -m longctx.bench`) and the model-FLOPs counter."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch.nn import functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from conftest import ROOT, model_config
+from longctx import build_model, flops
+from longctx.attention import ModelDims, build_backend
+from longctx.attention.full import FullAttention
+from longctx.attention.masked import pattern_mask
+from longctx.bench import anchors, report, worker
+from longctx.bench.config import Config, settings_from_config
+from longctx.bench.isolation import IsolatedRunner
+from longctx.bench.plan import Planner, extrapolate
+from longctx.bench.run import run_sanity
+from longctx.errors import ConfigError
+from longctx.flops import matmul_parameters, measured_matmul_flops, mfu, peak_flops, training_flops_per_token
+
+B, H, DH = 1, 2, 8
+TINY = dict(
+    backends="all", options={}, anchors=[], lengths=[32, 64], dtypes=["fp32"], modes=["fwd_bwd", "decode"],
+    batch=B, heads=H, head_dim=DH, model_size="tiny", device="cpu", threads=None, seed=0, warmup=0,
+    repeats=1, decode_tokens=2, prefill_chunk=16, config_budget_s=60, memory_cap_mib=2048,
+    total_budget_s=600,
+)
+
+
+def _config(**changes) -> Config:
+    settings = settings_from_config({**TINY, "backends": ["full"]}, {})
+    base = dict(subject="full", kind="backend", mode="fwd_bwd", dtype="fp32", seq_len=32)
+    return dataclasses.replace(settings.template, **{**base, **changes})
+
+
+# ---------------------------------------------------------------- the whole entry point
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory) -> Path:
+    """One tiny run through `python -m longctx.bench`, exactly as a user starts it."""
+    out = tmp_path_factory.mktemp("bench") / "run"
+    command = [
+        sys.executable, "-m", "longctx.bench", "backends=[full]", "anchors=[]", "lengths=[32,64]",
+        "dtypes=[fp32]", "modes=[fwd_bwd,decode]", f"heads={H}", f"head_dim={DH}", "repeats=1",
+        "warmup=0", "decode_tokens=2", "prefill_chunk=16", f"hydra.run.dir={out}",
+    ]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def test_outputs_exist_with_their_schema(bench_run):
+    document = json.loads((bench_run / "bench.json").read_text())
+    assert set(document) == {"environment", "settings", "rows", "fits", "notes"}
+    assert {"torch", "cpu", "threads", "device", "device_name", "git_commit"} <= set(document["environment"])
+    assert document["settings"]["lengths"] == [32, 64]
+    rows = document["rows"]
+    measured = {(r["subject"], r["mode"], r["seq_len"]) for r in rows}
+    assert measured == {(s, m, n) for s in ("sdpa", "full") for m in ("fwd_bwd", "decode") for n in (32, 64)}
+    assert all(r["status"] == "ok" and r["time_ms"] > 0 and r["tokens_per_s"] > 0 for r in rows)
+    assert set(report.CSV_COLUMNS) - {"options"} <= set(rows[0])
+    with (bench_run / "bench.csv").open() as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0]) == report.CSV_COLUMNS and len(table) == len(rows)
+    assert (bench_run / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (bench_run / "bench.md").read_text()
+    assert "| implementation | N=32 | N=64 |" in markdown and "### fwd_bwd, fp32" in markdown
+    fitted = {(f["subject"], f["mode"]): f for f in document["fits"]}
+    assert fitted[("full", "fwd_bwd")]["time_exponent"] is not None
+    assert fitted[("full", "decode")]["memory_exponent"] == pytest.approx(1.0)  # the KV cache grows with N
+
+
+def test_rows_carry_ratios_memory_and_state(bench_run):
+    rows = json.loads((bench_run / "bench.json").read_text())["rows"]
+    by_key = {(r["subject"], r["mode"], r["seq_len"]): r for r in rows}
+    for n in (32, 64):
+        sdpa, full = by_key[("sdpa", "fwd_bwd", n)], by_key[("full", "fwd_bwd", n)]
+        assert sdpa["ratio_vs_sdpa"] == 1.0
+        assert full["ratio_vs_sdpa"] == pytest.approx(full["time_ms"] / sdpa["time_ms"])
+        # One call allocates at least the output and three input gradients (fp32).
+        assert sdpa["peak_alloc_mib"] * 2**20 >= 4 * B * H * n * DH * 4
+        # full's state after N tokens is its K and V cache: 2 x B x H x N x Dh fp32 numbers.
+        decode = by_key[("full", "decode", n)]
+        assert decode["state_elements"] == 2 * B * H * n * DH
+        assert decode["memory_mib"] == decode["state_mib"] == pytest.approx(2 * B * H * n * DH * 4 / 2**20)
+        assert by_key[("sdpa", "decode", n)]["state_elements"] == 2 * B * H * n * DH
+
+
+# ---------------------------------------------------------------- fits, planning, settings
+
+def test_fit_exponent_recovers_synthetic_powers():
+    lengths = [1024, 4096, 16384, 65536]
+    assert report.fit_exponent(lengths, [3e-6 * n**2 for n in lengths]) == pytest.approx(2.0)
+    noisy = [0.5 * n * (1.1 if i % 2 else 0.9) for i, n in enumerate(lengths)]
+    assert report.fit_exponent(lengths, noisy) == pytest.approx(1.0, abs=0.1)
+    assert report.fit_exponent([1024], [1.0]) is None
+    assert report.fit_exponent([1024, 4096], [1.0, None]) is None
+
+
+def test_extrapolation_uses_the_last_two_points():
+    assert extrapolate([(1024, 1.0), (4096, 4.0)], 16384, (1.0, 3.0)) == pytest.approx(16.0)
+    assert extrapolate([(1024, 1.0)], 4096, (1.0, 3.0)) == pytest.approx(4.0)  # one point: N^1
+    assert extrapolate([(1024, 1.0), (4096, 0.5)], 16384, (1.0, 3.0)) == pytest.approx(2.0)  # clamped
+
+
+def _ok_row(config: Config, wall_s: float, memory_mib: float) -> dict:
+    return {**worker.base_row(config), "wall_s": wall_s, "peak_alloc_mib": memory_mib, "status": "ok"}
+
+
+def test_planner_skips_what_will_not_fit_and_says_why():
+    planner = Planner(config_budget_s=10.5, total_budget_s=1000, memory_cap_mib=200)
+    planner.record(_config(seq_len=1024), _ok_row(_config(seq_len=1024), wall_s=0.1, memory_mib=1))
+    assert planner.skip_reason(_config(seq_len=1024, subject="linear")) is None  # another series
+    planner.record(_config(seq_len=4096), _ok_row(_config(seq_len=4096), wall_s=1.0, memory_mib=10))
+    reason = planner.skip_reason(_config(seq_len=16384))  # 10 s and 100 MiB predicted: fits
+    assert reason is None
+    assert "config_budget_s" in planner.skip_reason(_config(seq_len=65536))
+    planner = Planner(config_budget_s=1000, total_budget_s=1000, memory_cap_mib=100)
+    planner.record(_config(seq_len=1024), _ok_row(_config(seq_len=1024), wall_s=0.1, memory_mib=30))
+    assert "memory_cap_mib" in planner.skip_reason(_config(seq_len=4096))  # at least 30 MiB x 4 > 100
+    failed = {**worker.base_row(_config(seq_len=1024)), "status": "error", "reason": "boom", "wall_s": 1}
+    planner.record(_config(seq_len=1024, dtype="bf16"), failed)
+    assert "N=1024 was error (boom)" in planner.skip_reason(_config(seq_len=4096, dtype="bf16"))
+    spent = Planner(config_budget_s=10, total_budget_s=0, memory_cap_mib=None)
+    assert "total_budget_s" in spent.skip_reason(_config())
+
+
+def test_settings_validate_before_anything_runs():
+    settings = settings_from_config({**TINY, "anchors": ["local_attention"]}, {})
+    configs = settings.configs()
+    assert [c.seq_len for c in configs] == sorted(c.seq_len for c in configs)  # shortest first
+    assert {c.subject for c in configs if c.mode == "decode"} == {"sdpa"} | {
+        name for name, kind in settings.subjects if kind == "backend"}  # anchors have no decode
+    assert settings.subjects[0] == ("sdpa", "baseline")
+    with pytest.raises(ConfigError, match="backends"):
+        settings_from_config({**TINY, "backends": ["no_such_backend"]}, {})
+    with pytest.raises(ConfigError, match="modes"):
+        settings_from_config({**TINY, "modes": ["sideways"]}, {})
+    with pytest.raises(ConfigError, match="options.full has unknown key"):
+        settings_from_config({**TINY, "options": {"full": {"window": 3}}}, {})
+    with pytest.raises(ConfigError, match="anchors"):
+        settings_from_config({**TINY, "anchors": ["flash_attn"]}, anchors.missing_anchors(["flash_attn"]))
+    missing = settings_from_config({**TINY, "anchors": ["fla_naive_linear"]}, {"fla_naive_linear": "absent"})
+    assert all(kind != "anchor" for _, kind in missing.subjects)
+
+
+def test_missing_anchors_are_named_with_the_install_command(monkeypatch):
+    monkeypatch.setattr(anchors.importlib.util, "find_spec", lambda name: None)
+    assert anchors.missing_anchors(["local_attention"]) == {
+        "local_attention": "local_attention is not installed (pip install local-attention)"}
+
+
+# ---------------------------------------------------------------- failures are recorded, never fatal
+
+def test_a_length_above_max_len_is_a_skipped_row(monkeypatch):
+    monkeypatch.setattr(FullAttention, "max_len", property(lambda self: 16))
+    row = worker.measure(_config(seq_len=32))
+    assert row["status"] == "skipped" and "max_len" in row["reason"]
+
+
+@pytest.mark.parametrize(
+    "error, status, reason",
+    [(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB"), "skipped", "over memory_cap_mib"),
+     (MemoryError(), "skipped", "over memory_cap_mib"),
+     (RuntimeError("shape mismatch"), "error", "RuntimeError: shape mismatch"),
+     (KeyError("x"), "error", "KeyError")],
+)
+def test_exceptions_become_rows(monkeypatch, error, status, reason):
+    def broken(config):
+        raise error
+    monkeypatch.setattr(worker, "build_workload", broken)
+    row = worker.measure(_config())
+    assert row["status"] == status and reason in row["reason"]
+
+
+@pytest.fixture(scope="module")
+def runner() -> IsolatedRunner:
+    return IsolatedRunner()
+
+
+def test_fresh_process_measures_and_a_hung_worker_is_killed(runner):
+    row = runner.run(_config(subject="sdpa", kind="baseline"), timeout_s=120)
+    assert row["status"] == "ok", row["reason"]
+    assert row["peak_rss_mib"] is not None
+    killed = runner.run(_config(seq_len=4096, mode="fwd_bwd"), timeout_s=0.01)
+    assert killed["status"] == "skipped" and "killed after" in killed["reason"]
+
+
+def test_sanity_mode_reports_both_figures(tmp_path):
+    result = run_sanity({**TINY, "lengths": [64]}, tmp_path)
+    assert "bench_ms" in result, result["bench_row"]["reason"]
+    assert result["bench_ms"] > 0 and result["timeit_ms"] > 0
+    assert result["agree"] == (abs(result["bench_ms"] / result["timeit_ms"] - 1) <= 0.2)
+    assert json.loads((tmp_path / "sanity.json").read_text())["bench_ms"] == result["bench_ms"]
+
+
+@pytest.mark.parametrize("name", sorted(anchors.ANCHORS))
+def test_installed_anchors_run_at_the_bench_shapes(name):
+    if anchors.missing_anchors([name]):
+        pytest.skip(f"{name} is not installed")
+    row = worker.measure(_config(subject=name, kind="anchor", mode="fwd", seq_len=512))
+    assert row["status"] == "ok", row["reason"]
+    assert row["peak_alloc_mib"] > 0
+
+
+# ---------------------------------------------------------------- FLOPs
+
+def test_full_attention_flops_count_the_causal_pairs():
+    dims = ModelDims(n_layer=1, n_head=4, d_model=64, context_length=40)
+    backend = build_backend({"name": "full"}, dims)
+    pos = torch.arange(37)
+    pairs = int(pattern_mask(lambda h, i, j: j <= i, 1, pos, pos).sum())  # 37 * 38 / 2
+    # Per allowed (i, j): a q.k dot and a p*v axpy over d_model, each 2 FLOPs per element.
+    assert backend.attention_flops(37) == 2 * 2 * pairs * 64
+
+
+def test_training_flops_per_token_of_the_tiny_model():
+    model = build_model(model_config("full"), vocab_size=37)  # 2 layers, d=64, MLP 4x, tied head
+    per_layer = 64 * 3 * 64 + 64 * 64 + 64 * 256 + 256 * 64
+    assert matmul_parameters(model) == 2 * per_layer + 37 * 64
+    n = 16
+    attention = 2 * (2 * 2 * (n * (n + 1) / 2) * 64)  # two layers of causal QK^T and PV
+    assert training_flops_per_token(model, n) == pytest.approx(6 * (2 * per_layer + 37 * 64) + 3 * attention / n)
+
+
+def test_six_n_matches_torch_flop_counter_on_the_linear_layers():
+    """torch's FlopCounterMode (which does not count SDPA on CPU) sees exactly 6 x weights x tokens."""
+    model = build_model(model_config("full"), vocab_size=37)
+    ids = torch.randint(0, 37, (2, 16))
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model(ids).flatten(0, 1), ids.flatten()).backward()
+    assert counter.get_total_flops() == 6 * matmul_parameters(model) * ids.numel()
+
+
+def test_peak_flops(monkeypatch):
+    assert measured_matmul_flops(torch.float32, size=128, repeats=1) > 0
+    monkeypatch.setattr(flops, "measured_matmul_flops", lambda dtype: {torch.float32: 3e11}[dtype])
+    assert peak_flops("cpu", torch.float32) == 3e11  # CPUs: a measured matmul, not a datasheet
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert peak_flops("cuda", torch.bfloat16) == 989e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert peak_flops("cuda", torch.bfloat16) == 756e12
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla T4")
+    assert peak_flops("cuda", torch.bfloat16) is None
+    assert mfu(1000.0, 1e9, 2e12) == pytest.approx(0.5)
+    assert mfu(1000.0, 1e9, None) is None
