@@ -1,0 +1,72 @@
+"""The attention core and backend base shared by every sparse softmax pattern.
+
+`SparseCore` runs a `LayerPattern`: FlexAttention with a BlockMask on CUDA, our block-sparse
+engine elsewhere (FlexAttention has no CPU backward), and a streaming cache that keeps exactly
+the keys the pattern can still reach. `SparseBackend` turns "which pattern in layer l" into
+mixers and FLOP counts.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from longctx.attention.base import Backend, Mixer, State
+from longctx.attention.masked import masked_attention, pattern_mask
+from longctx.attention.softmax import AttentionCore, SoftmaxAttention
+from longctx.attention.sparse_flex import flex_pattern_attention
+from longctx.attention.sparse_patterns import LayerPattern
+
+# Queries per streaming sub-step: a long prompt given to step() is attended in pieces so the
+# dense mask over cache + piece stays small (the result is the same for any piece size).
+STEP_QUERIES = 512
+
+
+class SparseCore(AttentionCore):
+    def __init__(self, pattern: LayerPattern):
+        super().__init__()
+        self.pattern = pattern
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None) -> Tensor:
+        if q.is_cuda:
+            return flex_pattern_attention(q, k, v, self.pattern, slopes)
+        return self.pattern.attend(q, k, v, slopes)
+
+    def init_cache(self, batch: int, heads: int, head_dim: int, like: Tensor) -> State:
+        empty = like.new_zeros(batch, heads, 0, head_dim)
+        return {"k": empty, "v": empty, "pos": torch.zeros(0, dtype=torch.long, device=like.device)}
+
+    def step(self, q, k, v, cache, start, slopes):
+        outputs = []
+        for offset in range(0, q.shape[-2], STEP_QUERIES):
+            piece = slice(offset, offset + STEP_QUERIES)
+            q_piece = q[:, :, piece]
+            q_pos = torch.arange(start + offset, start + offset + q_piece.shape[-2], device=q.device)
+            keys = torch.cat((cache["k"], k[:, :, piece]), 2)
+            values = torch.cat((cache["v"], v[:, :, piece]), 2)
+            k_pos = torch.cat((cache["pos"], q_pos))
+            allowed = pattern_mask(self.pattern.allowed, q.shape[1], q_pos, k_pos)
+            outputs.append(masked_attention(q_piece, keys, values, allowed, q_pos, k_pos, slopes))
+            kept = self.pattern.keep(k_pos, int(q_pos[-1]) + 1)
+            cache = {"k": keys[:, :, kept], "v": values[:, :, kept], "pos": k_pos[kept]}
+        return torch.cat(outputs, 2), cache
+
+
+class SparseBackend(Backend):
+    """A backend whose layers are softmax attention under a `LayerPattern`."""
+
+    def pattern(self, layer: int) -> LayerPattern:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def mixer(self, layer: int) -> Mixer:
+        return SoftmaxAttention(self.dims, SparseCore(self.pattern(layer)))
+
+    def attention_flops(self, seq_len: int) -> float:
+        """4 x head_dim x the (query, key) pairs the CPU engine computes, summed over heads.
+
+        Pairs are whole tiles read (the masked part of partially allowed tiles and a chunk's
+        padding to its widest row included, see sparse_engine.computed_pairs), averaged over
+        the layers when they differ (the MFU counter multiplies by n_layer).
+        """
+        layers = range(self.dims.n_layer)
+        pairs = sum(self.pattern(layer).computed_pairs(seq_len) for layer in layers) / self.dims.n_layer
+        return 4.0 * self.dims.head_dim * pairs

@@ -1,0 +1,365 @@
+"""The sparse softmax family (sliding_window, local, dilated, longformer, sparse_strided,
+sparse_fixed, blockwise) against ATTENTION_SPEC.md.
+
+The spec predicates are re-written here in plain Python, independently of
+longctx/attention/sparse_patterns.py, and every check compares against them: the pattern
+predicate itself, the block-sparse engine (outputs and dq, dk, dv against the dense reference,
+fp64 / fp32 / bf16, with and without ALiBi), exact causality of the core, the one-layer
+receptive field by perturbation, the exact streaming cache, FLOP counts, the FlexAttention
+block layout, and config validation.
+
+bf16 tolerance: outputs and gradients within 5e-2 absolute + 2e-2 relative of the fp32 reference
+on the same bf16 inputs (measured max error about 2.5e-2 for values up to ~6, i.e. a few bf16
+ulps: probabilities are cast to bf16 for the value matmuls, statistics stay fp32).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import model_config
+from longctx import build_model
+from longctx.attention import ModelDims, build_backend
+from longctx.attention.masked import pattern_mask, reference_attention
+from longctx.attention.sparse_core import SparseCore
+from longctx.attention.sparse_flex import FLEX_BLOCK, block_layout, flex_pattern_attention
+from longctx.errors import ConfigError
+
+N_HEAD, N_LAYER, HEAD_DIM = 4, 2, 16
+SEQ = 53  # a multiple of no window, block, stride or engine tile below; >= 4x the largest reach
+VOCAB = 37
+
+# Small settings per backend and layout: (backend, options), reach <= 13 positions.
+CONFIGS = [
+    ("sliding_window", {"window": 5}),
+    ("sliding_window", {"window": 1}),
+    ("local", {"block_size": 6, "look_back": 1}),
+    ("local", {"block_size": 5, "look_back": 0}),
+    ("dilated", {"window": 4, "dilation": 3}),
+    ("longformer", {"window": 4, "dilation": 2, "dilated_heads": 2, "global_tokens": 3, "layer_windows": [3, 5]}),
+    ("longformer", {"window": 3, "dilation": 3, "dilated_heads": 4, "global_tokens": 0, "layer_windows": None}),
+    ("longformer", {"window": 4, "dilation": 2, "dilated_heads": 0, "global_tokens": 2, "layer_windows": None}),
+    ("sparse_strided", {"stride": 5, "layout": "heads"}),
+    ("sparse_strided", {"stride": 5, "layout": "union"}),
+    ("sparse_strided", {"stride": 4, "layout": "layers"}),
+    ("sparse_fixed", {"stride": 8, "summary": 3, "layout": "heads"}),
+    ("sparse_fixed", {"stride": 8, "summary": 3, "layout": "union"}),
+    ("sparse_fixed", {"stride": 6, "summary": 2, "layout": "layers"}),
+    ("blockwise", {"block_size": 6, "shifts": [0, 1]}),
+    ("blockwise", {"block_size": 5, "shifts": [0, 1, 2, 3]}),
+]
+IDS = [f"{name}-" + "-".join(f"{k}={v}" for k, v in options.items()) for name, options in CONFIGS]
+
+
+def spec_allowed(name: str, o: dict, h: int, i: int, j: int, layer: int = 0, n_head: int = N_HEAD) -> bool:
+    """ATTENTION_SPEC.md, "Softmax over a sparse pattern", for one (head, query, key)."""
+    if j > i:
+        return False
+    if j == i:  # always allowed: no row is ever empty
+        return True
+    if name == "sliding_window":
+        return i - j < o["window"]
+    if name == "local":
+        b = o["block_size"]
+        return i // b - o["look_back"] <= j // b <= i // b
+    if name == "dilated":
+        return (i - j) % o["dilation"] == 0 and (i - j) // o["dilation"] < o["window"]
+    if name == "longformer":
+        window = o["window"] if o["layer_windows"] is None else o["layer_windows"][layer]
+        d = o["dilation"] if h >= n_head - o["dilated_heads"] else 1
+        return j < o["global_tokens"] or ((i - j) % d == 0 and (i - j) // d < window)
+    if name in ("sparse_strided", "sparse_fixed"):
+        l = o["stride"]
+        if name == "sparse_strided":
+            a1, a2 = i - j <= l, (i - j) % l == 0
+        else:
+            a1, a2 = j // l == i // l, j % l >= l - o["summary"]
+        if o["layout"] == "union":
+            return a1 or a2
+        first = h < n_head // 2 if o["layout"] == "heads" else layer % 2 == 0
+        return a1 if first else a2
+    if name == "blockwise":
+        shift = o["shifts"][h // (n_head // len(o["shifts"]))]
+        return j // o["block_size"] == i // o["block_size"] - shift
+    raise KeyError(name)
+
+
+def spec_mask(name, options, n, layer=0, n_head=N_HEAD) -> torch.Tensor:
+    return torch.tensor([[[spec_allowed(name, options, h, i, j, layer, n_head) for j in range(n)] for i in range(n)]
+                         for h in range(n_head)])
+
+
+def _dims(context_length: int = 256, n_layer: int = N_LAYER) -> ModelDims:
+    return ModelDims(n_layer=n_layer, n_head=N_HEAD, d_model=N_HEAD * HEAD_DIM, context_length=context_length)
+
+
+def _backend(name, options, **dims):
+    return build_backend({"name": name, **options}, _dims(**dims))
+
+
+def _qkv(n, dtype=torch.float64, batch=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, N_HEAD, n, HEAD_DIM, generator=g).to(dtype) for _ in range(3)]
+
+
+def _slopes(alibi: bool):
+    return torch.tensor([0.5, 0.25, 0.125, 0.0625], dtype=torch.float64) if alibi else None
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
+def test_pattern_predicate_is_the_spec(name, options):
+    backend = _backend(name, options)
+    pos = torch.arange(SEQ)
+    for layer in range(N_LAYER):
+        got = pattern_mask(backend.pattern(layer).allowed, N_HEAD, pos, pos)
+        assert torch.equal(got, spec_mask(name, options, SEQ, layer)), f"layer {layer}"
+
+
+def _engine_vs_reference(name, options, dtype, alibi, n, layer):
+    pattern = _backend(name, options).pattern(layer)
+    q, k, v = _qkv(n, dtype)
+    slopes = _slopes(alibi)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).to(dtype)
+    results = []
+    for attend in (pattern.attend, lambda *a: reference_attention(*a[:3], pattern.allowed, a[3])):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves, None if slopes is None else slopes.to(dtype))
+        results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    return results
+
+
+@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
+def test_engine_equals_dense_reference(name, options, alibi):
+    """Output and dq, dk, dv of the core in fp64 (1e-10) and fp32 (1e-5), every layer's pattern."""
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        for n, layer in ((SEQ, 0), (37, 1)):
+            engine, reference = _engine_vs_reference(name, options, dtype, alibi, n, layer)
+            for label, got, want in zip(("out", "dq", "dk", "dv"), engine, reference):
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"{label} {dtype} n={n}")
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS[::2], ids=IDS[::2])
+def test_engine_bf16_is_close_to_fp32_reference(name, options):
+    pattern = _backend(name, options).pattern(0)
+    q, k, v = _qkv(SEQ, torch.bfloat16)
+    grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).bfloat16()
+    results = []
+    for dtype, attend in ((torch.bfloat16, pattern.attend),
+                          (torch.float32, lambda *a: reference_attention(*a[:3], pattern.allowed))):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves, None)
+        assert out.dtype == dtype
+        results.append([t.float() for t in (out, *torch.autograd.grad(out, leaves, grad.to(dtype)))])
+    for label, got, want in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2, msg=label)
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
+def test_core_gradient_to_the_future_is_exactly_zero(name, options):
+    pattern = _backend(name, options).pattern(0)
+    q, k, v = (t.requires_grad_() for t in _qkv(SEQ))
+    out = pattern.attend(q, k, v, None)
+    for i in (0, 5, 6, 15, 16, 31, 32, SEQ - 2):
+        dq, dk, dv = torch.autograd.grad(out[:, :, i].sum(), (q, k, v), retain_graph=True)
+        assert dk[:, :, i + 1:].abs().max() == 0 and dv[:, :, i + 1:].abs().max() == 0, i
+        others = torch.ones(SEQ, dtype=torch.bool)
+        others[i] = False
+        assert dq[:, :, others].abs().max() == 0, i
+        assert dv[:, :, i].abs().sum() > 0  # j = i is always read
+
+
+def _changed_outputs(forward, x, n):
+    """changed[i, j]: perturbing input j changes output i (fp64, threshold far below real effects).
+
+    One batched call: row 0 is x, row 1 + j is x with position j perturbed.
+    """
+    batch = x.repeat(n + 1, *([1] * (x.dim() - 1)))
+    positions = torch.arange(n)
+    if x.dtype == torch.long:
+        batch[1 + positions, positions] = (batch[1 + positions, positions] + 1) % VOCAB
+    else:
+        batch[1 + positions, positions] += 1.0
+    outputs = forward(batch)
+    return ((outputs[1:] - outputs[:1]).abs().amax(-1) > 1e-9).T
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
+def test_one_layer_receptive_field_is_the_spec_pattern(name, options):
+    """Input positions that change output i of a one-layer model == union over heads of P(i, j)."""
+    options = dict(options)
+    if options.get("layer_windows"):
+        options["layer_windows"] = options["layer_windows"][:1]
+    cfg = model_config(name, options, "model.n_layer=1")
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB).double().eval()
+    ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        changed = _changed_outputs(model, ids, SEQ)
+    assert torch.equal(changed, spec_mask(name, options, SEQ).any(0))
+
+
+@pytest.mark.parametrize(("name", "options"), [c for c in CONFIGS if c[1].get("layout") == "layers"]
+                         + [CONFIGS[5]], ids=lambda c: str(c))
+def test_second_layer_mixer_receptive_field(name, options):
+    """Layer 1 of a 2-layer model (A2 for layout=layers, the second window for longformer)."""
+    model = build_model(model_config(name, options), VOCAB).double().eval()
+    mixer = model.blocks[1].mixer
+    x = torch.randn(1, SEQ, N_HEAD * HEAD_DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        changed = _changed_outputs(mixer, x, SEQ)
+    assert torch.equal(changed, spec_mask(name, options, SEQ, layer=1).any(0))
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
+def test_streaming_cache_holds_exactly_the_reachable_keys(name, options):
+    """After n tokens the cache holds the keys j < n that some query i >= n can read, no more."""
+    reach = 40
+    for layer in range(N_LAYER):
+        core = SparseCore(_backend(name, options).pattern(layer))
+        q, k, v = _qkv(SEQ + reach, batch=1)
+        cache, start = core.init_cache(1, N_HEAD, HEAD_DIM, q), 0
+        for size in (1, 7, 5, 13, 1, 9, 17):
+            stop = start + size
+            out, cache = core.step(q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], cache, start, None)
+            want = spec_mask(name, options, stop + reach, layer)[:, stop:, :stop].any(0).any(0)
+            assert torch.equal(cache["pos"], torch.nonzero(want).flatten()), (layer, stop)
+            assert cache["k"].shape[2] == len(cache["pos"])
+            start = stop
+
+
+EXTRA_STREAMING = [c for c in CONFIGS if c[1].get("layout") in ("union", "layers")] + [CONFIGS[15]]
+
+
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+@pytest.mark.parametrize(("name", "options"), EXTRA_STREAMING, ids=lambda c: str(c))
+def test_chunked_step_equals_forward_for_other_layouts(name, options, position):
+    """The common test covers the shared table; this covers the other layouts and ALiBi."""
+    torch.manual_seed(0)
+    model = build_model(model_config(name, options, f"model.position={position}"), VOCAB).double().eval()
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        reference = model(ids)
+        for chunks in ([7] * 8, [5, 1, 13, 30, 4]):
+            state, outputs, start = model.init_state(2), [], 0
+            for size in chunks:
+                logits, state = model.step(ids[:, start:start + size], state)
+                outputs.append(logits)
+                start += size
+            torch.testing.assert_close(torch.cat(outputs, 1), reference, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
+def test_attention_flops_count_at_least_the_allowed_pairs(name, options):
+    """FLOPs = 4 x head_dim x computed pairs per head: never below the pattern's own pairs."""
+    backend = _backend(name, options)
+    n = 97
+    allowed = sum(spec_mask(name, options, n, layer).sum().item() for layer in range(N_LAYER)) / N_LAYER
+    assert backend.attention_flops(n) >= 4 * HEAD_DIM * allowed
+
+
+def test_window_flops_grow_linearly():
+    backend = _backend("sliding_window", {"window": 512}, context_length=65536)
+    for n in (4096, 16384):
+        exact = sum(min(i + 1, 512) for i in range(n)) * N_HEAD
+        # one tile of waste on each side of the band at most
+        assert exact * 4 * HEAD_DIM <= backend.attention_flops(n) <= (exact + n * N_HEAD * 128) * 4 * HEAD_DIM
+
+
+FLEX_CONFIGS = [
+    ("sliding_window", {"window": 130}),
+    ("local", {"block_size": 200, "look_back": 1}),
+    ("dilated", {"window": 40, "dilation": 3}),
+    ("longformer", {"window": 70, "dilation": 2, "dilated_heads": 2, "global_tokens": 5, "layer_windows": None}),
+    ("sparse_strided", {"stride": 100, "layout": "heads"}),
+    ("sparse_fixed", {"stride": 100, "summary": 20, "layout": "union"}),
+    ("blockwise", {"block_size": 150, "shifts": [0, 1]}),
+]
+
+
+@pytest.mark.parametrize(("name", "options"), FLEX_CONFIGS, ids=lambda c: str(c))
+def test_flex_block_layout_covers_the_pattern(name, options):
+    """Every tile holding an allowed pair is in the BlockMask layout (built without an N x N mask)."""
+    n = 700
+    pattern = _backend(name, options, context_length=n).pattern(0)
+    pos = torch.arange(n)
+    tiles = -(-n // FLEX_BLOCK)
+    mask = torch.nn.functional.pad(pattern_mask(pattern.allowed, N_HEAD, pos, pos), (0, tiles * FLEX_BLOCK - n) * 2)
+    needed = mask.view(N_HEAD, tiles, FLEX_BLOCK, tiles, FLEX_BLOCK).any(-1).any(-2)
+    layout = block_layout(pattern, n, torch.device("cpu"))
+    assert not (needed & ~layout).any()
+    if name in ("sliding_window", "local"):  # band patterns read no tile they do not need
+        assert torch.equal(layout, needed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention path needs CUDA")
+@pytest.mark.parametrize("alibi", [False, True])
+@pytest.mark.parametrize(("name", "options"), FLEX_CONFIGS, ids=lambda c: str(c))
+def test_cuda_flex_equals_reference(name, options, alibi):
+    n = 700
+    pattern = _backend(name, options, context_length=n).pattern(0)
+    q, k, v = (t.float().cuda() for t in _qkv(n, torch.float32))
+    slopes = None if not alibi else _slopes(True).float().cuda()
+    grad = torch.randn_like(q)
+    results = []
+    for attend in (lambda *a: SparseCore(pattern)(*a, slopes),
+                   lambda *a: reference_attention(*a, pattern.allowed, slopes)):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves)
+        results.append((out, *torch.autograd.grad(out, leaves, grad)))
+    for label, got, want in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3, msg=label)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("name", "options"), [FLEX_CONFIGS[3], FLEX_CONFIGS[5]], ids=lambda c: str(c))
+def test_compiled_flex_forward_on_cpu_equals_reference(name, options):
+    """The CUDA code path (BlockMask from the layout, mask_mod, ALiBi score_mod) run by the
+    compiled CPU FlexAttention forward; minutes of compilation, hence slow."""
+    n = 300
+    pattern = _backend(name, options, context_length=n).pattern(0)
+    q, k, v = _qkv(n, torch.float32, batch=1)
+    slopes = _slopes(True).float()
+    with torch.no_grad():
+        got = flex_pattern_attention(q, k, v, pattern, slopes)
+        torch.testing.assert_close(got, reference_attention(q, k, v, pattern.allowed, slopes), rtol=1e-5, atol=1e-5)
+
+
+INVALID = [
+    ("sliding_window", {"window": 0}, (), "window"),
+    ("dilated", {"dilation": 0}, (), "dilation"),
+    ("dilated", {"window": 0}, (), "window"),
+    ("local", {"block_size": 0}, (), "block_size"),
+    ("local", {"look_back": -1}, (), "look_back"),
+    ("local", {"block_size": 512}, ("context_length=256",), "context_length"),
+    ("longformer", {"dilated_heads": 5}, ("model.n_head=4",), "dilated_heads"),
+    ("longformer", {"layer_windows": [8, 8, 8]}, ("model.n_layer=2",), "layer_windows"),
+    ("longformer", {"layer_windows": [8, 0]}, ("model.n_layer=2",), "layer_windows"),
+    ("longformer", {"global_tokens": -1}, (), "global_tokens"),
+    ("sparse_strided", {"stride": 0}, (), "stride"),
+    ("sparse_strided", {"layout": "diagonal"}, (), "layout"),
+    ("sparse_strided", {"layout": "heads"}, ("model.n_head=3", "model.d_model=48"), "even"),
+    ("sparse_strided", {"stride": 300}, ("context_length=256",), "context_length"),
+    ("sparse_fixed", {"summary": 200}, (), "summary"),
+    ("sparse_fixed", {"summary": 0}, (), "summary"),
+    ("sparse_fixed", {"layout": "heads"}, ("model.n_head=3", "model.d_model=48"), "even"),
+    ("sparse_fixed", {"layout": "rows"}, (), "layout"),
+    ("blockwise", {"shifts": [0, 1, 2]}, ("model.n_head=4",), "shifts"),
+    ("blockwise", {"shifts": [0, -1]}, (), "shifts"),
+    ("blockwise", {"shifts": []}, (), "shifts"),
+    ("blockwise", {"block_size": 0}, (), "block_size"),
+    ("blockwise", {"block_size": 512}, ("context_length=256",), "context_length"),
+]
+
+
+@pytest.mark.parametrize(("name", "options", "overrides", "key"), INVALID, ids=lambda c: str(c))
+def test_invalid_settings_are_refused_at_build_time(name, options, overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        build_model(model_config(name, options, *overrides), VOCAB)
+
+
+@pytest.mark.parametrize("name", sorted({c[0] for c in CONFIGS}))
+def test_spec_defaults_build_with_the_default_context(name):
+    """`attention=<name>` alone (spec defaults, context_length 256) builds and runs."""
+    model = build_model(model_config(name), VOCAB)
+    assert model(torch.randint(0, VOCAB, (1, 300))).shape == (1, 300, VOCAB)
