@@ -1,0 +1,535 @@
+"""Attention Free Transformer (Zhai et al. 2021): aft_full, aft_local, aft_simple, aft_conv.
+
+Per channel (no dot products between positions):
+
+    Y_t = sigmoid(Q_t) * sum_{t'<=t} e^{K_t' + w[t,t']} V_t' / sum_{t'<=t} e^{K_t' + w[t,t']}
+
+with a position bias w shared by the channels:
+- aft_full: a learned [max_len, max_len] bias, factorised w = U V^T (rank FULL_RANK) as the paper
+  suggests for long sequences; O(N^2) by nature, refuses N > max_len.
+- aft_local: w[t, t'] is a learned table entry for t - t' < window and 0 (not -inf) outside, so
+  older positions still count with weight e^K: every position sees all its past.
+- aft_conv: the bias depends only on t - t' (one kernel per head) inside a causal kernel, 0 outside.
+- aft_simple: w = 0, a running softmax-weighted mean: the WKV operator with no decay and no
+  bonus (wkv.py), constant streaming state.
+
+The biased variants share one blocked engine (`aft_blocked`). Positions are cut into blocks of C:
+- keys older than the band (bias 0) arrive as a prefix state from a log-depth scan over block
+  summaries (in the lagged form "prefix + band with e^w", never the paper's "all keys +
+  (e^w - 1) * band" correction, which cancels catastrophically when w is very negative);
+- each earlier in-band key block J enters through two matmuls (numerator, denominator) of
+  e^{w - beta} with e^{K_J - mu_J} (V_J), where mu_J is block J's own key maximum: all of J lies
+  before the query block, so the stabiliser is causal;
+- the query's own block is dyadic: pairwise inside base blocks of BASE_BLOCK positions with an
+  exact row maximum over t' <= t, then level by level the right half of each aligned pair of
+  groups takes the left half through the same matmul form. A row costs ~base + log2(C / base)
+  elementwise terms instead of one per earlier key.
+Every stabiliser depends only on positions <= t, so nothing after t enters row t, not even
+through rounding, and every exponential has a non-positive argument. The stabilisers of the
+matmul terms are bounds (block key max + row bias max), so a block's terms lose precision only
+if w varies by more than ~80 within one row of a block (fp32 underflow).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from longctx.attention.base import Backend, Mixer, ModelDims, State
+from longctx.attention.registry import register
+from longctx.attention.wkv import (
+    EMPTY,
+    WKV_CHUNK,
+    WkvState,
+    compute_dtype,
+    empty_wkv_state,
+    exclusive_state_scan,
+    merge_states,
+    wkv_chunked,
+    wkv_flops,
+    wkv_recurrent,
+)
+from longctx.errors import ConfigError
+
+# Rank of aft_full's factorised bias w = U V^T (the paper's d' = 128 for long sequences).
+FULL_RANK = 128
+# Block sizes of the blocked engine (speed only; any sizes give the same results): outer blocks
+# see earlier blocks through one matmul each, and inside a block a dyadic split down to
+# pairwise base blocks keeps the per-row work at ~base + log2(block / base) terms.
+LOCAL_BLOCK = 128
+FULL_BLOCK = 256
+BASE_BLOCK = 8
+# Elements per intermediate tensor of one segment of query blocks (bounds peak memory).
+SEGMENT_ELEMENTS = 1 << 24
+
+# bias(rows [nq, R], cols [nq, K]) -> [1 or H, nq, R, K]: learned w[t, t'] at sequence indices
+# (the mixer binds the absolute position of index 0; indices past the end must be tolerated).
+BiasFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def _block_summaries(kb: Tensor, vb: Tensor) -> tuple[Tensor, Tensor, WkvState]:
+    """e^{K - mu}, e^{K - mu} V per key block and each block's (sum, sum, mu) state, mu = block max."""
+    with torch.no_grad():
+        mu = kb.amax(-2)
+    ek = torch.exp(kb - mu.unsqueeze(-2))
+    ekv = ek * vb
+    return ek, ekv, (ekv.sum(-2), ek.sum(-2), mu)
+
+
+def _masked_bias(bias: BiasFn, rows: Tensor, cols: Tensor, band: int | None, dtype) -> Tensor:
+    """Bias of (query, key) pairs at sequence indices rows [nq, R] x cols [nq, K]: learned inside
+    the band, 0 outside it, -inf for keys in the future or before the sequence (padding)."""
+    w = bias(rows, cols.clamp(min=0)).to(dtype)
+    lag = rows[:, :, None] - cols[:, None, :]
+    if band is not None:
+        w = w.masked_fill(lag >= band, 0.0)
+    return w.masked_fill((lag < 0) | (cols[:, None, :] < 0), float("-inf"))
+
+
+def aft_blocked(
+    k: Tensor,
+    v: Tensor,
+    bias: BiasFn,
+    band: int | None,
+    block: int,
+    prefix: WkvState,
+    first: int = 0,
+    base: int = BASE_BLOCK,
+) -> Tensor:
+    """Weighted means of v [B, H, L, Dh] for sequence indices first..L-1.
+
+    Keys with learned bias are those with lag < `band` (None: all of them, aft_full); older keys
+    have bias 0. `prefix` (a WKV state, no decay) summarises keys before index 0. `block` is the
+    outer block size, `base` the size of the pairwise blocks inside it (speed only).
+    """
+    dtype = compute_dtype(v.dtype)
+    with torch.autocast(k.device.type, enabled=False):
+        prefix = tuple(s.to(dtype) for s in prefix)
+        y = _aft_blocked(k.to(dtype), v.to(dtype), bias, band, block, min(base, block), prefix, first)
+    return y.to(v.dtype)
+
+
+def _aft_blocked(k, v, bias, band, c, base, prefix, first):
+    b, h, length, d = k.shape
+    n_blocks = -(-length // c)
+    pad = n_blocks * c - length
+    # Padded keys get exponent EMPTY: e^{EMPTY - max} = 0, so they add nothing anywhere.
+    kb = F.pad(k, (0, 0, 0, pad), value=EMPTY).view(b, h, n_blocks, c, d)
+    vb = F.pad(v, (0, 0, 0, pad)).view(b, h, n_blocks, c, d)
+    ek, ekv, summaries = _block_summaries(kb, vb)
+    starts = exclusive_state_scan(prefix, summaries, 0.0)  # state entering each block
+    first_block = first // c
+    blocks = torch.arange(first_block, n_blocks, device=k.device)
+    rows = blocks[:, None] * c + torch.arange(c, device=k.device)  # [nq, c] sequence indices
+    reach = n_blocks if band is None else -(-(band - 1) // c)  # earlier blocks the band reaches
+    # Keys older than the band (none for aft_full): the prefix entering the first block reached.
+    first_reached = (blocks - reach).clamp(min=0)
+    older = tuple(s[:, :, first_reached] for s in starts)
+    # Segments of query blocks bound the size of the intermediate terms. Their inputs come from
+    # split (not slicing): split's backward concatenates, where every slice of a full-size tensor
+    # would zero-fill a full-size gradient (quadratic in the number of segments).
+    levels = max(1, math.ceil(math.log2(-(-c // base))))
+    step = max(1, SEGMENT_ELEMENTS // (b * h * d * c * (3 * base + 6 * levels + 4 * reach)))
+    split = lambda x: x.split(step, 2)  # noqa: E731
+    queries = zip(split(kb[:, :, first_block:]), split(vb[:, :, first_block:]), rows.split(step))
+    olders = zip(*(split(s) for s in older))
+    if band is None:
+        far = _all_earlier_blocks(ek, ekv, summaries[2], blocks, step)
+    else:
+        far = _band_windows(ek, ekv, summaries[2], reach, blocks, step)
+    outputs = [
+        _segment(*query, pre, windows, bias, band, base) for query, pre, windows in zip(queries, olders, far)
+    ]
+    y = torch.cat(outputs, 2) if len(outputs) > 1 else outputs[0]
+    start = first - first_block * c
+    return y[:, :, start : start + length - first]
+
+
+def _segment(kq, vq, rows, older, far, bias, band, base) -> Tensor:
+    """Outputs [B, H, nq * c, D] of a segment of query blocks kq, vq [B, H, nq, c, D]: their own
+    blocks, the prefix state `older`, and `far` earlier key blocks (None: none)."""
+    state = _within_blocks(kq, vq, rows, bias, band, base)
+    state = merge_states(state, tuple(x.unsqueeze(-2) for x in older), 0.0)
+    if far is not None:
+        state = merge_states(state, _far_term(*far, bias, band, rows), 0.0)
+    return (state[0] / state[1]).flatten(2, 3)
+
+
+def _band_windows(ek, ekv, mu, reach, blocks, step):
+    """Per segment of `step` query blocks: (e^{K-mu}, e^{K-mu} V, mu) of each query block's `reach`
+    earlier blocks as [B, H, nq, reach, ...], and their indices [nq, reach] (negative: padding)."""
+    if not reach:
+        yield from (None for _ in range(0, len(blocks), step))
+        return
+    first_block = int(blocks[0])
+    pieces = []
+    for x, fill in ((ek, 0.0), (ekv, 0.0), (mu, EMPTY)):
+        x = F.pad(x, (0, 0) * (x.dim() - 3) + (reach, 0), value=fill)  # key block J at index J + reach
+        pieces.append(x[:, :, first_block:].split(step, 2))  # piece i: key blocks from first + i step - reach
+    for i, lo in enumerate(range(0, len(blocks), step)):
+        seg = blocks[lo : lo + step]
+        need = len(seg) + reach - 1  # blocks I - reach .. I - 1 of the segment's query blocks I
+        windows = []
+        for parts in pieces:
+            span, have = [], 0
+            for part in parts[i:]:
+                span.append(part)
+                have += part.shape[2]
+                if have >= need:
+                    break
+            run = torch.cat(span, 2) if len(span) > 1 else span[0]
+            windows.append(run[:, :, :need].unfold(2, reach, 1).movedim(-1, 3))
+        yield *windows, seg[:, None] - reach + torch.arange(reach, device=seg.device)
+
+
+def _all_earlier_blocks(ek, ekv, mu, blocks, step):
+    """aft_full, per segment of `step` query blocks: every block before the segment's last one
+    (gathered: the work is quadratic anyway), laid out as `_band_windows` does."""
+    for lo in range(0, len(blocks), step):
+        seg = blocks[lo : lo + step]
+        reach = int(seg[-1])
+        if not reach:
+            yield None
+            continue
+        key_blocks = seg[:, None] - reach + torch.arange(reach, device=seg.device)
+        taken = key_blocks.clamp(min=0)
+        yield ek[:, :, taken], ekv[:, :, taken], mu[:, :, taken], key_blocks
+
+
+def _far_term(ek_w, ekv_w, mu_w, key_blocks, bias, band, rows) -> WkvState:
+    """(num, den, max) of query blocks (rows [nq, c]) over their earlier key blocks `key_blocks`
+    [nq, r] (negative: padding), given those blocks' e^{K - mu} [B, H, nq, r, c, D] and mu."""
+    c = rows.shape[1]
+    cols = (key_blocks[..., None] * c + torch.arange(c, device=rows.device)).flatten(1)
+    w = _masked_bias(bias, rows, cols, band, ek_w.dtype).unflatten(-1, key_blocks.shape[-1:] + (c,))
+    with torch.no_grad():
+        beta = w.amax(-1).clamp(min=EMPTY)  # [Hb, nq, c, r]; all -inf for padding blocks
+    weights = torch.exp(w - beta[..., None]).transpose(2, 3)  # [Hb, nq, r, c, c]
+    exponent = mu_w.unsqueeze(-2) + beta.transpose(2, 3)[..., None]  # [B, H, nq, r, c, D]
+    with torch.no_grad():
+        top = exponent.amax(3)
+    scale = torch.exp(exponent - top.unsqueeze(3))
+    return (scale * (weights @ ekv_w)).sum(3), (scale * (weights @ ek_w)).sum(3), top
+
+
+def _within_blocks(k, v, rows, bias, band, base) -> WkvState:
+    """(num, den, max) of every row t of every block over the keys t' <= t of its own block.
+
+    Dyadic: pairwise inside base blocks of `base` positions; then, level by level, the right half
+    of each aligned pair of groups (2^l base blocks each) takes the left half through a matmul
+    stabilised by the left half's key maximum (all of it lies before every right-half row). So
+    each row costs `base` pairwise terms plus one rescale per level, not one per earlier key.
+    """
+    b, h, nq, c, d = k.shape
+    n_base = -(-c // base)
+    n_base = 1 << math.ceil(math.log2(n_base))  # a power of two: every level pairs up evenly
+    pad = n_base * base - c
+    if pad:
+        k = F.pad(k, (0, 0, 0, pad), value=EMPTY)
+        v = F.pad(v, (0, 0, 0, pad))
+        rows = torch.cat((rows, rows[:, -1:] + 1 + torch.arange(pad, device=rows.device)), 1)
+    kb, vb = k.view(b, h, nq, n_base, base, d), v.view(b, h, nq, n_base, base, d)
+    own_rows = rows.view(nq * n_base, base)
+    own = _masked_bias(bias, own_rows, own_rows, band, k.dtype).unflatten(1, (nq, n_base))
+    logits = kb.unsqueeze(-3) + own[..., None]  # [B, H, nq, n_base, t, t', D]
+    with torch.no_grad():
+        top = logits.amax(-2)
+    near = torch.exp(logits - top.unsqueeze(-2))
+    state = ((near * vb.unsqueeze(-3)).sum(-2), near.sum(-2), top)  # [B, H, nq, n_base, base, D]
+    group = 1
+    while group < n_base:
+        pairs, width = n_base // (2 * group), group * base
+        halves = lambda x: x.reshape(b, h, nq, pairs, 2, width, d)  # noqa: E731 - (left, right) groups
+        left_k, left_v = halves(kb)[:, :, :, :, 0], halves(vb)[:, :, :, :, 0]
+        with torch.no_grad():
+            mu = left_k.amax(-2)
+        ek = torch.exp(left_k - mu.unsqueeze(-2))
+        pair_rows = rows.view(nq * pairs, 2, width)
+        w = _masked_bias(bias, pair_rows[:, 1], pair_rows[:, 0], band, k.dtype)
+        w = w.unflatten(1, (nq, pairs))  # [Hb, nq, pairs, right row, left col]
+        with torch.no_grad():
+            beta = w.amax(-1)
+        weights = torch.exp(w - beta[..., None])
+        term = (weights @ (ek * left_v), weights @ ek, mu.unsqueeze(-2) + beta[..., None])
+        split = [halves(s) for s in state]
+        right = merge_states(tuple(s[:, :, :, :, 1] for s in split), term, 0.0)
+        state = tuple(
+            torch.stack((s[:, :, :, :, 0], r), 4).view(b, h, nq, n_base, base, d)
+            for s, r in zip(split, right)
+        )
+        group *= 2
+    return tuple(s.reshape(b, h, nq, n_base * base, d)[:, :, :, :c] for s in state)
+
+
+def aft_one_query(k: Tensor, v: Tensor, bias: BiasFn, prefix: WkvState) -> Tensor:
+    """The weighted mean for one query, the last of keys k, v [B, H, L, Dh], all of which it reaches
+    with learned bias (the streaming cache), plus `prefix` for older keys: [B, H, 1, Dh]."""
+    dtype = compute_dtype(v.dtype)
+    with torch.autocast(k.device.type, enabled=False):
+        cols = torch.arange(k.shape[-2], device=k.device)[None]
+        w = bias(cols[:, -1:], cols)[:, 0].to(dtype)  # [Hb, 1, L]
+        logits = k.to(dtype) + w.transpose(-1, -2)
+        a, b, p = (s.to(dtype) for s in prefix)
+        with torch.no_grad():
+            top = torch.maximum(logits.amax(-2), p)
+        near, old = torch.exp(logits - top.unsqueeze(-2)), torch.exp(p - top)
+        y = ((near * v.to(dtype)).sum(-2) + old * a) / (near.sum(-2) + old * b)
+    return y.unsqueeze(-2).to(v.dtype)
+
+
+def _prefix_after(prefix: WkvState, k: Tensor, v: Tensor) -> WkvState:
+    """`prefix` extended by keys k, v [B, H, m, Dh] with bias 0 (keys leaving the band)."""
+    if k.shape[-2] == 0:
+        return prefix
+    dtype = prefix[0].dtype
+    k, v = k.to(dtype), v.to(dtype)
+    with torch.no_grad():
+        top = k.amax(-2)
+    e = torch.exp(k - top.unsqueeze(-2))
+    return merge_states(prefix, ((e * v).sum(-2), e.sum(-2), top), 0.0)
+
+
+def blocked_flops(seq_len: int, block: int, band: int | None, channels: int) -> float:
+    """Forward FLOPs of `aft_blocked` over a whole sequence (all channels)."""
+    n_blocks = -(-seq_len // block)
+    base = min(BASE_BLOCK, block)
+    levels = max(1, math.ceil(math.log2(-(-block // base))))
+    pairs = n_blocks * (n_blocks - 1) / 2 if band is None else n_blocks * -(-(band - 1) // block)
+    # Own block: pairwise terms (add, exp, multiply, two sums) inside base blocks, the dyadic
+    # levels' matmuls (numerator and denominator, ~2 c^2 in all) and ~10 operations per level
+    # and position to rescale and merge. Each earlier block: two c x c x D matmuls and a rescale.
+    own = 5 * block * base + 2 * block * block + 10 * block * (levels + 1)
+    far = 4 * block * block + 6 * block
+    return float(channels * (n_blocks * own + pairs * far))
+
+
+class AFTMixer(Mixer):
+    """Q, K, V projections over d_model channels (viewed as [B, H, n, Dh]), then sigmoid(Q) * mean."""
+
+    def __init__(self, dims: ModelDims):
+        super().__init__()
+        self.n_head, self.head_dim = dims.n_head, dims.head_dim
+        self.qkv = nn.Linear(dims.d_model, 3 * dims.d_model, bias=dims.bias)
+        self.out = nn.Linear(dims.d_model, dims.d_model, bias=dims.bias)
+
+    def init_weights(self, n_layer: int) -> None:
+        nn.init.normal_(self.out.weight, std=0.02 / math.sqrt(2 * n_layer))
+
+    def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v [B, H, n, Dh]; position enters only through the bias w."""
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def _merge(self, o: Tensor) -> Tensor:
+        b, _, n, _ = o.shape
+        return self.out(o.transpose(1, 2).reshape(b, n, -1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._merge(self.mix(*self.project(x)))
+
+    def _empty_prefix(self, batch_size: int) -> WkvState:
+        return empty_wkv_state((batch_size, self.n_head, self.head_dim), self.out.weight)
+
+
+class SimpleAFT(AFTMixer):
+    """w = 0: the WKV operator with no decay and no bonus; constant state (a, b, p)."""
+
+    def _zeros(self, like: Tensor) -> Tensor:
+        return like.new_zeros(self.n_head, self.head_dim)
+
+    def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        zero = self._zeros(k)
+        state = empty_wkv_state(k.shape[:-2] + k.shape[-1:], k)
+        return torch.sigmoid(q) * wkv_chunked(k, v, zero, zero, state, WKV_CHUNK)[0]
+
+    def init_state(self, batch_size: int) -> State:
+        return self._empty_prefix(batch_size)
+
+    def step(self, x: Tensor, state: State, start: int) -> tuple[Tensor, State]:
+        q, k, v = self.project(x, start)
+        zero = self._zeros(k)
+        if x.shape[1] == 1:
+            mean, state = wkv_recurrent(k, v, zero, zero, state)
+        else:
+            mean, state = wkv_chunked(k, v, zero, zero, state, WKV_CHUNK)
+        return self._merge(torch.sigmoid(q) * mean), state
+
+
+class BlockedAFT(AFTMixer):
+    """A biased AFT on the blocked engine. Streaming keeps the keys the band still reaches (all of
+    them when the band is unbounded) plus a prefix state of the older ones."""
+
+    band: int | None
+    block: int
+
+    def bias_for(self, offset: int, length: int) -> BiasFn:  # pragma: no cover - interface
+        """The bias of sequence indices 0..length-1 at absolute positions offset.. ."""
+        raise NotImplementedError
+
+    def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        prefix = empty_wkv_state(k.shape[:-2] + k.shape[-1:], k)
+        bias = self.bias_for(0, k.shape[-2])
+        return torch.sigmoid(q) * aft_blocked(k, v, bias, self.band, self.block, prefix)
+
+    def init_state(self, batch_size: int) -> State:
+        empty = self.out.weight.new_zeros(batch_size, self.n_head, 0, self.head_dim)
+        return {"k": empty, "v": empty, "prefix": self._empty_prefix(batch_size)}
+
+    def step(self, x: Tensor, state: State, start: int) -> tuple[Tensor, State]:
+        q, k, v = self.project(x, start)
+        cached = state["k"].shape[-2]
+        keys = torch.cat((state["k"], k), -2)
+        values = torch.cat((state["v"], v), -2)
+        bias = self.bias_for(start - cached, keys.shape[-2])
+        if x.shape[1] == 1:
+            mean = aft_one_query(keys, values, bias, state["prefix"])
+        else:
+            mean = aft_blocked(keys, values, bias, self.band, self.block, state["prefix"], cached)
+        # The next query (position start + n) reaches back to lag band - 1 with learned bias.
+        keep = keys.shape[-2] if self.band is None else min(keys.shape[-2], self.band - 1)
+        leaving = keys.shape[-2] - keep
+        prefix = _prefix_after(state["prefix"], keys[..., :leaving, :], values[..., :leaving, :])
+        new_state = {"k": keys[..., leaving:, :], "v": values[..., leaving:, :], "prefix": prefix}
+        return self._merge(torch.sigmoid(q) * mean), new_state
+
+
+# The bias functions index a slice of the parameter taken once per call: indexing the whole table
+# in every block would cost a zero-filled table-sized gradient per index in the backward pass.
+
+
+class FullAFT(BlockedAFT):
+    def __init__(self, dims: ModelDims, max_len: int):
+        super().__init__(dims)
+        self.band, self.block = None, FULL_BLOCK
+        # V = 0 starts from w = 0 (AFT-simple) while U's scale lets V learn at once.
+        self.u = nn.Parameter(torch.randn(max_len, FULL_RANK) / math.sqrt(FULL_RANK))
+        self.v = nn.Parameter(torch.zeros(max_len, FULL_RANK))
+
+    def bias_for(self, offset: int, length: int) -> BiasFn:
+        u, v = self.u[offset : offset + length], self.v[offset : offset + length]
+        last = length - 1  # padding rows of the last block pass the end
+
+        def bias(rows: Tensor, cols: Tensor) -> Tensor:
+            return (u[rows.clamp(max=last)] @ v[cols.clamp(max=last)].transpose(-1, -2)).unsqueeze(0)
+
+        return bias
+
+
+class LocalAFT(BlockedAFT):
+    def __init__(self, dims: ModelDims, max_len: int, window: int):
+        super().__init__(dims)
+        self.band, self.block = window, LOCAL_BLOCK
+        # w[t, t - lag] for lag < window, stored as a band: row t, column lag.
+        self.w = nn.Parameter(torch.zeros(max_len, window))
+
+    def bias_for(self, offset: int, length: int) -> BiasFn:
+        table, last = self.w[offset : offset + length], length - 1
+
+        def bias(rows: Tensor, cols: Tensor) -> Tensor:
+            lag = (rows[:, :, None] - cols[:, None, :]).clamp(0, self.band - 1)
+            return table[rows[:, :, None].clamp(max=last), lag].unsqueeze(0)
+
+        return bias
+
+
+class ConvAFT(BlockedAFT):
+    def __init__(self, dims: ModelDims, kernel: int):
+        super().__init__(dims)
+        self.band, self.block = kernel, LOCAL_BLOCK
+        self.w = nn.Parameter(torch.zeros(dims.n_head, kernel))  # one causal kernel per head
+
+    def bias_for(self, offset: int, length: int) -> BiasFn:
+        def bias(rows: Tensor, cols: Tensor) -> Tensor:
+            return self.w[:, (rows[:, :, None] - cols[:, None, :]).clamp(0, self.band - 1)]
+
+        return bias
+
+
+class _AFTBackend(Backend):
+    def _positive(self, **values: int) -> None:
+        for key, value in values.items():
+            if value < 1:
+                raise ConfigError(f"attention.{key} must be >= 1 for attention={self.name}, got {value}")
+
+
+@register
+class AFTFull(_AFTBackend):
+    name = "aft_full"
+
+    @dataclass(frozen=True)
+    class Options:
+        max_len: int = 4096
+
+    def validate(self) -> None:
+        self._positive(max_len=self.options.max_len)
+
+    @property
+    def max_len(self) -> int | None:
+        return self.options.max_len
+
+    def mixer(self, layer: int) -> Mixer:
+        return FullAFT(self.dims, self.options.max_len)
+
+    def attention_flops(self, seq_len: int) -> float:
+        return blocked_flops(seq_len, FULL_BLOCK, None, self.dims.d_model)
+
+
+@register
+class AFTLocal(_AFTBackend):
+    name = "aft_local"
+
+    @dataclass(frozen=True)
+    class Options:
+        max_len: int = 4096
+        window: int = 256
+
+    def validate(self) -> None:
+        self._positive(max_len=self.options.max_len, window=self.options.window)
+
+    @property
+    def max_len(self) -> int | None:
+        return self.options.max_len
+
+    def mixer(self, layer: int) -> Mixer:
+        return LocalAFT(self.dims, self.options.max_len, self.options.window)
+
+    def attention_flops(self, seq_len: int) -> float:
+        return blocked_flops(seq_len, LOCAL_BLOCK, self.options.window, self.dims.d_model)
+
+
+@register
+class AFTSimple(_AFTBackend):
+    name = "aft_simple"
+
+    @dataclass(frozen=True)
+    class Options:
+        pass
+
+    def mixer(self, layer: int) -> Mixer:
+        return SimpleAFT(self.dims)
+
+    def attention_flops(self, seq_len: int) -> float:
+        return wkv_flops(seq_len, self.dims.d_model)
+
+
+@register
+class AFTConv(_AFTBackend):
+    name = "aft_conv"
+
+    @dataclass(frozen=True)
+    class Options:
+        kernel: int = 64
+
+    def validate(self) -> None:
+        self._positive(kernel=self.options.kernel)
+
+    def mixer(self, layer: int) -> Mixer:
+        return ConvAFT(self.dims, self.options.kernel)
+
+    def attention_flops(self, seq_len: int) -> float:
+        return blocked_flops(seq_len, LOCAL_BLOCK, self.options.kernel, self.dims.d_model)

@@ -1,0 +1,230 @@
+"""Causal linear attention (Katharopoulos et al. 2020), `attention=linear`.
+
+o_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps), S_i = sum_{j<=i} phi(k_j) v_j^T, z_i = sum_{j<=i} phi(k_j).
+
+The normaliser rides along with the values: with v' = [v | 1] one state S' = sum phi(k) v'^T
+holds both S (first Dv columns) and z (last column), so numerator and denominator come out of
+the same matrix products and the streaming state is one [B, H, Dk, Dv + 1] tensor.
+
+Training uses the chunk-parallel form (`chunked_linear_attention`): per chunk of C positions,
+state products K_c^T V'_c, an exclusive prefix sum over chunks, then Q_c S_prev plus the masked
+intra-chunk term tril(Q_c K_c^T) V'_c. All chunks go through single batched matmuls; there is no
+loop over chunks. Its hand-written backward keeps memory at O(N (D + C) + (N/C) D^2) and avoids
+the elementwise passes autograd would add. Streaming single tokens use the recurrent form
+(`recurrent_linear_attention`); longer steps use the chunk form from the carried state.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from longctx.attention.base import Backend, Mixer, ModelDims, State
+from longctx.attention.registry import register
+from longctx.errors import ConfigError
+
+# fast-transformers' value: keeps a zero denominator (possible with relu features) finite.
+EPS = 1e-6
+# Positions per call of the chunk kernel are capped so that no tensor passes ~8 MB: glibc serves
+# larger blocks with fresh mmaps that are page-faulted again on every call (1.5x slower at N=16K).
+SEGMENT_ELEMENTS = 1 << 21
+
+
+def elu_feature(x: Tensor) -> Tensor:
+    return F.elu(x) + 1
+
+
+FEATURE_MAPS = {"elu": elu_feature, "relu": F.relu}
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """States and normalisers accumulate in fp32 at least (fp64 stays fp64)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _ChunkedLinearAttention(torch.autograd.Function):
+    """[num | den] = chunked causal linear attention of features q, k [G, N, Dk] over v' = [v | 1].
+
+    Returns (num / (den + eps) [G, N, Dv], final state [G, Dk, Dv + 1]) from state `s0`.
+    """
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, s0: Tensor, chunk: int):
+        g, n, dk = q.shape
+        dv = v.shape[-1]
+        e = dv + 1
+        nc = -(-n // chunk)
+        pad = nc * chunk - n
+        # Zero-padded tail: zero key features add nothing to the state, padded rows are dropped.
+        v1 = q.new_zeros(g, n + pad, e)
+        v1[:, :n, :dv] = v
+        v1[:, :n, dv] = 1
+        # Contiguous (and padded) copies are what backward re-reads as chunk views.
+        q, k = (F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous() for t in (q, k))
+        qc, kc, vc = (t.view(g * nc, chunk, t.shape[-1]) for t in (q, k, v1))
+        kv = torch.bmm(kc.transpose(1, 2), vc).view(g, nc, dk, e)
+        # Exclusive prefix over chunks, built without subtracting: chunk c's state never sees
+        # chunk c itself, so future positions cannot perturb past outputs even by rounding.
+        s_excl = torch.empty_like(kv)
+        s_excl[:, 0] = s0
+        torch.cumsum(kv[:, :-1], 1, out=s_excl[:, 1:])
+        s_excl[:, 1:] += s0[:, None]
+        s_final = s_excl[:, -1] + kv[:, -1]
+        upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu_(1)
+        scores = torch.bmm(qc, kc.transpose(1, 2)).masked_fill_(upper, 0)
+        o = torch.bmm(scores, vc).baddbmm_(qc, s_excl.view(g * nc, dk, e)).view(g, n + pad, e)
+        den = o[:, :n, dv:] + EPS
+        out = o[:, :n, :dv] / den
+        ctx.save_for_backward(q, k, v1, s_excl, scores, out, den)
+        ctx.shape = (n, chunk)
+        return out, s_final
+
+    @staticmethod
+    def backward(ctx, d_out: Tensor, d_state: Tensor):
+        q, k, v1, s_excl, scores, out, den = ctx.saved_tensors
+        n, chunk = ctx.shape
+        g, n_pad, dk = q.shape
+        e = v1.shape[-1]
+        dv = e - 1
+        nc = n_pad // chunk
+        # Gradient of [num | den] from out = num / den.
+        d_o = q.new_zeros(g, n_pad, e)
+        torch.div(d_out, den, out=d_o[:, :n, :dv])
+        d_o[:, :n, dv] = -(d_o[:, :n, :dv] * out).sum(-1)
+        qc, kc, vc, doc = (t.view(g * nc, chunk, t.shape[-1]) for t in (q, k, v1, d_o))
+        upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu_(1)
+        # r[c] = dL/d(inclusive state after chunk c) = d_state + sum_{c' > c} Q_c'^T dO_c'.
+        q_do = torch.bmm(qc.transpose(1, 2), doc).view(g, nc, dk, e)
+        r = torch.empty_like(q_do)
+        r[:, -1] = d_state
+        torch.cumsum(q_do[:, 1:].flip(1), 1, out=r[:, :-1])
+        r[:, :-1] = r[:, :-1].flip(1) + d_state[:, None]
+        d_s0 = r[:, 0] + q_do[:, 0]
+        r = r.view(g * nc, dk, e)
+        d_scores = torch.bmm(doc, vc.transpose(1, 2)).masked_fill_(upper, 0)
+        dq = torch.bmm(d_scores, kc).baddbmm_(doc, s_excl.view(g * nc, dk, e).transpose(1, 2))
+        dk_ = torch.bmm(d_scores.transpose(1, 2), qc).baddbmm_(vc, r.transpose(1, 2))
+        dv_ = torch.bmm(scores.transpose(1, 2), doc).baddbmm_(kc, r)
+        return (
+            dq.view(g, n_pad, dk)[:, :n],
+            dk_.view(g, n_pad, dk)[:, :n],
+            dv_.view(g, n_pad, e)[:, :n, :dv],
+            d_s0,
+            None,
+        )
+
+
+def chunked_linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, state: Tensor, chunk: int
+) -> tuple[Tensor, Tensor]:
+    """Normalised causal linear attention of feature-mapped q, k [..., N, Dk] and v [..., N, Dv].
+
+    `state` [..., Dk, Dv + 1] holds (S | z) from earlier positions. Returns (out, new state);
+    out has the dtype of v, the state is kept in fp32 (fp64 for fp64 inputs).
+    """
+    lead, (n, dk), dv = q.shape[:-2], q.shape[-2:], v.shape[-1]
+    dtype = compute_dtype(v.dtype)
+    with torch.autocast(q.device.type, enabled=False):
+        flat = [t.to(dtype).reshape(-1, n, t.shape[-1]) for t in (q, k, v)]
+        s = state.to(dtype).reshape(-1, dk, dv + 1)
+        per_position = flat[0].shape[0] * max(dk, dv + 1, chunk)
+        segment = max(1, SEGMENT_ELEMENTS // per_position // chunk) * chunk
+        outputs = []
+        for pieces in zip(*(t.split(segment, 1) for t in flat)):  # split: no full-size gradients
+            out, s = _ChunkedLinearAttention.apply(*pieces, s, chunk)
+            outputs.append(out)
+        out = torch.cat(outputs, 1) if len(outputs) > 1 else outputs[0]
+    return out.view(*lead, n, dv).to(v.dtype), s.view(*lead, dk, dv + 1)
+
+
+def recurrent_linear_attention(q: Tensor, k: Tensor, v: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    """The same attention one position at a time: S' += phi(k_t) [v_t | 1]^T, o_t = phi(q_t)^T S'."""
+    dtype = compute_dtype(v.dtype)
+    s = state.to(dtype)
+    outputs = []
+    for t in range(q.shape[-2]):
+        v1 = F.pad(v[..., t, :].to(dtype), (0, 1), value=1.0)
+        s = s + k[..., t, :, None].to(dtype) * v1[..., None, :]
+        o = (q[..., t, :, None].to(dtype) * s).sum(-2)
+        outputs.append(o[..., :-1] / (o[..., -1:] + EPS))
+    return torch.stack(outputs, -2).to(v.dtype), s
+
+
+class LinearAttention(Mixer):
+    def __init__(self, dims: ModelDims, feature_map: str, chunk_size: int):
+        super().__init__()
+        self.n_head = dims.n_head
+        self.head_dim = dims.head_dim
+        self.feature = FEATURE_MAPS[feature_map]
+        self.chunk_size = chunk_size
+        self.qkv = nn.Linear(dims.d_model, 3 * dims.d_model, bias=dims.bias)
+        self.out = nn.Linear(dims.d_model, dims.d_model, bias=dims.bias)
+
+    def init_weights(self, n_layer: int) -> None:
+        nn.init.normal_(self.out.weight, std=0.02 / math.sqrt(2 * n_layer))
+
+    def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k, v [B, H, n, Dh]; linear attention has no positional scheme (order is causal sums)."""
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        state = q.new_zeros(*q.shape[:-2], self.head_dim, self.head_dim + 1)
+        return chunked_linear_attention(self.feature(q), self.feature(k), v, state, self.chunk_size)[0]
+
+    def _merge(self, o: Tensor) -> Tensor:
+        b, _, n, _ = o.shape
+        return self.out(o.transpose(1, 2).reshape(b, n, -1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._merge(self.mix(*self.project(x)))
+
+    def init_state(self, batch_size: int) -> State:
+        weight = self.out.weight
+        dtype = compute_dtype(weight.dtype)
+        return weight.new_zeros(batch_size, self.n_head, self.head_dim, self.head_dim + 1, dtype=dtype)
+
+    def step(self, x: Tensor, state: State, start: int) -> tuple[Tensor, State]:
+        q, k, v = self.project(x, start)
+        q, k = self.feature(q), self.feature(k)
+        if x.shape[1] == 1:
+            o, state = recurrent_linear_attention(q, k, v, state)
+        else:
+            o, state = chunked_linear_attention(q, k, v, state, self.chunk_size)
+        return self._merge(o), state
+
+
+@register
+class LinearBackend(Backend):
+    name = "linear"
+
+    @dataclass(frozen=True)
+    class Options:
+        feature_map: str = "elu"
+        chunk_size: int = 64
+
+    def validate(self) -> None:
+        if self.options.feature_map not in FEATURE_MAPS:
+            raise ConfigError(
+                f"attention.feature_map={self.options.feature_map!r} is not valid; "
+                f"choose one of {sorted(FEATURE_MAPS)}"
+            )
+        if self.options.chunk_size < 1:
+            raise ConfigError(f"attention.chunk_size must be >= 1, got {self.options.chunk_size}")
+
+    def mixer(self, layer: int) -> Mixer:
+        return LinearAttention(self.dims, self.options.feature_map, self.options.chunk_size)
+
+    def attention_flops(self, seq_len: int) -> float:
+        c = self.options.chunk_size
+        padded = -(-seq_len // c) * c
+        dk = self.dims.head_dim
+        e = dk + 1
+        # Per head: K_c^T V'_c and Q_c S_prev (2 x 2 dk e per position), the full C x C
+        # intra-chunk square Q_c K_c^T (2 C dk) and its product with V'_c (2 C e).
+        per_head = padded * (4 * dk * e + 2 * c * dk + 2 * c * e)
+        return float(self.dims.n_head * per_head)
