@@ -1,0 +1,180 @@
+"""Content-based block sparsity: Mixture of Block Attention (Lu et al. 2025, MoBA; NSA's selection branch).
+
+Semantics, per head, with b = block_size (block m covers positions [m*b, (m+1)*b)):
+- Query i lies in block c = floor(i / b). Its candidate blocks are the blocks m < c: all complete,
+  all in its past. Gating never reads a block that is not complete (not even the query's own).
+- Gate score s(i, m) = q_i . mean_{j in block m} k_j, on the same q and k the attention uses (after
+  RoPE). Query i selects the top_k candidates with the highest scores, or all of them when c <= top_k.
+  Ties go to the earlier block.
+- Query i then attends with ONE softmax over the keys j <= i of its own block plus every key of its
+  selected blocks (scale 1/sqrt(head_dim); ALiBi slopes, when the model uses ALiBi, add
+  -slope * (i - j) to the attention scores, not to the gate).
+- The selection is a discrete top-k: no gradient flows through the gate, only through the attention
+  over the selected keys.
+
+Exactness of the gate: block means are summed by a fixed pairwise tree of elementwise additions and
+scores are taken in float64, so `forward` (whole sequence) and `step` (blocks completed chunk by
+chunk, other matmul shapes) select the same blocks: identical means stay identical, ties stay exact
+ties, and near-ties cannot flip the way float32 rounding differences between kernels could.
+
+Training runs on `moba_kernel.block_sparse_attention` (pairs of query and selected block, grouped by
+key block: cost grows with top_k * block_size per query). Streaming keeps the K/V of every past
+position (complete blocks and the raw current block) plus the mean key of each complete block.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from longctx.attention.base import Backend, Mixer, State
+from longctx.attention.moba_kernel import block_sparse_attention
+from longctx.attention.registry import register
+from longctx.attention.softmax import AttentionCore, SoftmaxAttention
+from longctx.errors import ConfigError
+
+# Gate scores are computed for about this many (head, query, block) entries at a time.
+GATE_CHUNK_ENTRIES = 1 << 20
+
+
+def block_means(k: Tensor, block_size: int) -> Tensor:
+    """Mean keys [B, H, n_complete, D] (float64) of the complete blocks of k [B, H, n, D].
+
+    Summed in at least fp32 by a fixed pairwise tree of elementwise additions, so each mean is
+    bit-identical whatever call computes it (a reduction kernel may change its order with the
+    shapes, e.g. one block at a time while streaming versus all blocks in `forward`).
+    """
+    batch, heads, n, dim = k.shape
+    complete = n // block_size
+    x = k[:, :, : complete * block_size].reshape(batch, heads, complete, block_size, dim)
+    width = 1 << (block_size - 1).bit_length()
+    if width != block_size:  # zero-pad to a power of two: x + 0 is exact
+        x = torch.nn.functional.pad(x, (0, 0, 0, width - block_size))
+    x = x.to(torch.promote_types(k.dtype, torch.float32))
+    while x.shape[3] > 1:
+        half = x.shape[3] // 2
+        x = x[:, :, :, :half] + x[:, :, :, half:]
+    return x[:, :, :, 0].to(torch.float64) / block_size
+
+
+def _earliest_top(scores: Tensor, slots: int) -> Tensor:
+    """Top `slots` columns of each row of scores [M, cols], ties going to the earlier column."""
+    kth = scores.topk(slots, dim=-1).values[:, -1:]
+    above = scores > kth
+    tied = scores == kth
+    chosen = above | (tied & (tied.cumsum(-1) <= slots - above.sum(-1, keepdim=True)))
+    return chosen.nonzero()[:, 1].view(-1, slots)
+
+
+def _top_blocks(scores: Tensor, slots: int) -> Tensor:
+    """Selected blocks [..., slots] (ascending, -1 = none) of gate scores [..., cols] (-inf = not a
+    candidate): the `slots` highest scores, ties going to the earlier block."""
+    cols = scores.shape[-1]
+    if cols == slots:
+        index = torch.arange(cols, device=scores.device).expand_as(scores)
+        values = scores
+    else:
+        values, index = scores.topk(slots + 1, dim=-1)
+        # The top-k set is ambiguous only where the k-th and (k+1)-th scores are equal and finite;
+        # those (rare) rows are resolved exactly.
+        ambiguous = (values[..., slots - 1] == values[..., slots]) & values[..., slots].isfinite()
+        values, index = values[..., :slots], index[..., :slots]
+        if ambiguous.any():
+            index[ambiguous] = _earliest_top(scores[ambiguous], slots)
+            values[ambiguous] = 0.0  # finite: all of their chosen blocks are candidates
+    index = torch.where(values == float("-inf"), cols, index).sort(dim=-1).values
+    return torch.where(index == cols, -1, index)
+
+
+def select_blocks(q: Tensor, means: Tensor, q_start: int, block_size: int, top_k: int) -> Tensor:
+    """Selected blocks [B, H, n, min(top_k, n_complete)] of queries q at positions q_start..q_start+n-1.
+
+    Ascending block indices; -1 marks an empty slot (fewer earlier blocks than top_k).
+    """
+    batch, heads, n, _ = q.shape
+    complete = means.shape[2]
+    slots = min(top_k, complete)
+    selected = torch.full((batch, heads, n, slots), -1, dtype=torch.long, device=q.device)
+    rows = max(1, GATE_CHUNK_ENTRIES // (batch * heads * max(1, complete)))
+    for first in range(0, n, rows):
+        last = min(n, first + rows)
+        query_block = torch.arange(q_start + first, q_start + last, device=q.device) // block_size
+        # Only blocks before the chunk's last query block can be candidates of any of its rows.
+        cols = min(complete, (q_start + last - 1) // block_size)
+        if min(slots, cols) == 0:
+            continue
+        scores = q[:, :, first:last].detach().to(torch.float64) @ means[:, :, :cols].transpose(-1, -2)
+        candidate = torch.arange(cols, device=q.device)[None, :] < query_block[:, None]
+        scores.masked_fill_(~candidate, float("-inf"))
+        selected[:, :, first:last, : min(slots, cols)] = _top_blocks(scores, min(slots, cols))
+    return selected
+
+
+class MobaCore(AttentionCore):
+    def __init__(self, block_size: int, top_k: int):
+        super().__init__()
+        self.block_size = block_size
+        self.top_k = top_k
+
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None) -> Tensor:
+        selected = select_blocks(q, block_means(k.detach(), self.block_size), 0, self.block_size, self.top_k)
+        return block_sparse_attention(q, k, v, selected, self.block_size, slopes)
+
+    def init_cache(self, batch: int, heads: int, head_dim: int, like: Tensor) -> State:
+        empty = like.new_zeros(batch, heads, 0, head_dim)
+        means = torch.zeros(batch, heads, 0, head_dim, dtype=torch.float64, device=like.device)
+        return {"k": empty, "v": empty, "means": means}
+
+    def step(self, q, k, v, cache, start, slopes):
+        b = self.block_size
+        keys = torch.cat((cache["k"], k), dim=2)
+        values = torch.cat((cache["v"], v), dim=2)
+        done = cache["means"].shape[2]
+        completed = keys.shape[2] // b
+        means = torch.cat((cache["means"], block_means(keys[:, :, done * b: completed * b], b)), dim=2)
+        # The engine starts at a block boundary: the current block's earlier queries are
+        # zero placeholders with no selection, whose outputs are dropped.
+        q_start = start - start % b
+        placeholders = q.new_zeros(*q.shape[:2], start - q_start, q.shape[3])
+        selected = select_blocks(q, means, start, b, self.top_k)
+        selected = torch.cat((selected.new_full((*selected.shape[:2], start - q_start, selected.shape[3]), -1),
+                              selected), dim=2)
+        out = block_sparse_attention(torch.cat((placeholders, q), dim=2), keys, values, selected, b, slopes, q_start)
+        return out[:, :, start - q_start:], {"k": keys, "v": values, "means": means}
+
+
+@register
+class MobaAttention(Backend):
+    name = "moba"
+
+    @dataclass(frozen=True)
+    class Options:
+        block_size: int = 256
+        top_k: int = 4
+
+    def validate(self) -> None:
+        b, top_k = self.options.block_size, self.options.top_k
+        if b < 1:
+            raise ConfigError(f"attention.block_size must be >= 1, got {b}; e.g. attention.block_size=256")
+        if top_k < 0:
+            raise ConfigError(f"attention.top_k must be >= 0 (0 = own block only), got {top_k}")
+        if b > self.dims.context_length:
+            raise ConfigError(
+                f"attention.block_size={b} is longer than context_length={self.dims.context_length}: "
+                "no query would ever see a complete earlier block; lower attention.block_size"
+            )
+
+    def mixer(self, layer: int) -> Mixer:
+        return SoftmaxAttention(self.dims, MobaCore(self.options.block_size, self.options.top_k))
+
+    def attention_flops(self, seq_len: int) -> float:
+        """Own-block causal pairs + selected pairs (QK^T and PV: 4 FLOPs per pair per channel of
+        d_model) + gate dot products with every complete earlier block (2 FLOPs per channel)."""
+        b, top_k = self.options.block_size, self.options.top_k
+        pairs = gate = 0
+        for block in range(-(-seq_len // b)):
+            rows = min(b, seq_len - block * b)
+            pairs += rows * (rows + 1) // 2 + rows * min(top_k, block) * b
+            gate += rows * block
+        return (4 * pairs + 2 * gate) * self.dims.d_model
