@@ -1,15 +1,20 @@
-"""Evaluate a checkpoint: `python eval.py ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt`."""
+"""Evaluate a checkpoint, or compare many runs.
+
+    python eval.py ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt
+    python eval.py -m ckpt_path=<a>.ckpt,<b>.ckpt                   # one output directory per checkpoint
+    python eval.py report.runs='outputs/train/multiruns/<time>/*'    # report mode: no checkpoint needed
+"""
 import hydra
 from omegaconf import DictConfig
 
-from longctx.eval.run import evaluate_checkpoint
+from longctx.eval.run import run_eval
 from longctx.train.run import finish_wandb
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:
-        evaluate_checkpoint(cfg)
+        run_eval(cfg)
     finally:
         finish_wandb()
 

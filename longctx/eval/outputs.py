@@ -1,4 +1,7 @@
-"""Writing evaluation results: results.json, results.csv, a PNG plot, and wandb tables/images."""
+"""Writing one evaluation: results.json, one CSV per section, PNG plots, and wandb tables/plots.
+
+The schema (every key and column) is documented in docs/results/README.md.
+"""
 from __future__ import annotations
 
 import csv
@@ -6,16 +9,23 @@ import io
 import json
 import os
 import tempfile
+from collections import defaultdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping
 
-import matplotlib
+from longctx.eval import plots
+from longctx.eval.perplexity import PerplexityRow
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-RESULTS_SCHEMA_VERSION = 1
-ROW_FIELDS = ("context_length", "stride", "protocol", "tokens", "bytes", "loss", "ppl", "bpb", "skipped")
+RESULTS_SCHEMA_VERSION = 2
+ROW_FIELDS = tuple(PerplexityRow.__dataclass_fields__)
+# Section of results.json -> its CSV file and columns (after a leading "attention" column).
+SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "perplexity": ("results.csv", ROW_FIELDS),
+    "position_loss": ("position_loss.csv", ("context_length", "position_start", "position_end", "tokens", "loss")),
+    "prefix_ablation": ("prefix_ablation.csv", ("prefix_length", "target_tokens", "samples", "tokens", "loss", "ppl", "skipped")),
+    "passkey": ("passkey.csv", ("context_length", "depth", "trials", "correct", "accuracy", "mean_rank", "skipped")),
+    "fact_recall": ("fact_recall.csv", ("context_length", "distance", "docs", "fact_in_context", "correct", "accuracy", "answer_nll", "skipped")),
+}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -27,51 +37,69 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def write_results(out_dir: Path, meta: dict[str, Any], rows: Sequence[dict]) -> dict[str, Path]:
-    out_dir = Path(out_dir)
-    payload = {"schema_version": RESULTS_SCHEMA_VERSION, **meta, "perplexity": list(rows)}
-    json_path = out_dir / "results.json"
-    atomic_write_text(json_path, json.dumps(payload, indent=2))
-    csv_path = out_dir / "results.csv"
-    records = [["attention", *ROW_FIELDS]] + [[meta.get("attention")] + [row.get(k) for k in ROW_FIELDS] for row in rows]
-    atomic_write_text(csv_path, _csv_text(records))
-    png_path = out_dir / "ppl_vs_context.png"
-    plot_perplexity(rows, meta, png_path)
-    return {"json": json_path, "csv": csv_path, "png": png_path}
-
-
-def _csv_text(records: list[list]) -> str:
+def csv_text(records: list[list]) -> str:
     handle = io.StringIO()
     csv.writer(handle, lineterminator="\n").writerows(records)
     return handle.getvalue()
 
 
-def plot_perplexity(rows: Sequence[dict], meta: dict[str, Any], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for protocol in sorted({r["protocol"] for r in rows}):
-        points = sorted((r["context_length"], r["ppl"]) for r in rows if r["protocol"] == protocol and r["ppl"])
-        if points:
-            ax.plot(*zip(*points), marker="o", label=f"{meta.get('attention')} ({protocol})")
-    train_length = meta.get("train_context_length")
-    if train_length:
-        ax.axvline(train_length, color="grey", linestyle="--", label=f"training length {train_length}")
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("evaluation context length (tokens)")
-    ax.set_ylabel("perplexity (per token)")
-    ax.set_title("Perplexity by context length")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def write_results(out_dir: Path, meta: Mapping[str, Any], sections: Mapping[str, list[dict]]) -> dict[str, Path]:
+    """results.json (meta + every section), the sections' CSVs and the run's plots; returns the paths."""
+    out_dir = Path(out_dir)
+    payload = {"schema_version": RESULTS_SCHEMA_VERSION, **meta, **{k: list(sections.get(k, [])) for k in SECTIONS}}
+    paths = {"json": out_dir / "results.json"}
+    atomic_write_text(paths["json"], json.dumps(payload, indent=2))
+    for section, (filename, fields) in SECTIONS.items():
+        rows = sections.get(section, [])
+        if rows or section == "perplexity":
+            records = [["attention", *fields]] + [[meta.get("attention")] + [row.get(k) for k in fields] for row in rows]
+            paths[section] = out_dir / filename
+            atomic_write_text(paths[section], csv_text(records))
+    paths.update(write_run_plots(out_dir, meta, sections))
+    return paths
 
 
-def log_to_wandb(rows: Sequence[dict], paths: dict[str, Path]) -> None:
-    """Log the table and plot to the active wandb run, if there is one."""
+def write_run_plots(out_dir: Path, meta: Mapping[str, Any], sections: Mapping[str, list[dict]]) -> dict[str, Path]:
+    name, train = meta.get("attention"), [meta["train_context_length"]] if meta.get("train_context_length") else []
+    figures = {"ppl_png": plots.plot_ppl_vs_context({name: sections.get("perplexity", [])}, train,
+                                                    out_dir / "ppl_vs_context.png", title=f"Perplexity by context length: {name}")}
+    by_length = defaultdict(list)
+    for row in sections.get("position_loss", []):
+        by_length[f"length {row['context_length']}"].append(row)
+    if by_length:
+        figures["position_png"] = plots.plot_position_loss(by_length, train, out_dir / "loss_vs_position.png",
+                                                           title=f"Loss by token position: {name}")
+    if any(r.get("loss") is not None for r in sections.get("prefix_ablation", [])):
+        figures["prefix_png"] = plots.plot_prefix_ablation({name: sections["prefix_ablation"]}, out_dir / "prefix_ablation.png")
+    if any(r.get("accuracy") is not None for r in sections.get("passkey", [])):
+        chance = 1 / (1 + meta["eval_settings"]["passkey"]["distractors"]) if meta.get("eval_settings") else None
+        figures["passkey_png"] = plots.plot_passkey({name: sections["passkey"]}, out_dir / "passkey_heatmap.png", chance=chance)
+    recall = defaultdict(list)
+    for row in sections.get("fact_recall", []):
+        recall[f"length {row['context_length']}"].append(row)
+    if any(r.get("accuracy") is not None for rows in recall.values() for r in rows):
+        figures["fact_recall_png"] = plots.plot_fact_recall(recall, out_dir / "fact_recall.png",
+                                                            title=f"Planted-fact recall: {name}")
+    return figures
+
+
+def log_to_wandb(sections: Mapping[str, list[dict]], paths: Mapping[str, Path]) -> None:
+    """Every section as a wandb Table, perplexity as a line plot, and the PNGs, in the active run (if any)."""
     import wandb
 
     if wandb.run is None:
         return
-    table = wandb.Table(columns=list(ROW_FIELDS), data=[[row.get(k) for k in ROW_FIELDS] for row in rows])
-    wandb.log({"eval/perplexity": table, "eval/ppl_vs_context": wandb.Image(str(paths["png"]))})
+    logged: dict[str, Any] = {}
+    for section, (_, fields) in SECTIONS.items():
+        rows = sections.get(section, [])
+        if rows:
+            logged[f"eval/{section}"] = wandb.Table(columns=list(fields), data=[[row.get(k) for k in fields] for row in rows])
+    scored = [r for r in sections.get("perplexity", []) if r.get("ppl") is not None]
+    if scored:
+        table = wandb.Table(columns=["context_length", "ppl", "protocol"], data=[[r["context_length"], r["ppl"], r["protocol"]] for r in scored])
+        logged["eval/ppl_vs_context_line"] = wandb.plot.line(table, x="context_length", y="ppl", stroke="protocol",
+                                                             title="Perplexity by context length")
+    for key, path in paths.items():
+        if key.endswith("_png"):
+            logged[f"eval/figures/{key[:-4]}"] = wandb.Image(str(path))  # apart from the tables' keys
+    wandb.log(logged)

@@ -1,0 +1,83 @@
+"""What a run cost to train: tokens per second and peak memory, from its logs or from a bench.json.
+
+Training logs: the CSV logger's metrics.csv in the training run directory (logger=csv; the wandb
+logger's offline files are binary and not read here). Lightning's ThroughputMonitor logs
+cumulative `train/lengths` (tokens) and `train/time` (seconds), so tokens/s is their ratio at
+the last logged step; a peak-memory metric is any column whose name matches MEMORY_COLUMN.
+Bench: `python -m longctx.bench` rows of the run's backend (whole-model `train_step` rows when
+present, else the `fwd_bwd` mixing kernel), at the sequence length nearest the run's training length.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+MEMORY_COLUMN = re.compile(r"(peak|max).*mem", re.IGNORECASE)
+BENCH_MODES = ("train_step", "fwd_bwd")
+
+
+def training_dir(run_dir: Path, results: dict) -> Path:
+    """The training run directory: the run itself, or the one whose checkpoint eval.py evaluated."""
+    if (run_dir / "checkpoints").is_dir() or not results.get("checkpoint"):
+        return run_dir
+    return Path(results["checkpoint"]).resolve().parent.parent
+
+
+def _last(rows: list[dict], column: str) -> float | None:
+    values = [float(r[column]) for r in rows if r.get(column) not in (None, "")]
+    return values[-1] if values else None
+
+
+def costs_from_metrics(directory: Path) -> dict[str, Any]:
+    found = sorted(directory.glob("**/metrics.csv"))
+    if not found:
+        return {}
+    with open(found[-1], newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    cost: dict[str, Any] = {"source": f"training log {found[-1].relative_to(directory)}"}
+    tokens, seconds = _last(rows, "train/lengths"), _last(rows, "train/time")
+    if tokens and seconds:
+        cost["tokens_per_s"] = tokens / seconds
+        cost["train_seconds"] = seconds
+        cost["train_tokens"] = int(tokens)
+    memory_columns = [c for c in (rows[0] if rows else {}) if MEMORY_COLUMN.search(c)]
+    peaks = [v for c in memory_columns for r in rows if r.get(c) not in (None, "") for v in [float(r[c])]]
+    if peaks:
+        cost["peak_memory_mib"] = max(peaks)
+    return cost
+
+
+def load_bench(path: str | Path | None) -> list[dict]:
+    if not path:
+        return []
+    return [r for r in json.loads(Path(path).read_text())["rows"] if r.get("status") == "ok" and r.get("kind") == "backend"]
+
+
+def costs_from_bench(rows: list[dict], attention: str, seq_len: int, dtype: str) -> dict[str, Any]:
+    for mode in BENCH_MODES:
+        candidates = [r for r in rows if r["subject"] == attention and r["mode"] == mode and r["dtype"] == dtype]
+        if candidates:
+            best = min(candidates, key=lambda r: abs(math.log(r["seq_len"] / seq_len)))
+            return {"tokens_per_s": best.get("tokens_per_s"), "peak_memory_mib": best.get("memory_mib"),
+                    "source": f"bench {mode} {dtype} N={best['seq_len']}"}
+    return {}
+
+
+def run_costs(run_dir: Path, results: dict, bench_rows: list[dict], bench_dtype: str) -> dict[str, Any]:
+    """Training-log figures first; the bench fills what the logs lack (each figure says where it came from)."""
+    logged = costs_from_metrics(training_dir(run_dir, results))
+    bench = costs_from_bench(bench_rows, results["attention"], results["train_context_length"], bench_dtype)
+    cost = {k: logged.get(k) for k in ("tokens_per_s", "peak_memory_mib", "train_seconds", "train_tokens")}
+    sources = {}
+    for key in ("tokens_per_s", "peak_memory_mib"):
+        if cost[key] is None and bench.get(key) is not None:
+            cost[key] = bench[key]
+            sources[key] = bench["source"]
+        elif cost[key] is not None:
+            sources[key] = logged["source"]
+    cost["sources"] = sources
+    return cost

@@ -1,0 +1,116 @@
+"""Recall of planted facts, for corpora whose documents carry `answer_char_spans` (data=synthetic).
+
+A synthetic document states "The code of Kalomi is 4821." and, `distance` characters later,
+asks "... Answer: the code of Kalomi is " followed by the digits. The text before the answer
+is the context, left-truncated so that the model reads at most `length` tokens; the true
+answer is ranked by likelihood against distractors of the same shape: first the other codes
+stated in the same document (copying the wrong fact is a failure, not luck), then answers of
+other documents. Rows are grouped by planted distance (a document's distance is at least its
+bucket: the corpus's configured distances, or powers of two), with how many facts still lay
+inside the truncated context, so a mechanism's reach reads off directly.
+"""
+from __future__ import annotations
+
+import math
+import random
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+
+import numpy as np
+
+from longctx.eval.scoring import Scorer
+from longctx.eval.settings import FactRecallSettings
+
+
+@dataclass(frozen=True)
+class PlantedFact:
+    context: str  # the document's text before the answer
+    answer: str
+    distance: int | None  # characters from the fact to the answer (None when the corpus has no such column)
+    fact_start: int | None  # character offset of the fact's answer text in `context`
+
+
+def planted_facts(documents) -> list[PlantedFact]:
+    """One fact per document row with a non-empty answer_char_spans (rows are dicts or a datasets.Dataset)."""
+    facts = []
+    for row in documents:
+        spans = row.get("answer_char_spans")
+        if not spans:
+            continue
+        start, end = spans[0]
+        fact_spans = row.get("fact_char_spans") or [[None, None]]
+        facts.append(PlantedFact(row["text"][:start], row["text"][start:end], row.get("distance"), fact_spans[0][0]))
+    return facts
+
+
+def answer_shape(answer: str) -> re.Pattern:
+    """Strings that look like `answer`: same length, digits where it has digits, letters where letters."""
+    pieces = ["\\d" if c.isdigit() else "[A-Za-z]" if c.isalpha() else re.escape(c) for c in answer]
+    return re.compile(r"(?<![\w])" + "".join(pieces) + r"(?![\w])")
+
+
+def distractors_for(fact: PlantedFact, pool: list[str], count: int, rng: random.Random) -> list[str]:
+    in_document = [s for s in dict.fromkeys(reversed(answer_shape(fact.answer).findall(fact.context))) if s != fact.answer]
+    others = [a for a in dict.fromkeys(pool) if a != fact.answer and a not in in_document]
+    rng.shuffle(others)
+    return (in_document + others)[:count]
+
+
+def distance_bucket(distance: int | None, buckets: list[int] | None) -> int | None:
+    """The largest bucket not above `distance` (the smallest bucket if all are); powers of two without buckets."""
+    if distance is None:
+        return None
+    if not buckets:
+        return 2 ** int(math.log2(max(distance, 1)))
+    return max([b for b in buckets if b <= distance] or [min(buckets)])
+
+
+def fact_recall(
+    scorer: Scorer, facts: list[PlantedFact], tokenizer, settings: FactRecallSettings, lengths: list[int],
+    batch_size: int, buckets: list[int] | None = None,
+) -> list[dict]:
+    rng = random.Random(settings.seed)
+    chosen = rng.sample(facts, min(settings.max_docs, len(facts)))
+    pool = [f.answer for f in facts]
+    rows = []
+    for length in lengths:
+        refusal = scorer.refusal(length)
+        if refusal:
+            rows.append(_row(length, None, skipped=refusal))
+            continue
+        groups = defaultdict(list)
+        for index, fact in enumerate(chosen):
+            distractors = distractors_for(fact, pool, settings.distractors, random.Random(f"{settings.seed}-{index}"))
+            groups[distance_bucket(fact.distance, buckets)].append(_score(scorer, tokenizer, fact, distractors, length, batch_size))
+        for distance in sorted(groups, key=lambda d: (d is None, d)):
+            rows.append(_summarise(length, distance, groups[distance]))
+    return rows
+
+
+def _score(scorer, tokenizer, fact: PlantedFact, distractors: list[str], length: int, batch_size: int) -> dict:
+    candidates = [tokenizer.encode(a) for a in (fact.answer, *distractors)]
+    context = tokenizer.encode(fact.context)
+    # Every input (context + candidate - 1) holds at most `length` tokens.
+    visible = context[-max(length + 1 - max(len(c) for c in candidates), 1):]
+    in_context = fact.fact_start is not None and len(tokenizer.encode(fact.context[fact.fact_start:])) <= len(visible)
+    scores = scorer.continuation_logprobs(visible, candidates, batch_size)
+    return {
+        "correct": all(scores[0] > s for s in scores[1:]),
+        "answer_nll": -scores[0] / len(candidates[0]),
+        "in_context": in_context,
+    }
+
+
+def _row(length: int, distance, docs: int = 0, skipped: str | None = None) -> dict:
+    return {"context_length": length, "distance": distance, "docs": docs, "fact_in_context": 0, "correct": 0,
+            "accuracy": None, "answer_nll": None, "skipped": skipped}
+
+
+def _summarise(length: int, distance, results: list[dict]) -> dict:
+    row = _row(length, distance, docs=len(results))
+    row["fact_in_context"] = sum(r["in_context"] for r in results)
+    row["correct"] = sum(r["correct"] for r in results)
+    row["accuracy"] = row["correct"] / len(results)
+    row["answer_nll"] = float(np.mean([r["answer_nll"] for r in results]))
+    return row

@@ -1,0 +1,61 @@
+"""Prefix-length ablation (Sun et al. 2021): the same target tokens, with more and more visible prefix.
+
+For each sample start s (evenly spaced over the test stream) the target block is the T next-token
+predictions at inputs tokens[s : s+T]; with prefix P the model reads tokens[s-P : s+T], so target
+t has P + (t - s) + 1 tokens of context. Every prefix scores exactly the same targets, so the
+loss curve over P isolates what the extra distant context buys.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from longctx.eval.scoring import Scorer
+from longctx.eval.settings import PrefixAblationSettings
+
+
+def prefix_lengths(step: int, max_prefix: int) -> list[int]:
+    """0, step, 2*step, 4*step, ... below max_prefix, then max_prefix itself."""
+    prefixes, prefix = [0], step
+    while prefix < max_prefix:
+        prefixes.append(prefix)
+        prefix *= 2
+    if max_prefix > 0:
+        prefixes.append(max_prefix)
+    return prefixes
+
+
+def sample_starts(n_tokens: int, max_prefix: int, target_tokens: int, samples: int) -> np.ndarray:
+    last = n_tokens - target_tokens - 1  # the last target token must exist
+    if last < max_prefix:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.linspace(max_prefix, last, samples).round().astype(np.int64))
+
+
+def prefix_ablation(
+    scorer: Scorer, tokens: torch.Tensor, settings: PrefixAblationSettings, max_length: int, batch_size: int
+) -> list[dict]:
+    target = settings.target_tokens
+    max_prefix = max(max_length - target, 0)
+    starts = sample_starts(len(tokens), max_prefix, target, settings.samples)
+    rows = []
+    for prefix in prefix_lengths(settings.step, max_prefix):
+        row = {"prefix_length": prefix, "target_tokens": target, "samples": len(starts), "tokens": 0,
+               "loss": None, "ppl": None, "skipped": None}
+        rows.append(row)
+        if not len(starts):
+            row["skipped"] = f"test stream has {len(tokens)} tokens, too few for a prefix of {max_prefix} + {target} targets"
+            continue
+        row["skipped"] = scorer.refusal(prefix + target)
+        if row["skipped"]:
+            continue
+        total = 0.0
+        for first in range(0, len(starts), batch_size):
+            windows = torch.stack([tokens[s - prefix: s + target + 1] for s in starts[first: first + batch_size]])
+            total += float(scorer.nll(windows[:, :-1], windows[:, 1:])[:, prefix:].sum())
+        row["tokens"] = len(starts) * target
+        row["loss"] = total / row["tokens"]
+        row["ppl"] = math.exp(min(row["loss"], 700.0))
+    return rows
