@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from longctx.data.config import to_plain_dict
 from longctx.data.corpus import corpus_fingerprint, load_corpus
-from longctx.data.packing import OrderedStream, PackedWindows
+from longctx.data.packing import OrderedStream, PackedWindows, ResumableShardSampler, distributed_rank_and_world
 from longctx.data.splits import SPLITS
 from longctx.data.token_cache import TokenSplit, build_token_cache, load_token_split, token_cache_path
 from longctx.data.tokenizer import Tokenizer, build_tokenizer
@@ -21,14 +21,56 @@ SAMPLING_MODES = ("packed", "ordered")
 _BINCOUNT_CHUNK = 1 << 24
 
 
+class ResumableDataLoader(DataLoader):
+    """The training DataLoader, whose position in the epoch Lightning saves with each checkpoint.
+
+    Lightning saves `state_dict()` of stateful training loaders in the checkpoint's loops state
+    and calls `load_state_dict()` before a resumed fit iterates. The state is how many batches
+    of the current epoch were handed out. Lightning does not prefetch from a loader of known
+    length, so that is the number trained on. The next iteration starts at the batch after
+    them, without reading the skipped ones: through ResumableShardSampler.start_index for
+    packed windows, OrderedStream.start_batch for ordered streams. Which epoch it is comes from
+    the sampler's epoch, which Lightning restores with set_epoch before iterating.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._batches_yielded = 0
+        self._resume_at = 0
+
+    def state_dict(self) -> dict:
+        return {"batches_yielded": self._batches_yielded}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._resume_at = int(state["batches_yielded"])
+
+    def __iter__(self):
+        # A generator: its body runs at the first next(), after Lightning's set_epoch.
+        # A checkpoint taken after an epoch's last batch resumes with the next epoch's first.
+        start = self._resume_at if self._resume_at < len(self) else 0
+        self._resume_at = 0
+        if isinstance(self.dataset, OrderedStream):
+            self.dataset.start_batch = start
+        else:
+            self.sampler.start_index = start * self.batch_size
+        self._batches_yielded = start
+        for batch in super().__iter__():
+            self._batches_yielded += 1
+            yield batch
+
+
 class LongDocDataModule(L.LightningDataModule):
     """Batches are dicts {"input_ids", "targets": LongTensor[B, N]} plus "reset": BoolTensor[B] when ordered.
 
-    sampling="packed": training windows are shuffled (DistributedSampler under DDP);
-    validation/test windows tile the split in order, optionally thinned to
-    `data.max_eval_windows` evenly spaced windows.
+    sampling="packed": training windows are shuffled, each DDP rank drawing its own share
+    (ResumableShardSampler); validation/test windows tile the split in order, optionally
+    thinned to `data.max_eval_windows` evenly spaced windows.
     sampling="ordered": every split is an OrderedStream (see packing.py); the
     evaluation cap becomes max_eval_windows // batch_size batches.
+    The training loader is a ResumableDataLoader, so resuming continues where the data stopped.
+    Every loader draws its worker seeds from its own generator, not the global RNG, so that
+    running validation or not (a resumed run skips the one due at its checkpoint) leaves the
+    training randomness unchanged.
     """
 
     def __init__(self, data_cfg, tokenizer_cfg, context_length: int, batch_size: int, num_workers: int = 0,
@@ -83,12 +125,20 @@ class LongDocDataModule(L.LightningDataModule):
 
     # --- loaders ---
 
+    def _generator(self) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed)
+
     def train_dataloader(self) -> DataLoader:
+        # Read here, not in setup(): under DDP the process group exists once fit has started.
+        rank, world_size = distributed_rank_and_world()
         if self.sampling == "ordered":
-            return self._ordered_loader("train", max_batches=None)
-        return DataLoader(
-            PackedWindows(self.split_tokens("train"), self.context_length), batch_size=self.batch_size, shuffle=True,
-            drop_last=True, generator=torch.Generator().manual_seed(self.seed), num_workers=self.num_workers,
+            stream = self._ordered_stream("train", max_batches=None, rank=rank, world_size=world_size)
+            # No persistent workers: each iteration must hand the workers the current start_batch.
+            return ResumableDataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=self._generator())
+        windows = PackedWindows(self.split_tokens("train"), self.context_length)
+        return ResumableDataLoader(
+            windows, batch_size=self.batch_size, sampler=ResumableShardSampler(windows, world_size, rank, self.seed),
+            drop_last=True, generator=self._generator(), num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
@@ -101,13 +151,17 @@ class LongDocDataModule(L.LightningDataModule):
     def _eval_loader(self, split: str) -> DataLoader:
         max_windows = self.data_cfg.get("max_eval_windows")
         if self.sampling == "ordered":
-            return self._ordered_loader(split, max_batches=max(1, max_windows // self.batch_size) if max_windows else None)
+            rank, world_size = distributed_rank_and_world()
+            max_batches = max(1, max_windows // self.batch_size) if max_windows else None
+            stream = self._ordered_stream(split, max_batches, rank, world_size)
+            return DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=self._generator())
         windows = PackedWindows(self.split_tokens(split), self.context_length, max_windows=max_windows)
-        return DataLoader(windows, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        return DataLoader(windows, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
+                          generator=self._generator())
 
-    def _ordered_loader(self, split: str, max_batches: int | None) -> DataLoader:
-        stream = OrderedStream(self.split_tokens(split), self._split(split).doc_offsets, self.context_length, self.batch_size, max_batches=max_batches)
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+    def _ordered_stream(self, split: str, max_batches: int | None, rank: int, world_size: int) -> OrderedStream:
+        return OrderedStream(self.split_tokens(split), self._split(split).doc_offsets, self.context_length,
+                             self.batch_size, max_batches=max_batches, rank=rank, world_size=world_size)
 
     # --- what evaluation and the train loop read ---
 

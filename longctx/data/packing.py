@@ -1,9 +1,9 @@
 """Two ways to cut a flat token stream (documents joined by EOS) into training examples.
 
 PackedWindows: map-style; window i is tokens[i*N : i*N + N + 1], so windows tile
-the stream without overlapping targets. Being map-style, Lightning's
-DistributedSampler hands each DDP rank different windows and DataLoader
-workers split the indices.
+the stream without overlapping targets. Training draws them through a
+ResumableShardSampler: each DDP rank gets different windows, each epoch its own
+seeded order, and a resumed run can start the epoch part-way through.
 
 OrderedStream: iterable; the stream is cut into `batch_size * world_size`
 contiguous rows, each rank owns `batch_size` of them, and batch t holds the
@@ -13,12 +13,13 @@ rather than map-style precisely so Lightning does not insert a
 DistributedSampler that would deal whole batches to different ranks. Use it
 with `DataLoader(batch_size=None)`; with K workers, worker k yields batches
 k, k+K, ..., which the DataLoader's in-order round robin reassembles as 0, 1, 2, ...
+Setting `start_batch` makes the next iteration begin at that batch (exact resume).
 """
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import Dataset, IterableDataset, get_worker_info
+from torch.utils.data import Dataset, DistributedSampler, IterableDataset, get_worker_info
 
 
 def _as_long(array: np.ndarray) -> torch.Tensor:
@@ -46,6 +47,23 @@ class PackedWindows(Dataset):
         return {"input_ids": window[:-1], "targets": window[1:]}
 
 
+class ResumableShardSampler(DistributedSampler):
+    """This rank's share of a seeded per-epoch shuffle, optionally starting part-way through.
+
+    The order is a function of (seed, epoch) only, like DistributedSampler's, so a resumed run
+    redraws exactly the epoch it stopped in. Being a DistributedSampler, Lightning keeps it
+    instead of injecting its own under DDP. drop_last drops the at most world_size - 1 windows
+    that do not divide among the ranks, rather than repeating some.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.start_index = 0  # where the next iteration begins in this rank's share
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start_index:])
+
+
 def distributed_rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
@@ -67,6 +85,7 @@ class OrderedStream(IterableDataset):
         self.batch_size = batch_size
         self.max_batches = max_batches
         self.rank, self.world_size = rank, world_size
+        self.start_batch = 0  # where the next iteration begins
 
     def _rank_and_world(self) -> tuple[int, int]:
         # Read at iteration time: the process group exists by then even if it did not at construction.
@@ -90,7 +109,7 @@ class OrderedStream(IterableDataset):
         row_starts = (rank * self.batch_size + np.arange(self.batch_size)) * row_length
         worker = get_worker_info()
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
-        for step in range(worker_id, len(self), num_workers):
+        for step in range(self.start_batch + worker_id, len(self), num_workers):
             begins = row_starts + step * n
             rows = np.stack([self.tokens[b: b + n + 1] for b in begins])
             reset = np.isin(begins, self.doc_starts) | (step == 0)

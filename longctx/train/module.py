@@ -17,7 +17,8 @@ class LanguageModelTask(pl.LightningModule):
 
     The whole composed config is saved as hyper-parameters, so a checkpoint alone rebuilds the
     model (eval.py, resume). Backends that declare `ordered_stream` train on ordered streams
-    and carry their streaming state (detached) from one batch to the next.
+    and carry their streaming state (detached) from one batch to the next; the
+    StreamStateCheckpoint callback saves it with the checkpoints and restores it on resume.
     """
 
     def __init__(self, cfg: Mapping[str, Any], vocab_size: int):
@@ -44,7 +45,9 @@ class LanguageModelTask(pl.LightningModule):
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
         if self.ordered_stream:
-            state = self.stream_state or self.model.init_state(batch["input_ids"].shape[0])
+            state = self.stream_state
+            if state is None:
+                state = self.model.init_state(batch["input_ids"].shape[0])
             if "reset" in batch:
                 state = reset_rows(state, self.model.init_state(batch["input_ids"].shape[0]), batch["reset"])
             logits, state = self.model.step(batch["input_ids"], state)
@@ -52,7 +55,8 @@ class LanguageModelTask(pl.LightningModule):
         else:
             logits = self.model(batch["input_ids"])
         loss = self._loss(logits, batch["targets"])
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        # Averaged over DDP ranks (equal batches), so the logged value is the global batch's loss.
+        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -90,11 +94,3 @@ class LanguageModelTask(pl.LightningModule):
             else torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers, milestones=[warmup])
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Recurrent/memory state is part of the training position: resume must continue it.
-        if self.stream_state is not None:
-            checkpoint["stream_state"] = self.stream_state
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.stream_state = checkpoint.get("stream_state")

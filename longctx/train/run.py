@@ -1,4 +1,4 @@
-"""`train(cfg)`: validate, prepare data, fit with Lightning, evaluate. train.py is a thin Hydra wrapper."""
+"""`train(cfg)`: validate, build the trainer, prepare data, fit with Lightning, evaluate. train.py is a thin Hydra wrapper."""
 from __future__ import annotations
 
 import logging
@@ -8,24 +8,68 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig
 
-from longctx.attention import build_backend
+from longctx.attention import Backend, build_backend
 from longctx.data import LongDocDataModule
+from longctx.errors import ConfigError
 from longctx.eval.run import evaluate_model
-from longctx.model import model_dims
+from longctx.model import build_model, model_dims
+from longctx.train.callbacks import NonFiniteLossGuard, RandomStateCheckpoint, StreamStateCheckpoint
+from longctx.train.checkpoint_io import AtomicCheckpointIO
 from longctx.train.module import LanguageModelTask
 
 log = logging.getLogger(__name__)
 
+SAMPLING_CHOICES = ("auto", "packed", "ordered")
+# Any vocabulary size builds the same layers; the real one is known only once the data is ready.
+_PLACEHOLDER_VOCAB = 2
 
-def validate_config(cfg: DictConfig):
+
+def validate_config(cfg: DictConfig) -> Backend:
     """Every config error a run can detect without data: raised before any data preparation."""
-    dims = model_dims(cfg)
-    backend = build_backend(cfg.attention, dims)
+    backend = build_backend(cfg.attention, model_dims(cfg))
     backend.check_sequence_length(cfg.context_length)
+    training_sampling(cfg, backend)
+    checkpoint_interval(cfg)
+    # The whole model on the meta device: every layer's own checks run, no memory is used.
+    with torch.device("meta"):
+        build_model(cfg, _PLACEHOLDER_VOCAB)
     return backend
+
+
+def training_sampling(cfg: DictConfig, backend: Backend) -> str:
+    """`packed` or `ordered` from cfg.sampling; `auto` follows the backend."""
+    sampling = cfg.get("sampling", "auto")
+    if sampling not in SAMPLING_CHOICES:
+        raise ConfigError(f"sampling={sampling!r} is not valid; choose one of {list(SAMPLING_CHOICES)}")
+    if backend.ordered_stream and sampling == "packed":
+        raise ConfigError(
+            f"attention={cfg.attention.name} carries memory from one batch to the next, which needs ordered "
+            "streams (each batch continuing the previous one); packed windows are shuffled. Set "
+            "sampling=auto or sampling=ordered"
+        )
+    if sampling == "auto":
+        return "ordered" if backend.ordered_stream else "packed"
+    return sampling
+
+
+def checkpoint_interval(cfg: DictConfig) -> int:
+    """Optimizer steps between checkpoints: cfg.checkpoint_every_n_steps, else trainer.val_check_interval."""
+    every = cfg.get("checkpoint_every_n_steps")
+    if every is None:
+        every = cfg.trainer.get("val_check_interval")
+        if not isinstance(every, int) or isinstance(every, bool):
+            raise ConfigError(
+                f"trainer.val_check_interval={every!r} is not a number of steps, so it cannot set the "
+                "checkpoint interval; set checkpoint_every_n_steps=<steps>"
+            )
+    if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+        raise ConfigError(f"checkpoint_every_n_steps must be a positive number of steps, got {every!r}")
+    return every
 
 
 def build_datamodule(cfg: DictConfig, ordered_stream: bool) -> LongDocDataModule:
@@ -40,50 +84,80 @@ def build_datamodule(cfg: DictConfig, ordered_stream: bool) -> LongDocDataModule
     )
 
 
-def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """`last` means this run directory's checkpoints/last.ckpt (resume with hydra.run.dir=<that run>)."""
-    if ckpt_path != "last":
-        return ckpt_path
-    last = output_dir / "checkpoints" / "last.ckpt"
-    if not last.exists():
-        raise FileNotFoundError(
-            f"ckpt_path=last but {last} does not exist; resume by pointing hydra.run.dir at the run to continue"
-        )
-    return str(last)
-
-
-def train(cfg: DictConfig) -> dict:
-    os.environ.setdefault("WANDB_MODE", "offline")
-    backend = validate_config(cfg)
-    pl.seed_everything(cfg.seed, workers=True)
-    output_dir = Path(cfg.paths.output_dir)
-
-    datamodule = build_datamodule(cfg, backend.ordered_stream)
-    datamodule.prepare_data()
-    datamodule.setup("fit")
-    task = LanguageModelTask(cfg, datamodule.vocab_size)
-    tokens_per_batch = cfg.batch_size * cfg.context_length
-    task.flops_per_batch = training_flops_per_batch(task, cfg.context_length, tokens_per_batch)
-
-    checkpoint = ModelCheckpoint(
+def build_callbacks(cfg: DictConfig, output_dir: Path) -> tuple[list[Callback], ModelCheckpoint]:
+    """The run's callbacks, and the one that writes checkpoints/last.ckpt."""
+    every = checkpoint_interval(cfg)
+    last = ModelCheckpoint(
         dirpath=output_dir / "checkpoints",
         filename="step{step:06d}",
         auto_insert_metric_name=False,
+        every_n_train_steps=every,
+        save_top_k=0,
         save_last=True,
-        save_top_k=1,
+    )
+    # Saved when validation ends, so that it ranks the validation loss just measured.
+    best = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        filename="best-step{step:06d}",
+        auto_insert_metric_name=False,
         monitor="val/loss",
-        every_n_train_steps=cfg.trainer.get("val_check_interval") or None,
+        save_top_k=1,
     )
     callbacks = [
-        checkpoint,
+        last,
+        best,
+        NonFiniteLossGuard(last),
+        RandomStateCheckpoint(),
+        StreamStateCheckpoint(every),
         LearningRateMonitor(logging_interval="step"),
         ThroughputMonitor(
             batch_size_fn=lambda batch: batch["input_ids"].shape[0],
             length_fn=lambda batch: batch["input_ids"].numel(),
         ),
     ]
+    return callbacks, last
+
+
+def build_trainer(cfg: DictConfig, callbacks: list[Callback], logger) -> pl.Trainer:
+    """cfg.trainer instantiated; checkpoints are written atomically unless it brings its own CheckpointIO."""
+    plugins = list(instantiate(cfg.trainer.get("plugins")) or [])
+    if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
+        plugins.append(AtomicCheckpointIO())
+    return instantiate(cfg.trainer, callbacks=callbacks, logger=logger, plugins=plugins)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
+    """`last` is the newest of this run directory's checkpoints/last.ckpt and SLURM's hpc_ckpt_*.ckpt.
+
+    With none there yet the run starts from scratch, so one command line serves the first
+    start and every restart after a preemption (resume with hydra.run.dir=<that run>).
+    """
+    if ckpt_path != "last":
+        return ckpt_path
+    candidates = [output_dir / "checkpoints" / "last.ckpt", *output_dir.glob("hpc_ckpt_*.ckpt")]
+    existing = [path for path in candidates if path.exists()]
+    if not existing:
+        log.warning("ckpt_path=last: no checkpoint in %s yet, starting from scratch", output_dir)
+        return None
+    return str(max(existing, key=lambda path: path.stat().st_mtime))
+
+
+def train(cfg: DictConfig) -> dict:
+    os.environ.setdefault("WANDB_MODE", "offline")
+    backend = validate_config(cfg)
+    output_dir = Path(cfg.paths.output_dir)
+    callbacks, last_checkpoint = build_callbacks(cfg, output_dir)
     logger = instantiate(cfg.logger) if cfg.get("logger") else False
-    trainer: pl.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    # Before the data: a wrong trainer setting fails in seconds, not after tokenising a corpus.
+    trainer = build_trainer(cfg, callbacks, logger)
+
+    pl.seed_everything(cfg.seed, workers=True)
+    datamodule = build_datamodule(cfg, training_sampling(cfg, backend) == "ordered")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    task = LanguageModelTask(cfg, datamodule.vocab_size)
+    tokens_per_batch = cfg.batch_size * cfg.context_length
+    task.flops_per_batch = training_flops_per_batch(task, cfg.context_length, tokens_per_batch)
     if logger:
         logger.log_hyperparams({"model/params": task.model.num_parameters(), "data/vocab_size": datamodule.vocab_size})
 
@@ -93,7 +167,15 @@ def train(cfg: DictConfig) -> dict:
     log.info("final metrics: %s", metrics)
 
     if cfg.eval_after_fit and trainer.is_global_zero:
-        evaluate_model(task.model.float(), datamodule, cfg, output_dir, checkpoint=checkpoint.last_model_path)
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # The model's weights are sharded over the ranks: rank 0 alone cannot run it.
+            log.warning(
+                "eval_after_fit skipped under FSDP; consolidate the sharded checkpoint with `python -m "
+                "lightning.pytorch.utilities.consolidate_checkpoint %s` and run eval.py on the result",
+                last_checkpoint.last_model_path,
+            )
+        else:
+            evaluate_model(task.model.float(), datamodule, cfg, output_dir, checkpoint=last_checkpoint.last_model_path)
     return metrics
 
 
