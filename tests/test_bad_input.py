@@ -78,8 +78,9 @@ def backends_with_option(option: str) -> list:
     )
 
 
-# The sliding-window softmax patterns (ATTENTION_SPEC.md); AFT's `window` is a bias band, not a key limit.
-WINDOWED_SOFTMAX = ("sliding_window", "dilated", "longformer")
+# Block-sparse patterns whose block or stride must fit in the context (ATTENTION_SPEC.md); sliding
+# windows may exceed it (the default window 512 exceeds the default context 256): it is full attention.
+BLOCKED_PATTERNS = {"local": "block_size", "blockwise": "block_size", "sparse_strided": "stride", "sparse_fixed": "stride"}
 
 
 def assert_config_error_before_data(tmp_path: Path, overrides: list[str], match: str) -> None:
@@ -115,9 +116,11 @@ def test_memory_backend_refuses_packed_data(tmp_path):
     assert_config_error_before_data(tmp_path, ["attention=transformer_xl", "sampling=packed"], r"needs ordered\s+streams.*sampling=auto")
 
 
-@pytest.mark.parametrize("backend", registered(WINDOWED_SOFTMAX, f"among {WINDOWED_SOFTMAX}"))
-def test_window_larger_than_the_context_is_refused(tmp_path, backend):
-    assert_config_error_before_data(tmp_path, [f"attention.name={backend}", "+attention.window=64", "context_length=32"], "window")
+@pytest.mark.parametrize("backend", registered(BLOCKED_PATTERNS, f"among {list(BLOCKED_PATTERNS)}"))
+def test_block_longer_than_the_context_is_refused(tmp_path, backend):
+    key = BLOCKED_PATTERNS[backend]
+    assert_config_error_before_data(tmp_path, [f"attention={backend}", f"attention.{key}=64", "context_length=32"],
+                                    rf"{key}=64 is longer than context_length=32")
 
 
 @pytest.mark.parametrize("backend", backends_with_option("max_len"))

@@ -223,3 +223,19 @@ def test_continuation_scores_are_log_likelihoods():
     scores = scorer.continuation_logprobs(context, [true, other, [40]], batch_size=2)
     assert scores[0] == pytest.approx(3 * (10 - np.log(np.exp(10) + VOCAB - 1)), abs=1e-4)  # float32 log-softmax
     assert scores[1] < scores[0] and scores[2] == pytest.approx(scores[0] / 3, abs=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_evaluation_matches_the_cpu_and_records_peak_memory(full_model):
+    from longctx.eval.perplexity import score_windows
+
+    tokens = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(7))
+    count = byte_counter(ByteTokenizer())
+    cpu_row, _, _ = score_windows(Scorer(full_model), tokens, 32, 16, 10**6, 4, count)
+    cuda_model = build_model(model_config("full"), VOCAB).eval()
+    cuda_model.load_state_dict(full_model.state_dict())
+    cuda_row, _, _ = score_windows(Scorer(cuda_model.cuda()), tokens, 32, 16, 10**6, 4, count)
+    bf16_row, _, _ = score_windows(Scorer(cuda_model, autocast="bf16"), tokens, 32, 16, 10**6, 4, count)
+    assert cuda_row.loss == pytest.approx(cpu_row.loss, rel=1e-4)
+    assert bf16_row.loss == pytest.approx(cpu_row.loss, rel=2e-2)  # bf16 logits: ~3 significant digits
+    assert cuda_row.peak_memory_mib > 0 and cpu_row.peak_memory_mib is None

@@ -68,6 +68,8 @@ def sweep(tmp_path) -> Path:
     make_run(root / "1_sliding_window", fake_results("sliding_window", window=64), tokens=60_000, seconds=20.0)
     make_run(root / "2_full", fake_results("full", data="bundled"))
     (root / "3_rwkv" / ".hydra").mkdir(parents=True)  # a job that failed before writing results
+    OmegaConf.save({"hydra": {"overrides": {"task": ["experiment=compare_cpu", "++attention={name:full}"]}}},
+                   root / "multirun.yaml")
     old = time.time() - 3600
     os.utime(root / "0_full" / ".hydra" / "config.yaml", (old, old))
     return root
@@ -98,6 +100,7 @@ def test_report_overlays_runs_per_corpus_with_their_costs(sweep, tmp_path):
     assert "| full | 0.12M | 6.08 |" in synthetic  # exp(0.8 * (2 + 0.256))
     assert "| sliding_window | 0.12M | 9.54 |" in synthetic
     assert "`3_rwkv`" in text and "wall time from the first run's start to the last evaluation" in text
+    assert "produced by: `python train.py -m experiment=compare_cpu '++attention={name:full}'`" in text
     assert "| full | 1.00 (4/4 in context) | 0.25 (0/4 in context) |" in synthetic
     with open(out / "report.csv") as handle:
         rows = {(r["mechanism"], r["data"]): r for r in csv.DictReader(handle)}
@@ -146,7 +149,8 @@ def test_report_mode_through_eval_py(sweep, tmp_path):
                          f"report.runs=[{sweep / '0_full'},{sweep / '1_sliding_window'}]", config_name="eval")
     HydraConfig.instance().set_config(cfg)
     report = run_eval(cfg)
-    assert len(report["runs"]) == 2 and (out / "report.md").is_file()
+    assert len(report["runs"]) == 2
+    assert "- report: `python eval.py paths.root_dir=" in (out / "report.md").read_text()
 
 
 def sweep_values(cfg, key: str) -> list:

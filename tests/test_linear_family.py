@@ -111,7 +111,7 @@ def table_bias(table, offset=0):
 def test_linear_chunked_and_recurrent_equal_the_loop(feature, segments, monkeypatch):
     if segments == "many":  # one chunk per kernel call: the state is carried between calls
         monkeypatch.setattr(linear, "SEGMENT_ELEMENTS", 1)
-    phi = linear.FEATURE_MAPS[feature]
+    phi = linear.FEATURE_MAPS[feature][0]
     b, h, n, d = 2, 3, 45, 5
     q, k, v = (_randn(b, h, n, d, seed=i) for i in range(3))
     s0 = _randn(b, h, d, d + 1, seed=3).detach().abs().requires_grad_()  # (S | z) of earlier keys
@@ -119,8 +119,8 @@ def test_linear_chunked_and_recurrent_equal_the_loop(feature, segments, monkeypa
     state_ref = torch.cat((s_ref, z_ref[..., None]), -1)
     inputs = (q, k, v, s0)
     grads_ref = _grads((ref, state_ref), inputs)
-    forms = {f"chunk {c}": (lambda c=c: chunked_linear_attention(phi(q), phi(k), v, s0, c)) for c in CHUNKS}
-    forms["recurrent"] = lambda: recurrent_linear_attention(phi(q), phi(k), v, s0)
+    forms = {f"chunk {c}": (lambda c=c: chunked_linear_attention(q, k, v, s0, c, feature)) for c in CHUNKS}
+    forms["recurrent"] = lambda: recurrent_linear_attention(q, k, v, s0, feature)
     for name, form in forms.items():
         out, state = form()
         torch.testing.assert_close(out, ref, **FP64, msg=name)
@@ -242,9 +242,8 @@ def _kernels(n, d, key_scale, decay, device="cpu"):
     empty = empty_wkv_state((1, 2, d), q)
     s0 = torch.zeros(1, 2, d, d + 1, device=device)
     table = _randn(2, n, n, scale=3.0, dtype=torch.float32, seed=6, grad=False).to(device)
-    phi = linear.elu_feature
     return {
-        "linear": lambda k, v: chunked_linear_attention(phi(q), phi(k), v, s0, 16)[0],
+        "linear": lambda k, v: chunked_linear_attention(q, k, v, s0, 16)[0],
         "wkv": lambda k, v: wkv_chunked(k, v, w, u, empty, 16)[0],
         "wkv recurrent": lambda k, v: wkv_recurrent(k, v, w, u, empty)[0],
         "aft_simple": lambda k, v: wkv_chunked(k, v, 0 * w, 0 * u, empty, 16)[0],

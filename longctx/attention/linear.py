@@ -28,7 +28,7 @@ from longctx.errors import ConfigError
 
 # fast-transformers' value: keeps a zero denominator (possible with relu features) finite.
 EPS = 1e-6
-# Positions per call of the chunk kernel are capped so that no tensor passes ~8 MB: glibc serves
+# Positions per kernel segment are capped so that no intermediate passes ~8 MB: glibc serves
 # larger blocks with fresh mmaps that are page-faulted again on every call (1.5x slower at N=16K).
 SEGMENT_ELEMENTS = 1 << 21
 
@@ -37,7 +37,11 @@ def elu_feature(x: Tensor) -> Tensor:
     return F.elu(x) + 1
 
 
-FEATURE_MAPS = {"elu": elu_feature, "relu": F.relu}
+# name -> (phi, phi' expressed through phi(x), so backward needs only the saved features).
+FEATURE_MAPS = {
+    "elu": (elu_feature, lambda phi: phi.clamp(max=1.0)),  # x + 1 for x > 0, e^x = phi otherwise
+    "relu": (F.relu, lambda phi: (phi > 0).to(phi.dtype)),
+}
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,82 +49,117 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-class _ChunkedLinearAttention(torch.autograd.Function):
-    """[num | den] = chunked causal linear attention of features q, k [G, N, Dk] over v' = [v | 1].
+def _upper(chunk: int, device) -> Tensor:
+    return torch.ones(chunk, chunk, dtype=torch.bool, device=device).triu_(1)
 
-    Returns (num / (den + eps) [G, N, Dv], final state [G, Dk, Dv + 1]) from state `s0`.
+
+def _segment_forward(q: Tensor, k: Tensor, v: Tensor, s0: Tensor, chunk: int):
+    """One segment: features q, k [G, n, Dk], values v [G, n, Dv], state (S | z) [G, Dk, Dv + 1].
+
+    Returns the output, the state after the segment, and what its backward needs.
+    """
+    g, n, dk = q.shape
+    dv = v.shape[-1]
+    e = dv + 1
+    nc = -(-n // chunk)
+    pad = nc * chunk - n
+    # Zero-padded tail: zero key features add nothing to the state, padded rows are dropped.
+    v1 = q.new_zeros(g, n + pad, e)
+    v1[:, :n, :dv] = v
+    v1[:, :n, dv] = 1
+    # Contiguous (and padded) features: backward re-reads them as chunk views.
+    q, k = (F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous() for t in (q, k))
+    qc, kc, vc = (t.view(g * nc, chunk, t.shape[-1]) for t in (q, k, v1))
+    kv = torch.bmm(kc.transpose(1, 2), vc).view(g, nc, dk, e)
+    # Exclusive prefix over chunks, built without subtracting: chunk c's state never sees
+    # chunk c itself, so future positions cannot perturb past outputs even by rounding.
+    s_excl = torch.empty_like(kv)
+    s_excl[:, 0] = s0
+    torch.cumsum(kv[:, :-1], 1, out=s_excl[:, 1:])
+    s_excl[:, 1:] += s0[:, None]
+    s_final = s_excl[:, -1] + kv[:, -1]
+    scores = torch.bmm(qc, kc.transpose(1, 2)).masked_fill_(_upper(chunk, q.device), 0)
+    o = torch.bmm(scores, vc).baddbmm_(qc, s_excl.view(g * nc, dk, e)).view(g, n + pad, e)
+    den = o[:, :n, dv:] + EPS
+    out = o[:, :n, :dv] / den
+    return out, s_final, (q, k, v1, s_excl, scores, out, den)
+
+
+def _segment_backward(saved, d_out: Tensor, d_state: Tensor, chunk: int):
+    """Gradients of one segment's features, values and entering state, given those of its
+    output and of the state it hands on."""
+    q, k, v1, s_excl, scores, out, den = saved
+    g, n_pad, dk = q.shape
+    n = out.shape[1]
+    e = v1.shape[-1]
+    dv = e - 1
+    nc = n_pad // chunk
+    # Gradient of [num | den] from out = num / den.
+    d_o = q.new_zeros(g, n_pad, e)
+    torch.div(d_out, den, out=d_o[:, :n, :dv])
+    d_o[:, :n, dv] = -(d_o[:, :n, :dv] * out).sum(-1)
+    qc, kc, vc, doc = (t.view(g * nc, chunk, t.shape[-1]) for t in (q, k, v1, d_o))
+    # r[c] = dL/d(state after chunk c) = d_state + sum_{c' > c} Q_c'^T dO_c'.
+    q_do = torch.bmm(qc.transpose(1, 2), doc).view(g, nc, dk, e)
+    r = torch.empty_like(q_do)
+    r[:, -1] = d_state
+    torch.cumsum(q_do[:, 1:].flip(1), 1, out=r[:, :-1])
+    r[:, :-1] = r[:, :-1].flip(1) + d_state[:, None]
+    d_s0 = r[:, 0] + q_do[:, 0]
+    r = r.view(g * nc, dk, e)
+    d_scores = torch.bmm(doc, vc.transpose(1, 2)).masked_fill_(_upper(chunk, q.device), 0)
+    dq = torch.bmm(d_scores, kc).baddbmm_(doc, s_excl.view(g * nc, dk, e).transpose(1, 2))
+    dk_ = torch.bmm(d_scores.transpose(1, 2), qc).baddbmm_(vc, r.transpose(1, 2))
+    dv_ = torch.bmm(scores.transpose(1, 2), doc).baddbmm_(kc, r)
+    grads = (dq.view(g, n_pad, dk)[:, :n], dk_.view(g, n_pad, dk)[:, :n], dv_.view(g, n_pad, e)[:, :n, :dv])
+    return grads, d_s0
+
+
+class _ChunkedLinearAttention(torch.autograd.Function):
+    """out = phi(q)^T S / (phi(q)^T z + eps) for q, k [G, N, Dk], v [G, N, Dv] from state s0.
+
+    The sequence runs in segments (the state carried between them); the feature map and the
+    normalisation are part of the kernel, so no full-size intermediate is ever made.
     """
 
     @staticmethod
-    def forward(ctx, q: Tensor, k: Tensor, v: Tensor, s0: Tensor, chunk: int):
-        g, n, dk = q.shape
-        dv = v.shape[-1]
-        e = dv + 1
-        nc = -(-n // chunk)
-        pad = nc * chunk - n
-        # Zero-padded tail: zero key features add nothing to the state, padded rows are dropped.
-        v1 = q.new_zeros(g, n + pad, e)
-        v1[:, :n, :dv] = v
-        v1[:, :n, dv] = 1
-        # Contiguous (and padded) copies are what backward re-reads as chunk views.
-        q, k = (F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous() for t in (q, k))
-        qc, kc, vc = (t.view(g * nc, chunk, t.shape[-1]) for t in (q, k, v1))
-        kv = torch.bmm(kc.transpose(1, 2), vc).view(g, nc, dk, e)
-        # Exclusive prefix over chunks, built without subtracting: chunk c's state never sees
-        # chunk c itself, so future positions cannot perturb past outputs even by rounding.
-        s_excl = torch.empty_like(kv)
-        s_excl[:, 0] = s0
-        torch.cumsum(kv[:, :-1], 1, out=s_excl[:, 1:])
-        s_excl[:, 1:] += s0[:, None]
-        s_final = s_excl[:, -1] + kv[:, -1]
-        upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu_(1)
-        scores = torch.bmm(qc, kc.transpose(1, 2)).masked_fill_(upper, 0)
-        o = torch.bmm(scores, vc).baddbmm_(qc, s_excl.view(g * nc, dk, e)).view(g, n + pad, e)
-        den = o[:, :n, dv:] + EPS
-        out = o[:, :n, :dv] / den
-        ctx.save_for_backward(q, k, v1, s_excl, scores, out, den)
-        ctx.shape = (n, chunk)
-        return out, s_final
+    def forward(ctx, xq, xk, v, s0, chunk: int, feature: str, segment: int):
+        phi = FEATURE_MAPS[feature][0]
+        out = v.new_empty(v.shape)
+        state, saved = s0, []
+        for lo in range(0, xq.shape[1], segment):
+            part = slice(lo, lo + segment)
+            q, k = phi(xq[:, part]), phi(xk[:, part])
+            out[:, part], state, tensors = _segment_forward(q, k, v[:, part], state, chunk)
+            saved.extend(tensors)
+        ctx.save_for_backward(*saved)
+        ctx.config = (chunk, feature, segment)
+        return out, state
 
     @staticmethod
-    def backward(ctx, d_out: Tensor, d_state: Tensor):
-        q, k, v1, s_excl, scores, out, den = ctx.saved_tensors
-        n, chunk = ctx.shape
-        g, n_pad, dk = q.shape
-        e = v1.shape[-1]
-        dv = e - 1
-        nc = n_pad // chunk
-        # Gradient of [num | den] from out = num / den.
-        d_o = q.new_zeros(g, n_pad, e)
-        torch.div(d_out, den, out=d_o[:, :n, :dv])
-        d_o[:, :n, dv] = -(d_o[:, :n, :dv] * out).sum(-1)
-        qc, kc, vc, doc = (t.view(g * nc, chunk, t.shape[-1]) for t in (q, k, v1, d_o))
-        upper = torch.ones(chunk, chunk, dtype=torch.bool, device=q.device).triu_(1)
-        # r[c] = dL/d(inclusive state after chunk c) = d_state + sum_{c' > c} Q_c'^T dO_c'.
-        q_do = torch.bmm(qc.transpose(1, 2), doc).view(g, nc, dk, e)
-        r = torch.empty_like(q_do)
-        r[:, -1] = d_state
-        torch.cumsum(q_do[:, 1:].flip(1), 1, out=r[:, :-1])
-        r[:, :-1] = r[:, :-1].flip(1) + d_state[:, None]
-        d_s0 = r[:, 0] + q_do[:, 0]
-        r = r.view(g * nc, dk, e)
-        d_scores = torch.bmm(doc, vc.transpose(1, 2)).masked_fill_(upper, 0)
-        dq = torch.bmm(d_scores, kc).baddbmm_(doc, s_excl.view(g * nc, dk, e).transpose(1, 2))
-        dk_ = torch.bmm(d_scores.transpose(1, 2), qc).baddbmm_(vc, r.transpose(1, 2))
-        dv_ = torch.bmm(scores.transpose(1, 2), doc).baddbmm_(kc, r)
-        return (
-            dq.view(g, n_pad, dk)[:, :n],
-            dk_.view(g, n_pad, dk)[:, :n],
-            dv_.view(g, n_pad, e)[:, :n, :dv],
-            d_s0,
-            None,
-        )
+    def backward(ctx, d_out, d_state):
+        chunk, feature, segment = ctx.config
+        slope = FEATURE_MAPS[feature][1]
+        saved = ctx.saved_tensors
+        n_segments = len(saved) // 7
+        n = sum(saved[7 * i + 5].shape[1] for i in range(n_segments))  # the outputs' lengths
+        g, dk = saved[0].shape[0], saved[0].shape[2]
+        dxq, dxk = d_out.new_empty(g, n, dk), d_out.new_empty(g, n, dk)
+        dv = d_out.new_empty(d_out.shape)
+        for i in reversed(range(n_segments)):
+            part = slice(i * segment, (i + 1) * segment)
+            tensors = saved[7 * i : 7 * i + 7]
+            (dq, dk_, dv[:, part]), d_state = _segment_backward(tensors, d_out[:, part], d_state, chunk)
+            m = dq.shape[1]
+            torch.mul(dq, slope(tensors[0][:, :m]), out=dxq[:, part])
+            torch.mul(dk_, slope(tensors[1][:, :m]), out=dxk[:, part])
+        return dxq, dxk, dv, d_state, None, None, None
 
 
 def chunked_linear_attention(
-    q: Tensor, k: Tensor, v: Tensor, state: Tensor, chunk: int
+    q: Tensor, k: Tensor, v: Tensor, state: Tensor, chunk: int, feature: str = "elu"
 ) -> tuple[Tensor, Tensor]:
-    """Normalised causal linear attention of feature-mapped q, k [..., N, Dk] and v [..., N, Dv].
+    """Normalised causal linear attention of q, k [..., N, Dk] (before the feature map) and v.
 
     `state` [..., Dk, Dv + 1] holds (S | z) from earlier positions. Returns (out, new state);
     out has the dtype of v, the state is kept in fp32 (fp64 for fp64 inputs).
@@ -129,26 +168,24 @@ def chunked_linear_attention(
     dtype = compute_dtype(v.dtype)
     with torch.autocast(q.device.type, enabled=False):
         flat = [t.to(dtype).reshape(-1, n, t.shape[-1]) for t in (q, k, v)]
-        s = state.to(dtype).reshape(-1, dk, dv + 1)
+        s0 = state.to(dtype).reshape(-1, dk, dv + 1)
         per_position = flat[0].shape[0] * max(dk, dv + 1, chunk)
         segment = max(1, SEGMENT_ELEMENTS // per_position // chunk) * chunk
-        outputs = []
-        for pieces in zip(*(t.split(segment, 1) for t in flat)):  # split: no full-size gradients
-            out, s = _ChunkedLinearAttention.apply(*pieces, s, chunk)
-            outputs.append(out)
-        out = torch.cat(outputs, 1) if len(outputs) > 1 else outputs[0]
+        out, s = _ChunkedLinearAttention.apply(*flat, s0, chunk, feature, segment)
     return out.view(*lead, n, dv).to(v.dtype), s.view(*lead, dk, dv + 1)
 
 
-def recurrent_linear_attention(q: Tensor, k: Tensor, v: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+def recurrent_linear_attention(
+    q: Tensor, k: Tensor, v: Tensor, state: Tensor, feature: str = "elu"
+) -> tuple[Tensor, Tensor]:
     """The same attention one position at a time: S' += phi(k_t) [v_t | 1]^T, o_t = phi(q_t)^T S'."""
+    phi = FEATURE_MAPS[feature][0]
     dtype = compute_dtype(v.dtype)
     s = state.to(dtype)
     outputs = []
-    for t in range(q.shape[-2]):
-        v1 = F.pad(v[..., t, :].to(dtype), (0, 1), value=1.0)
-        s = s + k[..., t, :, None].to(dtype) * v1[..., None, :]
-        o = (q[..., t, :, None].to(dtype) * s).sum(-2)
+    for qt, kt, vt in zip(*(t.to(dtype).unbind(-2) for t in (q, k, v))):
+        s = s + phi(kt)[..., :, None] * F.pad(vt, (0, 1), value=1.0)[..., None, :]
+        o = (phi(qt)[..., :, None] * s).sum(-2)
         outputs.append(o[..., :-1] / (o[..., -1:] + EPS))
     return torch.stack(outputs, -2).to(v.dtype), s
 
@@ -158,7 +195,7 @@ class LinearAttention(Mixer):
         super().__init__()
         self.n_head = dims.n_head
         self.head_dim = dims.head_dim
-        self.feature = FEATURE_MAPS[feature_map]
+        self.feature = feature_map
         self.chunk_size = chunk_size
         self.qkv = nn.Linear(dims.d_model, 3 * dims.d_model, bias=dims.bias)
         self.out = nn.Linear(dims.d_model, dims.d_model, bias=dims.bias)
@@ -174,7 +211,7 @@ class LinearAttention(Mixer):
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         state = q.new_zeros(*q.shape[:-2], self.head_dim, self.head_dim + 1)
-        return chunked_linear_attention(self.feature(q), self.feature(k), v, state, self.chunk_size)[0]
+        return chunked_linear_attention(q, k, v, state, self.chunk_size, self.feature)[0]
 
     def _merge(self, o: Tensor) -> Tensor:
         b, _, n, _ = o.shape
@@ -190,11 +227,10 @@ class LinearAttention(Mixer):
 
     def step(self, x: Tensor, state: State, start: int) -> tuple[Tensor, State]:
         q, k, v = self.project(x, start)
-        q, k = self.feature(q), self.feature(k)
         if x.shape[1] == 1:
-            o, state = recurrent_linear_attention(q, k, v, state)
+            o, state = recurrent_linear_attention(q, k, v, state, self.feature)
         else:
-            o, state = chunked_linear_attention(q, k, v, state, self.chunk_size)
+            o, state = chunked_linear_attention(q, k, v, state, self.chunk_size, self.feature)
         return self._merge(o), state
 
 

@@ -47,6 +47,11 @@ class FlashCPU:
     name = "flash_cpu"
 
     @staticmethod
+    def backward_heads(n_groups: int, tiles: int) -> int:
+        """Its backward runs one thread per (batch, head): split a call with few groups into tiles."""
+        return tiles if n_groups < 2 * torch.get_num_threads() else 1
+
+    @staticmethod
     def attend(q, k, v, bias, causal, scale):
         return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, causal, attn_mask=bias, scale=scale
@@ -63,6 +68,10 @@ class Matmul:
     """Plain matmul / softmax with scores in at least fp32 (any device)."""
 
     name = "matmul"
+
+    @staticmethod
+    def backward_heads(n_groups: int, tiles: int) -> int:
+        return 1
 
     @staticmethod
     def _scores(q, k, bias, causal, scale):
@@ -106,17 +115,12 @@ class _Call:
     """One batched call over consecutive groups of a wave that all have `rows` rows."""
 
     first_row: int
-    first_group: int  # position among the wave's groups in call order
     groups: Tensor  # global group ids: g * n_key_blocks + key block, g = batch * heads + head
     rows: int
 
     @property
     def row_slice(self) -> slice:
         return slice(self.first_row, self.first_row + len(self.groups) * self.rows)
-
-    @property
-    def group_slice(self) -> slice:
-        return slice(self.first_group, self.first_group + len(self.groups))
 
 
 class PairLayout:
@@ -149,20 +153,18 @@ class PairLayout:
         row_of_sorted_pair = first_row[sorted_groups] + rank
 
         self.n_rows = int(rows_of_group.sum())
-        self.n_active = len(group_order)
+        self.tile = tile
         # Padding rows read query 0 of the wave; nothing reads their output, and the backward
         # gives them lse = +inf (zero probability) so they add nothing to any gradient.
         self.query_of_row = torch.full((self.n_rows,), g0 * n, dtype=torch.long, device=device)
         self.query_of_row[row_of_sorted_pair] = g0 * n + pair_order // slots
         self.is_padding = torch.ones(self.n_rows, dtype=torch.bool, device=device)
         self.is_padding[row_of_sorted_pair] = False
-        # Empty slots read the extra row n_rows (output 0, lse -inf).
-        self.row_of_pair = torch.full((heads * n * slots,), self.n_rows, dtype=torch.long, device=device)
-        self.row_of_pair[pair_order] = row_of_sorted_pair
-        # Where each group's key/value gradient lands in call order (n_active: none, zero).
-        self.position_of_group = torch.full((n_groups,), self.n_active, dtype=torch.long, device=device)
-        self.position_of_group[group_order] = torch.arange(self.n_active, device=device)
-
+        # row_of_slot[s, query]: the row of the query's s-th selected block; empty slots read the
+        # extra row n_rows (output 0, lse -inf).
+        row_of_pair = torch.full((heads * n * slots,), self.n_rows, dtype=torch.long, device=device)
+        row_of_pair[pair_order] = row_of_sorted_pair
+        self.row_of_slot = row_of_pair.view(heads * n, slots).t().contiguous()
         self.calls: list[_Call] = []
         global_groups = group_order + g0 * n_key_blocks
         tiles_in_order = tiles[group_order].tolist()
@@ -175,7 +177,7 @@ class PairLayout:
             per_call = max(1, max_rows // (count * tile))
             for first in range(start, end, per_call):
                 last = min(end, first + per_call)
-                self.calls.append(_Call(row, first, global_groups[first:last], count * tile))
+                self.calls.append(_Call(row, global_groups[first:last], count * tile))
                 row += (last - first) * count * tile
             start = end
 
@@ -239,17 +241,24 @@ class _Geometry:
 
 
 class _CallOperands:
-    """One call's gathered query rows and key/value blocks: [groups, 1, rows | b, D]."""
+    """One call's gathered query rows and key/value blocks: [groups, heads, rows / heads | b, D].
 
-    def __init__(self, geo: _Geometry, call: _Call, layout: PairLayout, kb: Tensor, vb: Tensor):
-        self.shape = (len(call.groups), 1, call.rows)
+    heads = 1 folds each group's rows into one sequence; heads = its tile count splits them into
+    tiles sharing the group's key block (expanded, no copy) to give the kernel more parallel units.
+    """
+
+    def __init__(self, geo: _Geometry, call: _Call, layout: PairLayout, kb: Tensor, vb: Tensor, heads: int = 1):
+        n_groups = len(call.groups)
+        self.shape = (n_groups, heads, call.rows // heads)
         self.query_index = layout.query_of_row[call.row_slice]
-        self.k = kb.index_select(0, call.groups)[:, None]
-        self.v = vb.index_select(0, call.groups)[:, None]
-        self.bias = geo.pair_bias(self.query_index, call)
+        blocks = (n_groups, heads, geo.block_size, geo.dim)
+        self.k = kb.index_select(0, call.groups)[:, None].expand(blocks)
+        self.v = vb.index_select(0, call.groups)[:, None].expand(blocks)
+        bias = geo.pair_bias(self.query_index, call)
+        self.bias = None if bias is None else bias.view(*self.shape, geo.block_size)
 
     def gather(self, per_query: Tensor) -> Tensor:
-        """Per-query rows [G * n(, D)] -> this call's rows [groups, 1, rows(, D)]."""
+        """Per-query rows [G * n(, D)] -> this call's rows [groups, heads, rows / heads(, D)]."""
         picked = per_query.index_select(0, self.query_index)
         return picked.view(*self.shape, *picked.shape[1:])
 
@@ -292,13 +301,12 @@ class _BlockSparseAttention(torch.autograd.Function):
             row_out, row_lse = _wave_forward(geo, layout, kernel, q_flat, kb_flat, vb_flat)
             # Merge the own block and the selected blocks into one softmax, in slot order.
             queries = slice(g0 * geo.n, g1 * geo.n)
-            n_queries = (g1 - g0) * geo.n
-            pair_out = row_out.index_select(0, layout.row_of_pair).view(n_queries, geo.slots, geo.dim)
-            pair_lse = row_lse.index_select(0, layout.row_of_pair).view(n_queries, geo.slots)
-            lse_parts = torch.cat((own_lse[queries, None], pair_lse), dim=1)
-            lse[queries] = torch.logsumexp(lse_parts, dim=1)
-            weights = torch.exp(lse_parts - lse[queries, None])
-            merged = weights[:, :1] * own_out[queries] + (weights[:, 1:, None] * pair_out).sum(1)
+            lse_parts = torch.cat((own_lse[None, queries], row_lse[layout.row_of_slot]))
+            lse[queries] = torch.logsumexp(lse_parts, dim=0)
+            weights = torch.exp(lse_parts - lse[None, queries])[:, :, None]
+            merged = weights[0] * own_out[queries]
+            for slot, rows in enumerate(layout.row_of_slot, start=1):
+                merged += weights[slot] * row_out.index_select(0, rows)
             out[queries] = merged
 
         ctx.save_for_backward(q_flat, kb, vb, out, lse)
@@ -320,35 +328,30 @@ class _BlockSparseAttention(torch.autograd.Function):
             geo.query_blocks(out), geo.query_blocks(lse, value=float("inf")), geo.own_bias(), True, geo.scale,
         )
         dq = geo.per_query(dq_own).to(acc)
-        if own == 0:
-            dk, dv = dk_own.to(acc), dv_own.to(acc)
-        else:  # streaming: keys before the first query's block get gradient from pairs only
-            dk = torch.zeros(kb.shape, dtype=acc, device=kb.device)
-            dv = torch.zeros_like(dk)
-            dk[:, own:], dv[:, own:] = dk_own, dv_own
+        dk = torch.zeros(kb.shape, dtype=acc, device=kb.device)
+        dv = torch.zeros_like(dk)
+        dk[:, own:], dv[:, own:] = dk_own, dv_own  # earlier keys (streaming) get pair gradients only
 
+        dk_flat, dv_flat = dk.view(-1, geo.block_size, geo.dim), dv.view(-1, geo.block_size, geo.dim)
         for (g0, g1), layout in zip(geo.waves, layouts):
             row_lse = lse.index_select(0, layout.query_of_row).masked_fill(layout.is_padding, float("inf"))
             row_dq = q_flat.new_empty(layout.n_rows + 1, geo.dim, dtype=acc)
-            dk_active = q_flat.new_empty(layout.n_active + 1, geo.block_size, geo.dim, dtype=acc)
-            dv_active = torch.empty_like(dk_active)
-            row_dq[-1], dk_active[-1], dv_active[-1] = 0.0, 0.0, 0.0
+            row_dq[-1] = 0.0
             for call in layout.calls:
-                ops = _CallOperands(geo, call, layout, kb_flat, vb_flat)
+                heads = kernel.backward_heads(len(call.groups), call.rows // layout.tile)
+                ops = _CallOperands(geo, call, layout, kb_flat, vb_flat, heads)
                 dq_call, dk_call, dv_call = kernel.attend_backward(
                     ops.gather(do_flat), ops.gather(q_flat), ops.k, ops.v, ops.gather(out),
                     row_lse[call.row_slice].view(ops.shape), ops.bias, False, geo.scale,
                 )
                 row_dq[call.row_slice].view_as(dq_call).copy_(dq_call)
-                dk_active[call.group_slice].view_as(dk_call).copy_(dk_call)
-                dv_active[call.group_slice].view_as(dv_call).copy_(dv_call)
-            dq_pairs = row_dq.index_select(0, layout.row_of_pair).view((g1 - g0) * geo.n, geo.slots, geo.dim)
-            dq[g0 * geo.n: g1 * geo.n] += dq_pairs.sum(1)
-            dk[g0:g1] += dk_active.index_select(0, layout.position_of_group).view_as(dk[g0:g1])
-            dv[g0:g1] += dv_active.index_select(0, layout.position_of_group).view_as(dv[g0:g1])
+                dk_flat.index_add_(0, call.groups, dk_call.sum(1))
+                dv_flat.index_add_(0, call.groups, dv_call.sum(1))
+            for rows in layout.row_of_slot:
+                dq[g0 * geo.n: g1 * geo.n] += row_dq.index_select(0, rows)
 
         def per_key(x: Tensor) -> Tensor:
-            return x.reshape(geo.batch, geo.heads, -1, geo.dim)[:, :, : geo.n_keys].to(q_flat.dtype)
+            return x.view(geo.batch, geo.heads, -1, geo.dim)[:, :, : geo.n_keys].to(q_flat.dtype)
 
         dq = dq.view(geo.batch, geo.heads, geo.n, geo.dim).to(q_flat.dtype)
         return dq, per_key(dk), per_key(dv), None, None, None, None, None, None, None

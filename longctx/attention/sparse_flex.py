@@ -13,6 +13,8 @@ from torch import Tensor
 
 # FlexAttention's default tile; the layout is computed at this granularity.
 FLEX_BLOCK = 128
+# Compiled variants of flex_attention kept: distinct (layer pattern, length) pairs of a run.
+RECOMPILE_LIMIT = 64
 
 
 @functools.cache
@@ -62,6 +64,13 @@ def _alibi(slopes: Tensor):
 
 def flex_pattern_attention(q: Tensor, k: Tensor, v: Tensor, pattern, slopes: Tensor | None) -> Tensor:
     """Attention of q, k, v [B, H, N, D] on CUDA under `pattern` (a sparse_patterns.LayerPattern)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
     score_mod = None if slopes is None else _alibi(slopes.to(device=q.device, dtype=torch.float32))
     block_mask = _block_mask(pattern, q.shape[-2], q.device)
-    return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    if torch.compiler.is_compiling():  # inside a compiled model, which compiles flex itself
+        return flex_attention(q, k, v, score_mod=score_mod, block_mask=block_mask)
+    # mask_mod closes over the layer's pattern, so each distinct pattern (per-layer windows,
+    # layouts by layer) and length compiles once: allow more than dynamo's default 8.
+    with torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+        return _compiled_flex()(q, k, v, score_mod=score_mod, block_mask=block_mask)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import glob
 import json
 import math
+import shlex
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from omegaconf import OmegaConf
 
 from longctx.eval import plots
 from longctx.eval.costs import load_bench, run_costs
@@ -248,16 +250,32 @@ def sweep_wall_seconds(runs: list[Run]) -> float | None:
     return max(ends) - min(starts) if starts and ends else None
 
 
+def training_commands(runs: list[Run]) -> list[str]:
+    """The command lines that produced the runs, from Hydra's multirun.yaml (or each run's overrides)."""
+    commands = []
+    for run in runs:
+        sweep, single = run.path.parent / "multirun.yaml", run.path / ".hydra" / "overrides.yaml"
+        if sweep.is_file():
+            overrides, prefix = OmegaConf.load(sweep).hydra.overrides.task, "python train.py -m"
+        elif single.is_file():
+            overrides, prefix = OmegaConf.load(single), "python train.py"
+        else:
+            continue
+        commands.append(" ".join([prefix, *(shlex.quote(str(o)) for o in overrides)]))
+    return list(dict.fromkeys(commands))
+
+
 def _provenance(runs: list[Run], missing: list[Path], patterns, command: str | None) -> list[str]:
     versions = sorted({str(r.results.get("code_version")) for r in runs})
     wall = sweep_wall_seconds(runs)
     lines = [f"- runs: {len(runs)} from `{patterns}`" + (f"; {len(missing)} without results: "
                                                            + ", ".join(f"`{m.name}`" for m in missing) if missing else ""),
              f"- code version(s) of the evaluations: {', '.join(f'`{v}`' for v in versions)}"]
+    lines += [f"- produced by: `{c}`" for c in training_commands(runs)]
     if wall is not None:
         lines.append(f"- wall time from the first run's start to the last evaluation: {wall / 60:.1f} min")
     if command:
-        lines.append(f"- report command: `{command}`")
+        lines.append(f"- report: `{command}`")
     return lines
 
 
@@ -283,8 +301,11 @@ def markdown(runs: list[Run], missing: list[Path], figures: dict, patterns, titl
     return "\n".join(lines)
 
 
-def write_report(report_cfg, out_dir: Path) -> dict:
-    """report.md, report.csv and figures for the runs `report_cfg.runs` names, in `report_cfg.output_dir` or out_dir."""
+def write_report(report_cfg, out_dir: Path, command: str | None = None) -> dict:
+    """report.md, report.csv and figures for the runs `report_cfg.runs` names, in `report_cfg.output_dir` or out_dir.
+
+    `command` (how the report was asked for) is recorded next to the runs' own command lines.
+    """
     out_dir = Path(report_cfg.get("output_dir") or out_dir)
     patterns = report_cfg["runs"]
     patterns = patterns if isinstance(patterns, str) else list(patterns)
@@ -298,7 +319,7 @@ def write_report(report_cfg, out_dir: Path) -> dict:
         for run, s in zip(members, summaries):
             records.append([s[c] for c in SUMMARY_COLUMNS] + list(group) + [json.dumps(run.cost.get("sources", {}))])
     text = markdown(runs, missing, figures, patterns, report_cfg.get("title") or "Comparison of attention mechanisms",
-                    report_cfg.get("command"))
+                    command)
     atomic_write_text(out_dir / "report.md", text)
     atomic_write_text(out_dir / "report.csv", csv_text(records))
     _log_report_to_wandb(records, figures)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import time
 from contextlib import contextmanager
@@ -186,13 +187,22 @@ def _start_logger(cfg: DictConfig) -> None:
         instantiate(cfg.logger).experiment  # starts the wandb run so tables and images are logged to it
 
 
+def _command_line(program: str) -> str | None:
+    """The command line of this Hydra job (None outside one)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return " ".join([program, *(shlex.quote(o) for o in HydraConfig.get().overrides.task)])
+
+
 def run_eval(cfg: DictConfig) -> dict:
     """eval.py: `report.runs=...` writes a comparison report; otherwise `ckpt_path=...` is evaluated."""
     if cfg.get("report") and cfg.report.get("runs"):
         from longctx.eval.report import write_report
 
         _start_logger(cfg)
-        return write_report(cfg.report, Path(cfg.paths.output_dir))
+        return write_report(cfg.report, Path(cfg.paths.output_dir), _command_line("python eval.py"))
     if not cfg.get("ckpt_path"):
         raise ConfigError("eval.py needs ckpt_path=<checkpoint> to evaluate one, or report.runs=[<run dirs>] to compare runs")
     return evaluate_checkpoint(cfg)
