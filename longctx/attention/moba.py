@@ -12,14 +12,18 @@ Semantics, per head, with b = block_size (block m covers positions [m*b, (m+1)*b
 - The selection is a discrete top-k: no gradient flows through the gate, only through the attention
   over the selected keys.
 
-Exactness of the gate: block means are summed by a fixed pairwise tree of elementwise additions and
-scores are taken in float64, so `forward` (whole sequence) and `step` (blocks completed chunk by
-chunk, other matmul shapes) select the same blocks: identical means stay identical, ties stay exact
-ties, and near-ties cannot flip the way float32 rounding differences between kernels could.
+Exactness of the gate: scores are q . (sum of the block's keys), which ranks blocks exactly like
+q . mean. Sums are taken by a fixed pairwise tree of elementwise additions (bit-identical whichever
+call computes them) and scores in float64 (each product of fp32 values is exact there), so
+`forward` (whole sequence) and `step` (blocks completed chunk by chunk, other matmul shapes) select
+the same blocks: identical blocks stay exactly tied, and near-ties cannot flip the way fp32
+rounding differences between matmul kernels could. Ties are found exactly and go to the earlier
+block, whatever torch.topk would return.
 
 Training runs on `moba_kernel.block_sparse_attention` (pairs of query and selected block, grouped by
-key block: cost grows with top_k * block_size per query). Streaming keeps the K/V of every past
-position (complete blocks and the raw current block) plus the mean key of each complete block.
+key block: cost grows with top_k * block_size per query, not with N^2). Streaming keeps the K/V of
+every past position (complete blocks and the raw current block) plus the key sum of each complete
+block: the state grows with n.
 """
 from __future__ import annotations
 
@@ -38,12 +42,14 @@ from longctx.errors import ConfigError
 GATE_CHUNK_ENTRIES = 1 << 20
 
 
-def block_means(k: Tensor, block_size: int) -> Tensor:
-    """Mean keys [B, H, n_complete, D] (float64) of the complete blocks of k [B, H, n, D].
+def block_key_sums(k: Tensor, block_size: int) -> Tensor:
+    """Key sums [B, H, n_complete, D] (float64) of the complete blocks of k [B, H, n, D].
 
-    Summed in at least fp32 by a fixed pairwise tree of elementwise additions, so each mean is
-    bit-identical whatever call computes it (a reduction kernel may change its order with the
-    shapes, e.g. one block at a time while streaming versus all blocks in `forward`).
+    The gate ranks blocks by q . (sum of keys) = block_size * (q . mean key): the same order
+    without the rounding of a division. Summed in at least fp32 by a fixed pairwise tree of
+    elementwise additions, so each sum is bit-identical whatever call computes it (a reduction
+    kernel may change its order with the shapes: one block at a time while streaming, all blocks
+    in `forward`).
     """
     batch, heads, n, dim = k.shape
     complete = n // block_size
@@ -55,7 +61,7 @@ def block_means(k: Tensor, block_size: int) -> Tensor:
     while x.shape[3] > 1:
         half = x.shape[3] // 2
         x = x[:, :, :, :half] + x[:, :, :, half:]
-    return x[:, :, :, 0].to(torch.float64) / block_size
+    return x[:, :, :, 0].to(torch.float64)
 
 
 def _earliest_top(scores: Tensor, slots: int) -> Tensor:
@@ -87,13 +93,13 @@ def _top_blocks(scores: Tensor, slots: int) -> Tensor:
     return torch.where(index == cols, -1, index)
 
 
-def select_blocks(q: Tensor, means: Tensor, q_start: int, block_size: int, top_k: int) -> Tensor:
+def select_blocks(q: Tensor, key_sums: Tensor, q_start: int, block_size: int, top_k: int) -> Tensor:
     """Selected blocks [B, H, n, min(top_k, n_complete)] of queries q at positions q_start..q_start+n-1.
 
     Ascending block indices; -1 marks an empty slot (fewer earlier blocks than top_k).
     """
     batch, heads, n, _ = q.shape
-    complete = means.shape[2]
+    complete = key_sums.shape[2]
     slots = min(top_k, complete)
     selected = torch.full((batch, heads, n, slots), -1, dtype=torch.long, device=q.device)
     rows = max(1, GATE_CHUNK_ENTRIES // (batch * heads * max(1, complete)))
@@ -104,7 +110,7 @@ def select_blocks(q: Tensor, means: Tensor, q_start: int, block_size: int, top_k
         cols = min(complete, (q_start + last - 1) // block_size)
         if min(slots, cols) == 0:
             continue
-        scores = q[:, :, first:last].detach().to(torch.float64) @ means[:, :, :cols].transpose(-1, -2)
+        scores = q[:, :, first:last].detach().to(torch.float64) @ key_sums[:, :, :cols].transpose(-1, -2)
         candidate = torch.arange(cols, device=q.device)[None, :] < query_block[:, None]
         scores.masked_fill_(~candidate, float("-inf"))
         selected[:, :, first:last, : min(slots, cols)] = _top_blocks(scores, min(slots, cols))
@@ -118,30 +124,31 @@ class MobaCore(AttentionCore):
         self.top_k = top_k
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None) -> Tensor:
-        selected = select_blocks(q, block_means(k.detach(), self.block_size), 0, self.block_size, self.top_k)
+        key_sums = block_key_sums(k.detach(), self.block_size)
+        selected = select_blocks(q, key_sums, 0, self.block_size, self.top_k)
         return block_sparse_attention(q, k, v, selected, self.block_size, slopes)
 
     def init_cache(self, batch: int, heads: int, head_dim: int, like: Tensor) -> State:
         empty = like.new_zeros(batch, heads, 0, head_dim)
-        means = torch.zeros(batch, heads, 0, head_dim, dtype=torch.float64, device=like.device)
-        return {"k": empty, "v": empty, "means": means}
+        key_sums = torch.zeros(batch, heads, 0, head_dim, dtype=torch.float64, device=like.device)
+        return {"k": empty, "v": empty, "key_sums": key_sums}
 
     def step(self, q, k, v, cache, start, slopes):
         b = self.block_size
         keys = torch.cat((cache["k"], k), dim=2)
         values = torch.cat((cache["v"], v), dim=2)
-        done = cache["means"].shape[2]
-        completed = keys.shape[2] // b
-        means = torch.cat((cache["means"], block_means(keys[:, :, done * b: completed * b], b)), dim=2)
-        # The engine starts at a block boundary: the current block's earlier queries are
-        # zero placeholders with no selection, whose outputs are dropped.
+        done, complete = cache["key_sums"].shape[2], keys.shape[2] // b
+        key_sums = torch.cat((cache["key_sums"], block_key_sums(keys[:, :, done * b: complete * b], b)), dim=2)
+        selected = select_blocks(q, key_sums, start, b, self.top_k)
+        # The engine starts at a block boundary: the current block's earlier positions get zero
+        # placeholder queries with no selected block, whose outputs are dropped.
         q_start = start - start % b
         placeholders = q.new_zeros(*q.shape[:2], start - q_start, q.shape[3])
-        selected = select_blocks(q, means, start, b, self.top_k)
-        selected = torch.cat((selected.new_full((*selected.shape[:2], start - q_start, selected.shape[3]), -1),
-                              selected), dim=2)
-        out = block_sparse_attention(torch.cat((placeholders, q), dim=2), keys, values, selected, b, slopes, q_start)
-        return out[:, :, start - q_start:], {"k": keys, "v": values, "means": means}
+        no_blocks = selected.new_full((*selected.shape[:2], start - q_start, selected.shape[3]), -1)
+        out = block_sparse_attention(
+            torch.cat((placeholders, q), dim=2), keys, values, torch.cat((no_blocks, selected), dim=2), b, slopes, q_start
+        )
+        return out[:, :, start - q_start:], {"k": keys, "v": values, "key_sums": key_sums}
 
 
 @register

@@ -203,10 +203,10 @@ class _Geometry:
         self.waves = [(g0, min(self.groups, g0 + heads_per_wave)) for g0 in range(0, self.groups, heads_per_wave)]
 
     def key_blocks(self, x: Tensor) -> Tensor:
-        """[B, H, Nk, D] -> [G, n_key_blocks, b, D] (zero padded; a view when nothing is padded)."""
+        """[B, H, Nk, D] -> contiguous [G, n_key_blocks, b, D] (zero padded; no copy if already so)."""
         pad = self.n_key_blocks * self.block_size - self.n_keys
         x = F.pad(x, (0, 0, 0, pad)) if pad else x
-        return x.reshape(self.groups, self.n_key_blocks, self.block_size, self.dim)
+        return x.reshape(self.groups, self.n_key_blocks, self.block_size, self.dim).contiguous()
 
     def query_blocks(self, x: Tensor, value: float = 0.0) -> Tensor:
         """Per query [G * n(, D)] -> [G, n_own_blocks, b(, D)], padded with `value`."""
@@ -345,8 +345,8 @@ class _BlockSparseAttention(torch.autograd.Function):
                     row_lse[call.row_slice].view(ops.shape), ops.bias, False, geo.scale,
                 )
                 row_dq[call.row_slice].view_as(dq_call).copy_(dq_call)
-                dk_flat.index_add_(0, call.groups, dk_call.sum(1))
-                dv_flat.index_add_(0, call.groups, dv_call.sum(1))
+                dk_flat.index_add_(0, call.groups, dk_call.sum(1, dtype=acc))
+                dv_flat.index_add_(0, call.groups, dv_call.sum(1, dtype=acc))
             for rows in layout.row_of_slot:
                 dq[g0 * geo.n: g1 * geo.n] += row_dq.index_select(0, rows)
 
