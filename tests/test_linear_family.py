@@ -8,11 +8,13 @@ one-layer receptive field, bf16 against fp32, and the config errors.
 """
 from __future__ import annotations
 
+import copy
+import functools
 import math
 
 import pytest
 import torch
-from torch.nn import functional as F
+from omegaconf import open_dict
 
 from conftest import model_config
 from longctx import build_model
@@ -34,6 +36,21 @@ SMALL_OPTIONS = {
     "aft_conv": {"kernel": 5},
     "rwkv": {},
 }
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(name: str, overrides: tuple[str, ...]):
+    return model_config(name, {}, *overrides)
+
+
+def _config(name: str, options: dict, *overrides: str):
+    """model_config with Hydra's composition done once per (backend, overrides): it dominates the
+    cost of building these tiny models."""
+    cfg = copy.deepcopy(_composed(name, overrides))
+    with open_dict(cfg):
+        for key, value in options.items():
+            cfg.attention[key] = value
+    return cfg
 
 
 def _randn(*shape, scale=1.0, dtype=torch.float64, seed=0, grad=True):
@@ -130,7 +147,7 @@ def test_linear_chunked_and_recurrent_equal_the_loop(feature, segments, monkeypa
 
 def test_linear_mixer_continues_from_a_prefix_state():
     """step over a prefix (recurrent, one token), then the chunk form from that state == forward."""
-    cfg = model_config("linear", {"chunk_size": 4}, "model.n_layer=1")
+    cfg = _config("linear", {"chunk_size": 4}, "model.n_layer=1")
     torch.manual_seed(0)
     mixer = build_model(cfg, VOCAB).double().blocks[0].mixer
     x = _randn(2, 23, cfg.model.d_model, grad=False)
@@ -178,11 +195,13 @@ def test_wkv_chunked_and_recurrent_equal_the_formula(simple, segments, monkeypat
 # ----------------------------------------------------------------------------- AFT (blocked engine)
 
 
-@pytest.mark.parametrize("segments", ["one", "many"])
+@pytest.mark.parametrize("segments", ["one", "many", "recomputed"])
 @pytest.mark.parametrize("band", [None, 1, 5, 40], ids=["full", "band1", "band5", "band40"])
 def test_aft_blocked_equals_the_dense_formula(band, segments, monkeypatch):
-    if segments == "many":  # one query block per segment: exercises the split windows
+    if segments != "one":  # one query block per segment: exercises the split windows
         monkeypatch.setattr(aft, "SEGMENT_ELEMENTS", 1)
+        # and either keeps every segment's intermediates or recomputes them in backward
+        monkeypatch.setattr(aft, "CHECKPOINT_AFTER", 10**6 if segments == "many" else 0)
     b, h, n, d = 2, 3, 29, 4
     k, v = _randn(b, h, n, d, seed=0), _randn(b, h, n, d, seed=1)
     table = _randn(h, n, n, seed=2)  # per-head bias, like aft_conv
@@ -293,7 +312,7 @@ def test_long_sequences_stay_finite_forward_and_backward():
 
 
 def _model(name, options=None, *overrides, dtype=torch.float64, seed=0):
-    cfg = model_config(name, SMALL_OPTIONS[name] if options is None else options, *overrides)
+    cfg = _config(name, SMALL_OPTIONS[name] if options is None else options, *overrides)
     cfg.context_length = max(cfg.context_length, 64)
     torch.manual_seed(seed)
     model = build_model(cfg, VOCAB).to(dtype).eval()
@@ -403,7 +422,7 @@ def test_bf16_matches_fp32_and_keeps_fp32_state(name):
 
 
 def test_rwkv_init_follows_the_reference_ramps():
-    cfg = model_config("rwkv", {}, "model.n_layer=3", "model.d_model=64")
+    cfg = _config("rwkv", {}, "model.n_layer=3", "model.d_model=64")
     model = build_model(cfg, VOCAB)
     first, last = model.blocks[0].mixer, model.blocks[2].mixer
     torch.testing.assert_close(first.time_decay[[0, -1]], torch.tensor([-5.0, 3.0]))
@@ -435,12 +454,12 @@ def test_rwkv_init_follows_the_reference_ramps():
 )
 def test_impossible_options_are_refused_at_build_time(name, options, words):
     with pytest.raises(ConfigError, match=words):
-        build_model(model_config(name, options), VOCAB)
+        build_model(_config(name, options), VOCAB)
 
 
 @pytest.mark.parametrize("name", ["aft_full", "aft_local"])
 def test_sequences_past_max_len_are_refused(name):
-    model = build_model(model_config(name, {"max_len": 16}), VOCAB)
+    model = build_model(_config(name, {"max_len": 16}), VOCAB)
     model(_ids(16))
     with pytest.raises(ConfigError, match="max_len"):
         model(_ids(17))
@@ -451,7 +470,7 @@ def test_sequences_past_max_len_are_refused(name):
 
 def test_attention_flops_scale_linearly_except_aft_full():
     for name in FAMILY:
-        backend = build_model(model_config(name, {}), VOCAB).backend
+        backend = build_model(_config(name, {}), VOCAB).backend
         ratio = backend.attention_flops(16384) / backend.attention_flops(4096)
         if name == "aft_full":
             assert 14 < ratio <= 16.5, name

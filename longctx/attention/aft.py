@@ -33,11 +33,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from longctx.attention.base import Backend, Mixer, ModelDims, State
 from longctx.attention.registry import register
@@ -63,8 +65,12 @@ FULL_RANK = 128
 LOCAL_BLOCK = 128
 FULL_BLOCK = 256
 BASE_BLOCK = 8
-# Elements per intermediate tensor of one segment of query blocks (bounds peak memory).
-SEGMENT_ELEMENTS = 1 << 24
+# Elements of all intermediates of one segment of query blocks (each single one stays under the
+# 32 MB above which glibc re-maps and re-faults memory on every call).
+SEGMENT_ELEMENTS = 1 << 25
+# Past this many segments, training recomputes each segment in backward instead of keeping its
+# intermediates: memory stays O(N D) plus one segment, at ~1.5x the time.
+CHECKPOINT_AFTER = 4
 
 # bias(rows [nq, R], cols [nq, K]) -> [1 or H, nq, R, K]: learned w[t, t'] at sequence indices
 # (the mixer binds the absolute position of index 0; indices past the end must be tolerated).
@@ -141,9 +147,9 @@ def _aft_blocked(k, v, bias, band, c, base, prefix, first):
         far = _all_earlier_blocks(ek, ekv, summaries[2], blocks, step)
     else:
         far = _band_windows(ek, ekv, summaries[2], reach, blocks, step)
-    outputs = [
-        _segment(*query, pre, windows, bias, band, base) for query, pre, windows in zip(queries, olders, far)
-    ]
+    recompute = torch.is_grad_enabled() and len(blocks) > CHECKPOINT_AFTER * step
+    run = partial(checkpoint, _segment, use_reentrant=False) if recompute else _segment
+    outputs = [run(*query, pre, windows, bias, band, base) for query, pre, windows in zip(queries, olders, far)]
     y = torch.cat(outputs, 2) if len(outputs) > 1 else outputs[0]
     start = first - first_block * c
     return y[:, :, start : start + length - first]
@@ -155,13 +161,16 @@ def _segment(kq, vq, rows, older, far, bias, band, base) -> Tensor:
     state = _within_blocks(kq, vq, rows, bias, band, base)
     state = merge_states(state, tuple(x.unsqueeze(-2) for x in older), 0.0)
     if far is not None:
-        state = merge_states(state, _far_term(*far, bias, band, rows), 0.0)
+        *blocks, key_blocks, taken = far
+        if taken is not None:  # aft_full: gather here, so a checkpointed segment keeps no copy
+            blocks = [x[:, :, taken] for x in blocks]
+        state = merge_states(state, _far_term(*blocks, key_blocks, bias, band, rows), 0.0)
     return (state[0] / state[1]).flatten(2, 3)
 
 
 def _band_windows(ek, ekv, mu, reach, blocks, step):
     """Per segment of `step` query blocks: (e^{K-mu}, e^{K-mu} V, mu) of each query block's `reach`
-    earlier blocks as [B, H, nq, reach, ...], and their indices [nq, reach] (negative: padding)."""
+    earlier blocks as [B, H, nq, reach, ...], their indices [nq, reach] (negative: padding), None."""
     if not reach:
         yield from (None for _ in range(0, len(blocks), step))
         return
@@ -183,12 +192,12 @@ def _band_windows(ek, ekv, mu, reach, blocks, step):
                     break
             run = torch.cat(span, 2) if len(span) > 1 else span[0]
             windows.append(run[:, :, :need].unfold(2, reach, 1).movedim(-1, 3))
-        yield *windows, seg[:, None] - reach + torch.arange(reach, device=seg.device)
+        yield *windows, seg[:, None] - reach + torch.arange(reach, device=seg.device), None
 
 
 def _all_earlier_blocks(ek, ekv, mu, blocks, step):
-    """aft_full, per segment of `step` query blocks: every block before the segment's last one
-    (gathered: the work is quadratic anyway), laid out as `_band_windows` does."""
+    """aft_full, per segment of `step` query blocks: every block before the segment's last one,
+    as (sources, key block indices [nq, reach] (negative: padding), clamped gather indices)."""
     for lo in range(0, len(blocks), step):
         seg = blocks[lo : lo + step]
         reach = int(seg[-1])
@@ -197,7 +206,7 @@ def _all_earlier_blocks(ek, ekv, mu, blocks, step):
             continue
         key_blocks = seg[:, None] - reach + torch.arange(reach, device=seg.device)
         taken = key_blocks.clamp(min=0)
-        yield ek[:, :, taken], ekv[:, :, taken], mu[:, :, taken], key_blocks
+        yield ek, ekv, mu, key_blocks, taken
 
 
 def _far_term(ek_w, ekv_w, mu_w, key_blocks, bias, band, rows) -> WkvState:

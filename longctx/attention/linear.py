@@ -8,10 +8,13 @@ the same matrix products and the streaming state is one [B, H, Dk, Dv + 1] tenso
 
 Training uses the chunk-parallel form (`chunked_linear_attention`): per chunk of C positions,
 state products K_c^T V'_c, an exclusive prefix sum over chunks, then Q_c S_prev plus the masked
-intra-chunk term tril(Q_c K_c^T) V'_c. All chunks go through single batched matmuls; there is no
-loop over chunks. Its hand-written backward keeps memory at O(N (D + C) + (N/C) D^2) and avoids
-the elementwise passes autograd would add. Streaming single tokens use the recurrent form
-(`recurrent_linear_attention`); longer steps use the chunk form from the carried state.
+intra-chunk term tril(Q_c K_c^T) V'_c. All chunks of a segment go through single batched matmuls
+(no loop over chunks); segments of a few thousand positions run one after another with the state
+carried, which keeps every intermediate small. The feature map, the normalisation and a
+hand-written backward live in one autograd Function: memory is O(N (D + C) + (N/C) D^2) and no
+full-size elementwise intermediate is made. Accumulation is fp32 (fp64 for fp64 inputs) whatever
+the input dtype. Streaming single tokens use the recurrent form (`recurrent_linear_attention`);
+longer steps use the chunk form from the carried state.
 """
 from __future__ import annotations
 
@@ -28,9 +31,10 @@ from longctx.errors import ConfigError
 
 # fast-transformers' value: keeps a zero denominator (possible with relu features) finite.
 EPS = 1e-6
-# Positions per kernel segment are capped so that no intermediate passes ~8 MB: glibc serves
-# larger blocks with fresh mmaps that are page-faulted again on every call (1.5x slower at N=16K).
-SEGMENT_ELEMENTS = 1 << 21
+# Positions per kernel segment are capped so that no intermediate passes ~16 MB: glibc serves
+# blocks over 32 MB with fresh mmaps that are page-faulted again on every call (1.5x slower at
+# N=16K when the whole sequence ran at once).
+SEGMENT_ELEMENTS = 1 << 22
 
 
 def elu_feature(x: Tensor) -> Tensor:
@@ -47,6 +51,13 @@ FEATURE_MAPS = {
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """States and normalisers accumulate in fp32 at least (fp64 stays fp64)."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _segment_length(n: int, per_position: int, chunk: int) -> int:
+    """Equal segments of whole chunks, as few as SEGMENT_ELEMENTS allows."""
+    longest = max(1, SEGMENT_ELEMENTS // per_position // chunk) * chunk
+    count = -(-n // longest)
+    return -(-n // count // chunk) * chunk if count > 1 else longest
 
 
 def _upper(chunk: int, device) -> Tensor:
@@ -169,8 +180,7 @@ def chunked_linear_attention(
     with torch.autocast(q.device.type, enabled=False):
         flat = [t.to(dtype).reshape(-1, n, t.shape[-1]) for t in (q, k, v)]
         s0 = state.to(dtype).reshape(-1, dk, dv + 1)
-        per_position = flat[0].shape[0] * max(dk, dv + 1, chunk)
-        segment = max(1, SEGMENT_ELEMENTS // per_position // chunk) * chunk
+        segment = _segment_length(n, flat[0].shape[0] * max(dk, dv + 1, chunk), chunk)
         out, s = _ChunkedLinearAttention.apply(*flat, s0, chunk, feature, segment)
     return out.view(*lead, n, dv).to(v.dtype), s.view(*lead, dk, dv + 1)
 

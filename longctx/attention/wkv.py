@@ -39,9 +39,10 @@ WkvState = tuple[Tensor, Tensor, Tensor]
 # Positions per chunk of the chunk-parallel form used by the backends (fastest of 16/32/64
 # measured fwd+bwd on CPU; any value gives the same results).
 WKV_CHUNK = 32
-# Positions per pass are capped so that no tensor passes ~8 MB: glibc serves larger blocks with
-# fresh mmaps that are page-faulted again on every call (2.5x slower at N=16K, d=512).
-SEGMENT_ELEMENTS = 1 << 21
+# Positions per pass are capped so that no tensor passes ~16 MB: glibc serves blocks over 32 MB
+# with fresh mmaps that are page-faulted again on every call (2.5x slower at N=16K, d=512, when
+# the whole sequence ran at once).
+SEGMENT_ELEMENTS = 1 << 22
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -147,9 +148,10 @@ def wkv_chunked(
     N need not be a multiple of `chunk`: the remainder runs as one shorter chunk.
     """
     dtype = compute_dtype(v.dtype)
-    n = k.shape[-2]
-    per_position = k[..., 0, :].numel()
-    segment = max(1, SEGMENT_ELEMENTS // per_position // chunk) * chunk
+    per_position = k[..., 0, :].numel()  # elements of one position across batch and heads
+    longest = max(1, SEGMENT_ELEMENTS // per_position // chunk) * chunk
+    count = -(-k.shape[-2] // longest)
+    segment = -(-k.shape[-2] // count // chunk) * chunk  # equal segments of whole chunks
     with torch.autocast(k.device.type, enabled=False):
         w32, u32 = w.to(dtype), u.to(dtype)
         state = tuple(s.to(dtype) for s in state)
