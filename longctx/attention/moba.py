@@ -93,6 +93,21 @@ def _top_blocks(scores: Tensor, slots: int) -> Tensor:
     return torch.where(index == cols, -1, index)
 
 
+def _first_identical_block(key_sums: Tensor) -> Tensor:
+    """[B, H, n_complete]: for each block, the first block whose key sum is bit-identical to its own.
+
+    A matmul may round identical columns differently (its kernel treats edge columns apart), which
+    would turn an exact tie between identical blocks into an order that depends on the shapes, so
+    `forward` and `step` could disagree. Identical blocks therefore share the score of the first.
+    """
+    bits = key_sums.contiguous().view(torch.int64)
+    mix = torch.randint(-(1 << 62), 1 << 62, (bits.shape[-1],), generator=torch.Generator().manual_seed(0))
+    fingerprint = (bits * mix.to(bits.device)).sum(-1)  # wraps around: a hash of the exact bits
+    first = (fingerprint[..., None, :] == fingerprint[..., :, None]).to(torch.uint8).argmax(-1)
+    same = (key_sums.gather(2, first[..., None].expand_as(key_sums)) == key_sums).all(-1)
+    return torch.where(same, first, torch.arange(key_sums.shape[2], device=key_sums.device))
+
+
 def select_blocks(q: Tensor, key_sums: Tensor, q_start: int, block_size: int, top_k: int) -> Tensor:
     """Selected blocks [B, H, n, min(top_k, n_complete)] of queries q at positions q_start..q_start+n-1.
 
@@ -102,15 +117,19 @@ def select_blocks(q: Tensor, key_sums: Tensor, q_start: int, block_size: int, to
     complete = key_sums.shape[2]
     slots = min(top_k, complete)
     selected = torch.full((batch, heads, n, slots), -1, dtype=torch.long, device=q.device)
-    rows = max(1, GATE_CHUNK_ENTRIES // (batch * heads * max(1, complete)))
+    if slots == 0:
+        return selected
+    first_identical = _first_identical_block(key_sums)
+    rows = max(1, GATE_CHUNK_ENTRIES // (batch * heads * complete))
     for first in range(0, n, rows):
         last = min(n, first + rows)
         query_block = torch.arange(q_start + first, q_start + last, device=q.device) // block_size
         # Only blocks before the chunk's last query block can be candidates of any of its rows.
         cols = min(complete, (q_start + last - 1) // block_size)
-        if min(slots, cols) == 0:
+        if cols == 0:
             continue
         scores = q[:, :, first:last].detach().to(torch.float64) @ key_sums[:, :, :cols].transpose(-1, -2)
+        scores = scores.gather(-1, first_identical[:, :, None, :cols].expand_as(scores))
         candidate = torch.arange(cols, device=q.device)[None, :] < query_block[:, None]
         scores.masked_fill_(~candidate, float("-inf"))
         selected[:, :, first:last, : min(slots, cols)] = _top_blocks(scores, min(slots, cols))

@@ -12,9 +12,9 @@ The two parts are computed separately, each with its log-sum-exp, and merged exa
   pairs x block_size, never with N^2, whatever the selection (random queries select different
   blocks in every row, so the union of a query block's selections would be dense).
 
-The pairs are processed in waves of whole heads (about WAVE_PAIRS pairs each), so every per-pair
-buffer is bounded whatever N (memory O(N * top_k * Dh) per wave at most one head) and stays small
-enough for the allocator to reuse instead of mapping fresh pages on every call.
+The pairs are processed in waves of whole heads (about WAVE_PAIRS pairs each), so the per-pair
+buffers are O(N * top_k * Dh) for at most one head at a time, small enough for the allocator to
+reuse (fresh multi-100 MB buffers cost page faults on every call on CPU).
 
 Backward is FlashAttention's: nothing of size [rows, block_size] is kept; each part recomputes its
 scores against the MERGED log-sum-exp and output, which gives the exact gradient of the single
@@ -33,7 +33,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-# Rows per tile: the padding unit of a group. 256 measured fastest side by side with 32-128.
+# Rows per tile: the padding unit of a group. 64..512 measured within noise of each other on CPU;
+# 256 gives the fewest calls (and the backward's tiles are long enough for the kernel's row split).
 TILE_ROWS = 256
 # Rows per batched call: bounds the gathered copies (and the score matrix of the matmul form).
 MAX_ROWS_PER_CALL = 32768
@@ -284,7 +285,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         selected = selected.reshape(geo.groups, geo.n, geo.slots)
         kb, vb = geo.key_blocks(k), geo.key_blocks(v)
         kb_flat, vb_flat = kb.view(-1, block_size, geo.dim), vb.view(-1, block_size, geo.dim)
-        q_flat = q.reshape(geo.groups * geo.n, geo.dim)
+        q_flat = q.reshape(geo.groups * geo.n, geo.dim).contiguous()
 
         own = geo.first_own_block
         own_out, own_lse = kernel.attend(
@@ -318,7 +319,7 @@ class _BlockSparseAttention(torch.autograd.Function):
         q_flat, kb, vb, out, lse = ctx.saved_tensors
         geo, layouts, kernel = ctx.geo, ctx.layouts, ctx.kernel
         acc = torch.promote_types(q_flat.dtype, torch.float32)
-        do_flat = grad_out.reshape(geo.groups * geo.n, geo.dim)
+        do_flat = grad_out.reshape(geo.groups * geo.n, geo.dim).contiguous()
         kb_flat, vb_flat = kb.view(-1, geo.block_size, geo.dim), vb.view(-1, geo.block_size, geo.dim)
 
         # Each part's backward sees the MERGED output and lse: exact gradients of the one softmax.
@@ -328,9 +329,12 @@ class _BlockSparseAttention(torch.autograd.Function):
             geo.query_blocks(out), geo.query_blocks(lse, value=float("inf")), geo.own_bias(), True, geo.scale,
         )
         dq = geo.per_query(dq_own).to(acc)
-        dk = torch.zeros(kb.shape, dtype=acc, device=kb.device)
-        dv = torch.zeros_like(dk)
-        dk[:, own:], dv[:, own:] = dk_own, dv_own  # earlier keys (streaming) get pair gradients only
+        if own == 0:
+            dk, dv = dk_own.to(acc).contiguous(), dv_own.to(acc).contiguous()
+        else:  # streaming: keys before the first query's block get gradients from pairs only
+            dk = torch.zeros(kb.shape, dtype=acc, device=kb.device)
+            dv = torch.zeros_like(dk)
+            dk[:, own:], dv[:, own:] = dk_own, dv_own
 
         dk_flat, dv_flat = dk.view(-1, geo.block_size, geo.dim), dv.view(-1, geo.block_size, geo.dim)
         for (g0, g1), layout in zip(geo.waves, layouts):
