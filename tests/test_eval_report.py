@@ -19,6 +19,7 @@ from longctx.eval.outputs import RESULTS_SCHEMA_VERSION
 from longctx.eval.report import find_run_dirs, load_runs, write_report
 from longctx.eval.run import run_eval
 from longctx.model import model_dims
+from longctx.train.run import finish_wandb
 
 
 def fake_results(attention: str, data: str = "synthetic", quality: float = 1.0, **options) -> dict:
@@ -143,14 +144,20 @@ def test_runs_of_one_mechanism_are_told_apart_by_their_settings(tmp_path):
     assert sorted(r.label for r in runs) == ["sliding_window (window=128)", "sliding_window (window=64)"]
 
 
-def test_report_mode_through_eval_py(sweep, tmp_path):
+def test_report_mode_through_eval_py_logs_to_wandb_offline_by_default(sweep, tmp_path, monkeypatch):
+    monkeypatch.delenv("WANDB_MODE", raising=False)  # a user who never configured wandb
     out = tmp_path / "eval_run"
-    cfg = compose_config(f"paths.root_dir={ROOT}", f"paths.output_dir={out}", "~logger",
+    cfg = compose_config(f"paths.root_dir={ROOT}", f"paths.output_dir={out}",
                          f"report.runs=[{sweep / '0_full'},{sweep / '1_sliding_window'}]", config_name="eval")
     HydraConfig.instance().set_config(cfg)
-    report = run_eval(cfg)
+    try:
+        report = run_eval(cfg)
+    finally:
+        finish_wandb()
     assert len(report["runs"]) == 2
     assert "- report: `python eval.py paths.root_dir=" in (out / "report.md").read_text()
+    (run,) = (out / "wandb").glob("offline-run-*")
+    assert any(run.rglob("media/table/report/*.table.json"))
 
 
 def sweep_values(cfg, key: str) -> list:

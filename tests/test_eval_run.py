@@ -138,7 +138,7 @@ def test_a_bad_eval_setting_fails_before_the_checkpoint_loads(tmp_path):
 
 @pytest.mark.slow
 def test_multirun_over_checkpoints_writes_one_directory_each(checkpoint, tmp_path):
-    command = [sys.executable, "eval.py", "-m", f"ckpt_path={checkpoint},{checkpoint}", "logger=null",
+    command = [sys.executable, "eval.py", "-m", f"ckpt_path={checkpoint},{checkpoint}", "~logger",
                f"paths.data_dir={checkpoint.parents[2]}", f"hydra.sweep.dir={tmp_path}", *EVAL_OVERRIDES]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -163,7 +163,7 @@ def _group_table(runs: list[Run], summaries: list[dict], length: int) -> list[st
     prefix = sorted({s["prefix_longest"] for s in summaries if s["prefix_longest"]})
     prefix_head = f"Δloss prefix 0→{prefix[0]}" if len(prefix) == 1 else "Δloss prefix 0→max"
     head = ["mechanism", "params", f"ppl @{length}", f"ppl @{length} sliding", f"bpb @{length}", longest_head,
-            "ppl streaming", prefix_head, f"passkey ≤{length}", f"passkey >{length}", "facts in reach",
+            "ppl streaming", prefix_head, f"passkey ≤{length}", f"passkey >{length}", "facts in context",
             "train tok/s", "peak MiB", "train s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run, s in zip(runs, summaries):
@@ -285,7 +285,7 @@ def markdown(runs: list[Run], missing: list[Path], figures: dict, patterns, titl
              "stride recorded in each run's results.csv); bpb = bits per UTF-8 byte; Δloss prefix = loss of "
              "fixed targets with no prefix minus with the longest prefix (nats; larger = distant context used "
              "more); passkey = share of trials where the true key was the most likely (≤/> the training "
-             "length); facts in reach = planted-fact recall where the fact lay inside the context; train "
+             "length); facts in context = planted-fact recall over the facts that lay inside the context; train "
              "tok/s, peak MiB and train s come from the training logs or the bench (see report.csv).", ""]
     for group, group_runs_ in group_runs(runs).items():
         data, tokenizer, length = group

@@ -166,7 +166,6 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     from longctx.train.run import build_datamodule
 
     eval_settings(cfg.eval)  # a bad setting fails here, before the checkpoint and data load
-    os.environ.setdefault("WANDB_MODE", "offline")
     task = LanguageModelTask.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
     run_cfg = OmegaConf.create(task.hparams["cfg"])
     run_cfg.eval = cfg.eval
@@ -181,6 +180,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
 
 
 def _start_logger(cfg: DictConfig) -> None:
+    os.environ.setdefault("WANDB_MODE", "offline")  # online only when the user asks for it
     if cfg.get("logger"):
         from hydra.utils import instantiate
 
