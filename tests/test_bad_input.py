@@ -78,9 +78,10 @@ def backends_with_option(option: str) -> list:
     )
 
 
-# Block-sparse patterns whose block or stride must fit in the context (ATTENTION_SPEC.md); sliding
-# windows may exceed it (the default window 512 exceeds the default context 256): it is full attention.
-BLOCKED_PATTERNS = {"local": "block_size", "blockwise": "block_size", "sparse_strided": "stride", "sparse_fixed": "stride"}
+# Sparse patterns whose window, block or stride must fit in the context: a longer one is full
+# attention under another name.
+BLOCKED_PATTERNS = {"local": "block_size", "blockwise": "block_size", "sparse_strided": "stride", "sparse_fixed": "stride",
+                    "sliding_window": "window", "dilated": "window", "longformer": "window"}
 
 
 def assert_config_error_before_data(tmp_path: Path, overrides: list[str], match: str) -> None:
@@ -117,10 +118,16 @@ def test_memory_backend_refuses_packed_data(tmp_path):
 
 
 @pytest.mark.parametrize("backend", registered(BLOCKED_PATTERNS, f"among {list(BLOCKED_PATTERNS)}"))
-def test_block_longer_than_the_context_is_refused(tmp_path, backend):
+def test_window_or_block_longer_than_the_context_is_refused(tmp_path, backend):
     key = BLOCKED_PATTERNS[backend]
     assert_config_error_before_data(tmp_path, [f"attention={backend}", f"attention.{key}=64", "context_length=32"],
                                     rf"{key}=64 is longer than context_length=32")
+
+
+@pytest.mark.skipif("longformer" not in available_backends(), reason="needs the longformer backend")
+def test_a_longformer_layer_window_longer_than_the_context_is_refused(tmp_path):
+    overrides = ["attention=longformer", "attention.window=16", "attention.layer_windows=[16,64]", "context_length=32"]
+    assert_config_error_before_data(tmp_path, overrides, r"layer_windows=64 is longer than context_length=32")
 
 
 @pytest.mark.parametrize("backend", backends_with_option("max_len"))
@@ -136,11 +143,14 @@ def test_bad_trainer_setting_fails_before_data(tmp_path):
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "conf" / "attention").glob("*.yaml")), ids=lambda p: p.stem)
-def test_every_shipped_attention_config_passes_validation(path):
-    """validate_config builds the model on the meta device: every backend must allow that."""
+@pytest.mark.parametrize("context", ["default", "4096"])
+def test_every_shipped_attention_config_passes_validation(path, context):
+    """validate_config builds the model on the meta device: every backend must allow that, and
+    `python train.py attention=<name>` must work with the default context length."""
     from longctx.train.run import validate_config
 
-    validate_config(compose_config(f"attention={path.stem}", "model=tiny", "context_length=4096"))
+    overrides = [] if context == "default" else [f"context_length={context}"]
+    validate_config(compose_config(f"attention={path.stem}", "model=tiny", *overrides))
 
 
 # --- unusable files -------------------------------------------------------------------------

@@ -32,9 +32,11 @@ def _int_option(backend: SparseBackend, key: str, minimum: int = 1) -> None:
         raise ConfigError(f"attention={backend.name} needs an integer {key} >= {minimum}, got {value!r}")
 
 
-def _at_most_context(backend: SparseBackend, key: str) -> None:
-    """A block/stride longer than the training context leaves nothing sparse: full attention."""
-    value, context = getattr(backend.options, key), backend.dims.context_length
+def _at_most_context(backend: SparseBackend, key: str, value: int | None = None) -> None:
+    """A window/block/stride longer than the training context leaves nothing sparse: full attention
+    under another name, which would silently mislabel a comparison."""
+    value = getattr(backend.options, key) if value is None else value
+    context = backend.dims.context_length
     if value > context:
         raise ConfigError(
             f"attention={backend.name} {key}={value} is longer than context_length={context}, so every "
@@ -73,6 +75,7 @@ class SlidingWindow(SparseBackend):
 
     def validate(self) -> None:
         _int_option(self, "window")
+        _at_most_context(self, "window")
 
     def pattern(self, layer: int) -> LayerPattern:
         return LayerPattern.uniform(self.dims.n_head, Window(self.options.window))
@@ -112,6 +115,7 @@ class DilatedWindow(SparseBackend):
     def validate(self) -> None:
         _int_option(self, "window")
         _int_option(self, "dilation")
+        _at_most_context(self, "window")
 
     def pattern(self, layer: int) -> LayerPattern:
         return LayerPattern.uniform(self.dims.n_head, Window(self.options.window, self.options.dilation))
@@ -155,6 +159,10 @@ class Longformer(SparseBackend):
                 )
             if any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in windows):
                 raise ConfigError(f"attention=longformer layer_windows must be integers >= 1, got {list(windows)}")
+            for window in windows:
+                _at_most_context(self, "layer_windows", window)
+        else:
+            _at_most_context(self, "window")
 
     def pattern(self, layer: int) -> LayerPattern:
         options, n_head = self.options, self.dims.n_head
