@@ -166,6 +166,17 @@ def test_a_length_above_max_len_is_a_skipped_row(monkeypatch):
     assert row["status"] == "skipped" and "max_len" in row["reason"]
 
 
+def test_a_learned_position_table_is_sized_to_the_measured_length_unless_given():
+    settings = settings_from_config({**TINY, "backends": ["aft_full", "aft_local", "full"],
+                                     "options": {"aft_local": {"max_len": 40}}}, {})
+    sized = {(c.subject, c.mode, c.seq_len): c.options.get("max_len") for c in settings.configs()}
+    assert sized[("aft_full", "fwd_bwd", 64)] == 64 and sized[("aft_full", "decode", 64)] == 64 + TINY["decode_tokens"]
+    assert sized[("aft_local", "fwd_bwd", 64)] == 40 and sized[("full", "fwd_bwd", 64)] is None
+    # and a max_len given too short for decoding past the prefill is a skipped row, not an IndexError
+    row = worker.measure(next(c for c in settings.configs() if c.subject == "aft_local" and c.mode == "decode" and c.seq_len == 64))
+    assert row["status"] == "skipped" and "max_len" in row["reason"]
+
+
 @pytest.mark.parametrize(
     "error, status, reason",
     [(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB"), "skipped", "over memory_cap_mib"),

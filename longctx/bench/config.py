@@ -71,9 +71,17 @@ class Settings:
                             continue
                         planned.append(dataclasses.replace(
                             self.template, subject=name, kind=kind, mode=mode, dtype=dtype,
-                            seq_len=seq_len, options=self.backend_options.get(name, {}),
+                            seq_len=seq_len, options=self._options(name, kind, mode, seq_len),
                         ))
         return planned
+
+    def _options(self, name: str, kind: str, mode: str, seq_len: int) -> dict[str, Any]:
+        """The given options; a backend with a `max_len` (its learned position table) left unset is
+        sized to the positions this configuration runs, since the bench measures cost at N."""
+        options = dict(self.backend_options.get(name, {}))
+        if kind == "backend" and "max_len" not in options and _has_option(name, "max_len"):
+            options["max_len"] = seq_len + (self.template.decode_tokens if mode == "decode" else 0)
+        return options
 
 
 # Which modes the non-backend subjects have: SDPA has a KV-cache decode; anchors are kernels only.
@@ -96,6 +104,10 @@ def _subjects(backends, anchors, missing_anchors) -> list[tuple[str, str]]:
         names = [name for name in _check_choices(backends, registered + [BASELINE], "backends") if name != BASELINE]
     anchors = [a for a in _check_choices(anchors, ANCHORS, "anchors") if a not in missing_anchors] if anchors else []
     return [(BASELINE, "baseline")] + [(n, "backend") for n in names] + [(a, "anchor") for a in anchors]
+
+
+def _has_option(name: str, key: str) -> bool:
+    return key in {f.name for f in dataclasses.fields(backend_class(name).Options)}
 
 
 def _backend_options(given: Mapping | None) -> dict[str, dict[str, Any]]:

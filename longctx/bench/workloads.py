@@ -44,7 +44,7 @@ def dims_for(config: Config) -> ModelDims:
 def build_bench_backend(config: Config) -> Backend:
     """The backend at its config defaults; raises ConfigError (e.g. N > max_len) before any work."""
     backend = build_backend({"name": config.subject, **config.options}, dims_for(config))
-    backend.check_sequence_length(config.seq_len)
+    backend.check_sequence_length(config.seq_len + (config.decode_tokens if config.mode == "decode" else 0))
     return backend
 
 
