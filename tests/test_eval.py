@@ -177,7 +177,7 @@ def test_streaming_carries_state_across_segments_and_resets_at_documents(full_mo
     tokens = np.random.default_rng(6).integers(0, 256, 100)
     count = byte_counter(ByteTokenizer())
     scorer = Scorer(full_model)
-    carried = streaming_perplexity(scorer, tokens, np.array([0, 100]), 8, 1, 24, count)
+    carried, by_position = streaming_perplexity(scorer, tokens, np.array([0, 100]), 8, 1, 24, count)
     with torch.no_grad():
         ids = torch.from_numpy(tokens)
         whole = F.cross_entropy(full_model(ids[None, :24])[0], ids[1:25]).item()
@@ -185,15 +185,24 @@ def test_streaming_carries_state_across_segments_and_resets_at_documents(full_mo
                          for b in (0, 8, 16)])
     assert carried.protocol == "streaming" and carried.tokens == 24
     assert carried.loss == pytest.approx(whole, rel=1e-5)
-    reset = streaming_perplexity(scorer, tokens, np.array([0, 8, 16, 100]), 8, 1, 24, count)
+    reset, _ = streaming_perplexity(scorer, tokens, np.array([0, 8, 16, 100]), 8, 1, 24, count)
     assert reset.loss == pytest.approx(split, rel=1e-5)
     assert carried.loss != pytest.approx(reset.loss, rel=1e-3)
+    # the fresh-state column is the reset stream's loss; both columns cover every scored token
+    assert [(r["position_start"], r["position_end"]) for r in by_position] == [(0, 1), (1, 2), (2, 4), (4, 8)]
+    assert sum(r["tokens"] for r in by_position) == 24
+
+    def mean(column):
+        return sum(r[column] * r["tokens"] for r in by_position) / 24
+
+    assert mean("loss_with_state") == pytest.approx(whole, rel=1e-5)
+    assert mean("loss_fresh_state") == pytest.approx(split, rel=1e-5)
 
 
 def test_streaming_is_skipped_when_the_model_cannot_reach_that_far():
-    row = streaming_perplexity(Scorer(InductionLM(max_len=16)), np.zeros(100, dtype=np.int64), np.array([0, 100]),
-                               8, 1, 48, byte_counter(ByteTokenizer()))
-    assert row.loss is None and "at most 16" in row.skipped
+    row, by_position = streaming_perplexity(Scorer(InductionLM(max_len=16)), np.zeros(100, dtype=np.int64),
+                                            np.array([0, 100]), 8, 1, 48, byte_counter(ByteTokenizer()))
+    assert row.loss is None and "at most 16" in row.skipped and by_position == []
 
 
 def test_eval_yaml_lists_every_setting_with_its_default():

@@ -224,17 +224,23 @@ def test_multirun_jobs_get_their_own_directories_and_wandb_runs(tmp_path):
 
 
 def documented_train_arguments() -> list[list[str]]:
-    """train.py's arguments in every shell command of docs/cluster.md that runs it (CLI, srun, torchrun, docker)."""
+    """train.py's arguments in every shell command of docs/cluster.md and the README that runs it
+    (CLI, srun, torchrun, docker); `--cfg` printing commands are left out (nothing to validate)."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", CLUSTER_DOC.read_text(), re.S):
-        for line in block.replace("\\\n", " ").splitlines():
-            if not line.strip() or line.lstrip().startswith("#"):
-                continue
-            words = shlex.split(re.sub(r"\$\{?([A-Z_]+)\}?", r"\1", line))
-            if "train.py" in words:
-                commands.append(words[words.index("train.py") + 1:])
-            elif words[:2] == ["docker", "run"]:
-                commands.append(words[words.index("longctx") + 1:])
+    for doc in (CLUSTER_DOC, ROOT / "README.md"):
+        for block in re.findall(r"```bash\n(.*?)```", doc.read_text(), re.S):
+            for line in block.replace("\\\n", " ").splitlines():
+                if not line.strip() or line.lstrip().startswith("#"):
+                    continue
+                words = shlex.split(re.sub(r"\$\{?([A-Z_]+)\}?", r"\1", line.split(" # ")[0]))
+                if "train.py" in words:
+                    arguments = words[words.index("train.py") + 1:]
+                elif words[:2] == ["docker", "run"]:
+                    arguments = words[words.index("longctx") + 1:]
+                else:
+                    continue
+                if "--cfg" not in arguments:
+                    commands.append(arguments[:arguments.index("&&")] if "&&" in arguments else arguments)
     return commands
 
 

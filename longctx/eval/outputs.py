@@ -24,6 +24,8 @@ SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "position_loss": ("position_loss.csv", ("context_length", "position_start", "position_end", "tokens", "loss")),
     "prefix_ablation": ("prefix_ablation.csv", ("prefix_length", "target_tokens", "samples", "tokens", "loss", "ppl", "skipped")),
     "passkey": ("passkey.csv", ("context_length", "depth", "trials", "correct", "accuracy", "mean_rank", "skipped")),
+    "streaming_memory": ("streaming_memory.csv", ("segment_length", "position_start", "position_end", "tokens",
+                                                  "loss_with_state", "loss_fresh_state")),
     "fact_recall": ("fact_recall.csv", ("context_length", "distance", "docs", "fact_in_context", "correct", "accuracy", "answer_nll", "skipped")),
 }
 

@@ -65,8 +65,10 @@ def evaluate_model(model, datamodule, cfg, output_dir: Path, checkpoint: str | N
         with _timed(timings, "streaming"):
             documents = datamodule.split_documents("test")
             offsets = np.concatenate([[0], np.cumsum([len(d) + 1 for d in documents])])  # + 1: each document's EOS
-            rows.append(streaming_perplexity(scorer, stream, offsets, settings.streaming.segment_length or train_length,
-                                             settings.batch_size, settings.streaming.max_tokens, count_bytes))
+            row, sections["streaming_memory"] = streaming_perplexity(
+                scorer, stream, offsets, settings.streaming.segment_length or train_length, settings.batch_size,
+                settings.streaming.max_tokens, count_bytes)
+            rows.append(row)
     sections["perplexity"] = [row.as_dict() for row in rows]
     sections["position_loss"] = positions
     if settings.prefix_ablation.enabled:
@@ -155,6 +157,9 @@ def _log_summary(sections: dict, timings: dict) -> None:
     passkey = [r for r in sections.get("passkey", []) if r["accuracy"] is not None]
     if passkey:
         log.info("passkey accuracy %.3f over %d cells", np.mean([r["accuracy"] for r in passkey]), len(passkey))
+    for row in sections.get("streaming_memory", []):
+        log.info("streaming positions %d-%d loss %.4f with state, %.4f fresh", row["position_start"],
+                 row["position_end"] - 1, row["loss_with_state"], row["loss_fresh_state"])
     for row in sections.get("fact_recall", []):
         log.info("fact recall ctx %d distance %s accuracy %s", row["context_length"], row["distance"], _fmt(row["accuracy"]))
     log.info("evaluation seconds: %s", timings)

@@ -5,6 +5,10 @@ stream is cut into `batch` contiguous rows (OrderedStream, as in ordered trainin
 feeds the next segment of every row with the state left by the previous one, and a row's state
 is reset where its segment starts a new document. Every scored token is predicted from all of
 its document's earlier tokens that the mechanism's state still holds.
+
+The same segments are also scored from a fresh state, and both losses are kept by position in
+the segment (log-spaced bins): what the carried state (Transformer-XL's memory, a recurrent
+state) buys shows at the first positions of a segment, where a fresh state has no context.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from torch.nn import functional as F
 
 from longctx.data.packing import OrderedStream
 from longctx.eval.perplexity import PerplexityRow
+from longctx.eval.position_loss import log_bins
 from longctx.eval.scoring import Scorer, Stopwatch
 from longctx.eval.token_bytes import ByteCounter
 from longctx.train.stream_state import reset_rows
@@ -30,7 +35,9 @@ def streaming_perplexity(
     batch_size: int,
     max_tokens: int,
     count_bytes: ByteCounter,
-) -> PerplexityRow:
+) -> tuple[PerplexityRow, list[dict]]:
+    """The streaming row, and rows of loss by position in the segment with the carried state and
+    with a fresh one (empty when the row is skipped)."""
     row = PerplexityRow(context_length=segment_length, stride=segment_length, protocol="streaming")
     n_rows = max(1, min(batch_size, (len(tokens) - 1) // (segment_length + 1)))
     stream = OrderedStream(tokens, doc_offsets, segment_length, n_rows,
@@ -39,11 +46,12 @@ def streaming_perplexity(
         positions = len(stream) * segment_length  # positions each row's state advances through
     except ValueError as err:  # the stream cannot fill one segment per row
         row.skipped = str(err)
-        return row
+        return row, []
     row.skipped = scorer.refusal(positions)
     if row.skipped:
-        return row
+        return row, []
     model, total_nll = scorer.model, 0.0
+    carried_nll, fresh_nll, counts = (np.zeros(segment_length) for _ in range(3))
     state = model.init_state(n_rows)
     with Stopwatch(scorer.device) as watch:
         for batch in stream:
@@ -55,5 +63,23 @@ def streaming_perplexity(
             total_nll += float(nll.double().sum())
             row.tokens += targets.numel()
             row.bytes += count_bytes(targets)
+            carried_nll += nll.double().sum(0).cpu().numpy()
+            counts += targets.shape[0]
     row.seconds, row.peak_memory_mib = watch.seconds, watch.peak_memory_mib
-    return row.finish(total_nll)
+    for batch in stream:  # untimed: the same segments from a fresh state
+        with scorer.autocast_context():
+            logits, _ = model.step(batch["input_ids"].to(scorer.device), model.init_state(n_rows))
+        nll = F.cross_entropy(logits.float().transpose(1, 2), batch["targets"].to(scorer.device), reduction="none")
+        fresh_nll += nll.double().sum(0).cpu().numpy()
+    return row.finish(total_nll), _by_position(segment_length, carried_nll, fresh_nll, counts)
+
+
+def _by_position(segment_length: int, carried_nll: np.ndarray, fresh_nll: np.ndarray, counts: np.ndarray) -> list[dict]:
+    return [{
+        "segment_length": segment_length,
+        "position_start": start,
+        "position_end": end,
+        "tokens": int(counts[start:end].sum()),
+        "loss_with_state": float(carried_nll[start:end].sum() / counts[start:end].sum()),
+        "loss_fresh_state": float(fresh_nll[start:end].sum() / counts[start:end].sum()),
+    } for start, end in log_bins(segment_length) if counts[start:end].sum()]

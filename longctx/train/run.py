@@ -17,6 +17,7 @@ from longctx.attention import Backend, build_backend
 from longctx.data import LongDocDataModule
 from longctx.errors import ConfigError
 from longctx.eval.run import evaluate_model
+from longctx.flops import training_flops_per_token
 from longctx.model import build_model, model_dims
 from longctx.train.callbacks import NonFiniteLossGuard, RandomStateCheckpoint, StreamStateCheckpoint
 from longctx.train.checkpoint_io import AtomicCheckpointIO
@@ -180,10 +181,7 @@ def train(cfg: DictConfig) -> dict:
 
 
 def training_flops_per_batch(task: LanguageModelTask, seq_len: int, tokens: int) -> float | None:
-    try:
-        from longctx.flops import training_flops_per_token
-    except ImportError:
-        return None
+    """For Lightning's ThroughputMonitor (MFU); None when a backend does not count its FLOPs."""
     try:
         return training_flops_per_token(task.model, seq_len) * tokens
     except NotImplementedError:
