@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.ticker import FuncFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 Series = Mapping[str, Sequence[dict]]
 
@@ -154,12 +154,20 @@ def plot_passkey(series: Series, path: Path, chance: float | None = None, title:
 
 
 def plot_cost_quality(points: Mapping[str, tuple[float, float]], path: Path, xlabel: str, ylabel: str, title: str = "") -> Path:
-    """One labelled point per series: cost on x (log scale), quality on y."""
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    for (label, (x, y)), color in zip(points.items(), _colors(len(points))):
-        ax.scatter([x], [y], color=color, s=30)
-        ax.annotate(label, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    """One point per series: cost on x (log scale), quality on y. Points are numbered and named in
+    a legend below the axes, so long labels (a hybrid's settings) never squeeze the plot."""
+    fig, ax = plt.subplots(figsize=(7, 4.5 + 0.22 * len(points)))
+    for number, ((label, (x, y)), color) in enumerate(zip(points.items(), _colors(len(points))), 1):
+        ax.scatter([x], [y], color=color, s=30, label=f"{number}: {label}")
+        ax.annotate(str(number), (x, y), fontsize=8, xytext=(4, 3), textcoords="offset points")
     ax.set_xscale("log")
+    # Plain numbers on the log axis (the default minor labels, 5x10^3, 6x10^3, ..., overlap);
+    # minor ticks are labelled only when the points span less than a decade.
+    plain = FuncFormatter(lambda value, _: f"{value:g}")
+    costs = [x for x, _ in points.values()]
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain if costs and max(costs) < 10 * min(costs) else NullFormatter())
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.15), frameon=False)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title or "Quality versus training cost")
