@@ -269,8 +269,11 @@ class _BlockSparseAttention(torch.autograd.Function):
         batch, heads, n, dim = q.shape
         acc, block = accumulation_dtype(q.dtype), layout.block
         q_scale = dim**-0.5 * (LOG2E if q.dtype == acc else 1.0)
-        qs = _gather_slots(q.reshape(batch * heads, n, dim), layout.q_pos, layout.q_identity)
-        ks, vs = (_key_blocks(t.reshape(batch * heads, n, dim), layout) for t in (k, v))
+        # Contiguous copies when needed: q, k, v usually arrive as strided views of a fused
+        # projection, and tiles cut from those made every product 10-20x slower (measured: local
+        # at 16K fp32, 8.5 s against 0.6 s).
+        qs = _gather_slots(q.reshape(batch * heads, n, dim).contiguous(), layout.q_pos, layout.q_identity)
+        ks, vs = (_key_blocks(t.reshape(batch * heads, n, dim).contiguous(), layout) for t in (k, v))
         slopes2 = None if slopes is None else (slopes.to(acc) * LOG2E).repeat(batch).view(-1, 1, 1, 1)
         # Natural order writes straight into the returned tensor (which must not be a view of a
         # tensor saved for backward); other orders go through slots and are scattered back once.
