@@ -31,6 +31,8 @@ if w varies by more than ~80 within one row of a block (fp32 underflow).
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -376,9 +378,9 @@ class BlockedAFT(AFTMixer):
     band: int | None
     block: int
 
-    def bias_for(self, offset: int, length: int) -> BiasFn:  # pragma: no cover - interface
+    @abstractmethod
+    def bias_for(self, offset: int, length: int) -> BiasFn:
         """The bias of sequence indices 0..length-1 at absolute positions offset.. ."""
-        raise NotImplementedError
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         prefix = empty_wkv_state(k.shape[:-2] + k.shape[-1:], k)

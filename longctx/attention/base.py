@@ -13,6 +13,8 @@ mutates the one it was given, so a caller may branch from a saved state.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
@@ -42,7 +44,7 @@ class ModelDims:
         return self.d_model // self.n_head
 
 
-class Mixer(nn.Module):
+class Mixer(nn.Module, ABC):
     """A causal sequence-mixing layer (attention, recurrence, or a stateful MLP replacement).
 
     Token mixers also split `forward` into `project(x) -> tuple of tensors` (the per-token
@@ -51,14 +53,17 @@ class Mixer(nn.Module):
     side by side with SDPA on the same shapes.
     """
 
-    def forward(self, x: Tensor) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, x: Tensor) -> Tensor:
+        """[B, N, D] -> [B, N, D], causal, from a fresh state."""
 
-    def init_state(self, batch_size: int) -> State:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def init_state(self, batch_size: int) -> State:
+        """The streaming state before any token."""
 
-    def step(self, x: Tensor, state: State, start: int) -> tuple[Tensor, State]:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def step(self, x: Tensor, state: State, start: int) -> tuple[Tensor, State]:
+        """Outputs for positions start.. of x given the state, and the state after them."""
 
     def init_weights(self, n_layer: int) -> None:
         """Called after the model's default normal init; override for mechanism-specific init."""
@@ -74,7 +79,7 @@ class StatelessMixer(Mixer):
         return self(x), state
 
 
-class Backend:
+class Backend(ABC):
     """How one named mechanism builds its layers. Subclasses register with `@register`.
 
     `Options` is a dataclass whose defaults are the spec's defaults; the config section
@@ -105,8 +110,9 @@ class Backend:
     def validate(self) -> None:
         """Raise ConfigError for impossible settings (checked before any data or weights exist)."""
 
-    def mixer(self, layer: int) -> Mixer:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def mixer(self, layer: int) -> Mixer:
+        """The token mixer of layer `layer`."""
 
     def ffn(self, layer: int) -> Mixer | None:
         """A replacement for the model's MLP in this layer, or None to keep the MLP."""

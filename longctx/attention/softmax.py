@@ -8,6 +8,7 @@ compute that fast; its `step` keeps whatever cache its pattern needs for streami
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor, nn
@@ -16,19 +17,22 @@ from longctx.attention.base import Mixer, ModelDims, State
 from longctx.model.positions import Rotary, alibi_slopes
 
 
-class AttentionCore(nn.Module):
+class AttentionCore(nn.Module, ABC):
     """Attention of q, k, v [B, H, n, Dh] (already projected and rotated) under one pattern."""
 
-    def forward(self, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None) -> Tensor:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def forward(self, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None) -> Tensor:
+        """Causal attention over n positions from an empty cache (`slopes`: ALiBi, or None)."""
 
-    def init_cache(self, batch: int, heads: int, head_dim: int, like: Tensor) -> State:  # pragma: no cover
-        raise NotImplementedError
+    @abstractmethod
+    def init_cache(self, batch: int, heads: int, head_dim: int, like: Tensor) -> State:
+        """The streaming cache before any token (dtype and device of `like`)."""
 
+    @abstractmethod
     def step(
         self, q: Tensor, k: Tensor, v: Tensor, cache: State, start: int, slopes: Tensor | None
-    ) -> tuple[Tensor, State]:  # pragma: no cover
-        raise NotImplementedError
+    ) -> tuple[Tensor, State]:
+        """Outputs for positions start.. given the cache, and the cache after them."""
 
 
 class SoftmaxAttention(Mixer):

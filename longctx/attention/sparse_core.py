@@ -7,6 +7,8 @@ mixers and FLOP counts.
 """
 from __future__ import annotations
 
+from abc import abstractmethod
+
 import torch
 from torch import Tensor
 
@@ -54,8 +56,9 @@ class SparseCore(AttentionCore):
 class SparseBackend(Backend):
     """A backend whose layers are softmax attention under a `LayerPattern`."""
 
-    def pattern(self, layer: int) -> LayerPattern:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def pattern(self, layer: int) -> LayerPattern:
+        """The head groups and their components in layer `layer`."""
 
     def mixer(self, layer: int) -> Mixer:
         return SoftmaxAttention(self.dims, SparseCore(self.pattern(layer)))

@@ -12,6 +12,8 @@ A `LayerPattern` assigns components to contiguous head groups of one layer.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import functools
 from dataclasses import dataclass
 
@@ -28,19 +30,22 @@ from longctx.attention.sparse_layouts import (
 )
 
 
-class Component:
+class Component(ABC):
     """One head group's pattern (subclasses are frozen dataclasses, so parts cache by value)."""
 
     prefix = 0
 
-    def allowed(self, i: Tensor, j: Tensor) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def allowed(self, i: Tensor, j: Tensor) -> Tensor:
+        """The pattern's predicate: may query position i read key position j?"""
 
-    def build_parts(self, n: int) -> tuple[Part, ...]:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def build_parts(self, n: int) -> tuple[Part, ...]:
+        """The engine parts (block layouts, self part) that cover the predicate over n positions."""
 
-    def keep(self, j: Tensor, start: int) -> Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+    @abstractmethod
+    def keep(self, j: Tensor, start: int) -> Tensor:
+        """Which cached key positions j streaming must keep once queries reach `start`."""
 
     def first_key(self, i: Tensor) -> Tensor:
         return torch.zeros_like(i)
