@@ -88,9 +88,9 @@ def _segment_forward(q: Tensor, k: Tensor, v: Tensor, s0: Tensor, chunk: int):
     qc, kc, vc = (t.view(g * nc, chunk, t.shape[-1]) for t in (q, k, v1))
     kv = torch.bmm(kc.transpose(1, 2), vc).view(g, nc, dk, e)
     # Exclusive prefix over chunks as one product with a strictly lower-triangular 0/1 matrix
-    # (2x faster than cumsum along a middle dimension). Chunk c's state never sees chunk c or
-    # later ones: their terms are multiplied by exact zeros, so future positions cannot perturb
-    # past outputs even by rounding.
+    # (1.7x faster than cumsum along a middle dimension, measured at 16K). Chunk c's state
+    # never sees chunk c or later ones: their terms are multiplied by exact zeros, so future
+    # positions cannot perturb past outputs even by rounding.
     s_excl = torch.matmul(_strictly_lower(nc, kv), kv.view(g, nc, dk * e)).view_as(kv)
     s_excl += s0[:, None]
     s_final = s_excl[:, -1] + kv[:, -1]
