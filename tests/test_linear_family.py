@@ -368,9 +368,8 @@ def test_project_and_mix_compose_to_forward(name):
     model = _model(name, None, "model.n_layer=1")
     mixer = model.blocks[0].mixer
     x = _randn(2, 19, model.dims.d_model, grad=False)
-    out_proj = mixer.output if name == "rwkv" else mixer.out
     merged = mixer.mix(*mixer.project(x)).transpose(1, 2).flatten(2)
-    torch.testing.assert_close(out_proj(merged), mixer(x), **FP64)
+    torch.testing.assert_close(mixer.out(merged), mixer(x), **FP64)
 
 
 @pytest.mark.parametrize("name", ["linear", "aft_simple", "rwkv"])

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from longctx.attention.base import Backend, Mixer, ModelDims, State
+from longctx.attention.base import Backend, HeadMixer, Mixer, ModelDims, State, split_qkv
 from longctx.attention.registry import register
 from longctx.attention.wkv import (
     EMPTY,
@@ -318,7 +318,7 @@ def blocked_flops(seq_len: int, block: int, band: int | None, channels: int) -> 
     return float(channels * (n_blocks * own + pairs * far))
 
 
-class AFTMixer(Mixer):
+class AFTMixer(HeadMixer):
     """Q, K, V projections over d_model channels (viewed as [B, H, n, Dh]), then sigmoid(Q) * mean."""
 
     def __init__(self, dims: ModelDims):
@@ -327,21 +327,9 @@ class AFTMixer(Mixer):
         self.qkv = nn.Linear(dims.d_model, 3 * dims.d_model, bias=dims.bias)
         self.out = nn.Linear(dims.d_model, dims.d_model, bias=dims.bias)
 
-    def init_weights(self, n_layer: int) -> None:
-        nn.init.normal_(self.out.weight, std=0.02 / math.sqrt(2 * n_layer))
-
     def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v [B, H, n, Dh]; position enters only through the bias w."""
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        return q, k, v
-
-    def _merge(self, o: Tensor) -> Tensor:
-        b, _, n, _ = o.shape
-        return self.out(o.transpose(1, 2).reshape(b, n, -1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._merge(self.mix(*self.project(x)))
+        return split_qkv(self.qkv(x), self.n_head)
 
     def _empty_prefix(self, batch_size: int) -> WkvState:
         return empty_wkv_state((batch_size, self.n_head, self.head_dim), self.out.weight)
@@ -368,7 +356,7 @@ class SimpleAFT(AFTMixer):
             mean, state = wkv_recurrent(k, v, zero, zero, state)
         else:
             mean, state = wkv_chunked(k, v, zero, zero, state, WKV_CHUNK)
-        return self._merge(torch.sigmoid(q) * mean), state
+        return self.merge_heads(torch.sigmoid(q) * mean), state
 
 
 class BlockedAFT(AFTMixer):
@@ -406,7 +394,7 @@ class BlockedAFT(AFTMixer):
         leaving = keys.shape[-2] - keep
         prefix = _prefix_after(state["prefix"], keys[..., :leaving, :], values[..., :leaving, :])
         new_state = {"k": keys[..., leaving:, :], "v": values[..., leaving:, :], "prefix": prefix}
-        return self._merge(torch.sigmoid(q) * mean), new_state
+        return self.merge_heads(torch.sigmoid(q) * mean), new_state
 
 
 # The bias functions index a slice of the parameter taken once per call: indexing the whole table

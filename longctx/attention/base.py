@@ -13,9 +13,9 @@ mutates the one it was given, so a caller may branch from a saved state.
 """
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import dataclasses
+import math
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
@@ -67,6 +67,42 @@ class Mixer(nn.Module, ABC):
 
     def init_weights(self, n_layer: int) -> None:
         """Called after the model's default normal init; override for mechanism-specific init."""
+
+
+class HeadMixer(Mixer):
+    """A token mixer over heads: forward(x) = out(heads merged back(mix(*project(x)))).
+
+    Subclasses define `project`, `mix` and the output projection `self.out`, which starts GPT-2
+    style: scaled down with depth so the residual stream stays O(1).
+    """
+
+    out: nn.Linear
+
+    @abstractmethod
+    def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, ...]:
+        """Per-token projections of x at positions start.. (for attention: q, k, v [B, H, n, Dh])."""
+
+    @abstractmethod
+    def mix(self, *projected: Tensor) -> Tensor:
+        """The mechanism across positions, from a fresh state: [B, H, n, Dh]."""
+
+    def merge_heads(self, o: Tensor) -> Tensor:
+        """[B, H, n, Dh] -> the output projection of [B, n, H * Dh]."""
+        b, _, n, _ = o.shape
+        return self.out(o.transpose(1, 2).reshape(b, n, -1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.merge_heads(self.mix(*self.project(x)))
+
+    def init_weights(self, n_layer: int) -> None:
+        nn.init.normal_(self.out.weight, std=0.02 / math.sqrt(2 * n_layer))
+
+
+def split_qkv(fused: Tensor, n_head: int) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v [B, H, n, Dh] from a fused projection [B, n, 3 * H * Dh]."""
+    b, n, width = fused.shape
+    q, k, v = fused.view(b, n, 3, n_head, width // (3 * n_head)).permute(2, 0, 3, 1, 4)
+    return q, k, v
 
 
 class StatelessMixer(Mixer):

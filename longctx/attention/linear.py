@@ -18,14 +18,13 @@ longer steps use the chunk form from the carried state.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from longctx.attention.base import Backend, Mixer, ModelDims, State
+from longctx.attention.base import Backend, HeadMixer, Mixer, ModelDims, State, split_qkv
 from longctx.attention.registry import register
 from longctx.errors import ConfigError
 
@@ -203,7 +202,7 @@ def recurrent_linear_attention(
     return torch.stack(outputs, -2).to(v.dtype), s
 
 
-class LinearAttention(Mixer):
+class LinearAttention(HeadMixer):
     def __init__(self, dims: ModelDims, feature_map: str, chunk_size: int):
         super().__init__()
         self.n_head = dims.n_head
@@ -213,25 +212,13 @@ class LinearAttention(Mixer):
         self.qkv = nn.Linear(dims.d_model, 3 * dims.d_model, bias=dims.bias)
         self.out = nn.Linear(dims.d_model, dims.d_model, bias=dims.bias)
 
-    def init_weights(self, n_layer: int) -> None:
-        nn.init.normal_(self.out.weight, std=0.02 / math.sqrt(2 * n_layer))
-
     def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v [B, H, n, Dh]; linear attention has no positional scheme (order is causal sums)."""
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        return q, k, v
+        return split_qkv(self.qkv(x), self.n_head)
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         state = q.new_zeros(*q.shape[:-2], self.head_dim, self.head_dim + 1)
         return chunked_linear_attention(q, k, v, state, self.chunk_size, self.feature)[0]
-
-    def _merge(self, o: Tensor) -> Tensor:
-        b, _, n, _ = o.shape
-        return self.out(o.transpose(1, 2).reshape(b, n, -1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._merge(self.mix(*self.project(x)))
 
     def init_state(self, batch_size: int) -> State:
         weight = self.out.weight
@@ -244,7 +231,7 @@ class LinearAttention(Mixer):
             o, state = recurrent_linear_attention(q, k, v, state, self.feature)
         else:
             o, state = chunked_linear_attention(q, k, v, state, self.chunk_size, self.feature)
-        return self._merge(o), state
+        return self.merge_heads(o), state
 
 
 @register

@@ -22,7 +22,6 @@ Local layer (alternate: true, even layers): causal attention inside blocks of bl
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import partial
 
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from longctx.attention.base import Backend, Mixer, ModelDims, State
+from longctx.attention.base import Backend, HeadMixer, Mixer, ModelDims, State, split_qkv
 from longctx.attention.masked import masked_attention
 from longctx.attention.registry import register
 from longctx.attention.softmax import AttentionCore, SoftmaxAttention
@@ -162,7 +161,7 @@ def _chunk_attention(n_slot_pieces, allowed, q_pos, k_pos, slopes, queries, raw_
     return masked_attention(queries, keys, values, allowed[None, None], q_pos, k_pos, slopes)
 
 
-class MemoryCompressedAttention(Mixer):
+class MemoryCompressedAttention(HeadMixer):
     def __init__(self, dims: ModelDims, compression: int):
         super().__init__()
         self.n_head = dims.n_head
@@ -179,7 +178,7 @@ class MemoryCompressedAttention(Mixer):
         self.init_weights(dims.n_layer)
 
     def init_weights(self, n_layer: int) -> None:
-        nn.init.normal_(self.out.weight, std=0.02 / math.sqrt(2 * n_layer))
+        super().init_weights(n_layer)
         # Start as mean pooling: a slot is first the average key/value of its block, which keeps
         # its scores on the scale of raw keys; training then learns the compression.
         for conv in (self.compress_k, self.compress_v):
@@ -197,9 +196,7 @@ class MemoryCompressedAttention(Mixer):
 
     def _tokens(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Unrotated q, k, v [B, H, n, Dh]."""
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        return q, k, v
+        return split_qkv(self.qkv(x), self.n_head)
 
     def _compress(self, k: Tensor, v: Tensor, first_block: int) -> tuple[Tensor, Tensor]:
         """Slots of the complete blocks in k, v [B,H,mk,Dh] (unrotated; block first_block first).
@@ -236,13 +233,6 @@ class MemoryCompressedAttention(Mixer):
     def mix(self, q: Tensor, k: Tensor, v: Tensor, slot_k: Tensor, slot_v: Tensor) -> Tensor:
         return compressed_attention(q, k, v, slot_k, slot_v, 0, self.compression, self.slopes)
 
-    def _merge(self, o: Tensor) -> Tensor:
-        b, _, n, _ = o.shape
-        return self.out(o.transpose(1, 2).reshape(b, n, -1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._merge(self.mix(*self.project(x)))
-
     def init_state(self, batch_size: int) -> State:
         """The pending (incomplete) block's unrotated keys and values, and all slots so far."""
         empty = self.out.weight.new_zeros(batch_size, self.n_head, 0, self.head_dim)
@@ -263,7 +253,7 @@ class MemoryCompressedAttention(Mixer):
             start, self.compression, self.slopes,
         )
         state = {"k": raw_k[:, :, complete:], "v": raw_v[:, :, complete:], "slot_k": slot_k, "slot_v": slot_v}
-        return self._merge(o), state
+        return self.merge_heads(o), state
 
 
 def _block_local_pairs(seq_len: int, block: int) -> int:

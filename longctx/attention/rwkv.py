@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from longctx.attention.base import Backend, Mixer, ModelDims, State
+from longctx.attention.base import Backend, HeadMixer, Mixer, ModelDims, State
 from longctx.attention.registry import register
 from longctx.attention.wkv import WKV_CHUNK, empty_wkv_state, wkv_chunked, wkv_flops, wkv_recurrent
 from longctx.errors import ConfigError
@@ -43,7 +43,7 @@ def _shifted(x: Tensor, previous: Tensor | None) -> Tensor:
     return torch.cat((first, x[:, :-1]), 1)
 
 
-class TimeMix(Mixer):
+class TimeMix(HeadMixer):
     def __init__(self, dims: ModelDims, layer: int):
         super().__init__()
         d = dims.d_model
@@ -63,10 +63,7 @@ class TimeMix(Mixer):
         self.key = nn.Linear(d, d, bias=False)
         self.value = nn.Linear(d, d, bias=False)
         self.receptance = nn.Linear(d, d, bias=False)
-        self.output = nn.Linear(d, d, bias=False)
-
-    def init_weights(self, n_layer: int) -> None:
-        nn.init.normal_(self.output.weight, std=0.02 / math.sqrt(2 * n_layer))
+        self.out = nn.Linear(d, d, bias=False)
 
     def _heads(self, x: Tensor) -> Tensor:
         b, n, _ = x.shape
@@ -95,15 +92,8 @@ class TimeMix(Mixer):
         wkv, _ = wkv_chunked(k, v, w, u, state, WKV_CHUNK)
         return torch.sigmoid(r) * wkv
 
-    def _merge(self, o: Tensor) -> Tensor:
-        b, _, n, _ = o.shape
-        return self.output(o.transpose(1, 2).reshape(b, n, -1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._merge(self.mix(*self.project(x)))
-
     def init_state(self, batch_size: int) -> State:
-        like = self.output.weight
+        like = self.out.weight
         last_x = like.new_zeros(batch_size, like.shape[0])
         return last_x, empty_wkv_state((batch_size, self.n_head, self.head_dim), like)
 
@@ -115,7 +105,7 @@ class TimeMix(Mixer):
             wkv, wkv_state = wkv_recurrent(k, v, w, u, wkv_state)
         else:
             wkv, wkv_state = wkv_chunked(k, v, w, u, wkv_state, WKV_CHUNK)
-        return self._merge(torch.sigmoid(r) * wkv), (x[:, -1], wkv_state)
+        return self.merge_heads(torch.sigmoid(r) * wkv), (x[:, -1], wkv_state)
 
 
 class ChannelMix(Mixer):

@@ -7,13 +7,12 @@ compute that fast; its `step` keeps whatever cache its pattern needs for streami
 """
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 
 import torch
 from torch import Tensor, nn
 
-from longctx.attention.base import Mixer, ModelDims, State
+from longctx.attention.base import HeadMixer, ModelDims, State, split_qkv
 from longctx.model.positions import Rotary, alibi_slopes
 
 
@@ -35,7 +34,7 @@ class AttentionCore(nn.Module, ABC):
         """Outputs for positions start.. given the cache, and the cache after them."""
 
 
-class SoftmaxAttention(Mixer):
+class SoftmaxAttention(HeadMixer):
     def __init__(self, dims: ModelDims, core: AttentionCore):
         super().__init__()
         if dims.d_model % dims.n_head:
@@ -49,28 +48,16 @@ class SoftmaxAttention(Mixer):
         slopes = alibi_slopes(dims.n_head) if dims.position == "alibi" else None
         self.register_buffer("slopes", slopes, persistent=False)
 
-    def init_weights(self, n_layer: int) -> None:
-        # GPT-2: residual projections scaled down with depth so the residual stream stays O(1).
-        nn.init.normal_(self.out.weight, std=0.02 / math.sqrt(2 * n_layer))
-
     def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
         """q, k, v [B, H, n, Dh], rotated at positions start..start+n-1 under RoPE."""
-        b, n, _ = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = split_qkv(self.qkv(x), self.n_head)
         if self.rotary is not None:
-            positions = torch.arange(start, start + n, device=x.device)
+            positions = torch.arange(start, start + x.shape[1], device=x.device)
             q, k = self.rotary(q, positions), self.rotary(k, positions)
         return q, k, v
 
-    def _merge(self, o: Tensor) -> Tensor:
-        b, _, n, _ = o.shape
-        return self.out(o.transpose(1, 2).reshape(b, n, -1))
-
     def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return self.core(q, k, v, self.slopes)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._merge(self.mix(*self.project(x)))
 
     def init_state(self, batch_size: int) -> State:
         return self.core.init_cache(batch_size, self.n_head, self.head_dim, self.out.weight)
@@ -78,4 +65,4 @@ class SoftmaxAttention(Mixer):
     def step(self, x: Tensor, state: State, start: int) -> tuple[Tensor, State]:
         q, k, v = self.project(x, start)
         o, state = self.core.step(q, k, v, state, start, self.slopes)
-        return self._merge(o), state
+        return self.merge_heads(o), state

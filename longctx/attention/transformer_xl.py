@@ -17,7 +17,6 @@ memory than training (attention.mem_len=... or `memory_length` below).
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -25,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from longctx.attention.base import Backend, Mixer, ModelDims, State
+from longctx.attention.base import Backend, HeadMixer, Mixer, ModelDims, State
 from longctx.attention.registry import register
 from longctx.errors import ConfigError
 
@@ -52,7 +51,7 @@ def sinusoid(distances: Tensor, d_model: int) -> Tensor:
     return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
-class TransformerXLAttention(Mixer):
+class TransformerXLAttention(HeadMixer):
     def __init__(self, dims: ModelDims, segment_length: int, mem_len: int):
         super().__init__()
         self.n_head = dims.n_head
@@ -68,7 +67,7 @@ class TransformerXLAttention(Mixer):
         self.init_weights(dims.n_layer)
 
     def init_weights(self, n_layer: int) -> None:
-        nn.init.normal_(self.out.weight, std=0.02 / math.sqrt(2 * n_layer))
+        super().init_weights(n_layer)
         nn.init.normal_(self.content_bias, std=0.02)  # as the reference code's init_std
         nn.init.normal_(self.position_bias, std=0.02)
 
@@ -155,13 +154,6 @@ class TransformerXLAttention(Mixer):
         o = o.view(n_seg, batch, heads, seg, head_dim).permute(1, 2, 0, 3, 4)
         return o.reshape(batch, heads, n_seg * seg, head_dim)[:, :, :n]
 
-    def _merge(self, o: Tensor) -> Tensor:
-        b, _, n, _ = o.shape
-        return self.out(o.transpose(1, 2).reshape(b, n, -1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self._merge(self.mix(*self.project(x)))
-
     def init_state(self, batch_size: int) -> State:
         """memory: detached inputs of the last mem_len positions before the current segment;
         segment: the inputs of the current segment so far (empty at segment boundaries), kept with
@@ -192,7 +184,7 @@ class TransformerXLAttention(Mixer):
             ))
             whole = x.shape[1] - x.shape[1] % self.segment_length
             memory, segment = self._remember(memory, x[:, :whole]), x[:, whole:]
-        return self._merge(torch.cat(outputs, dim=2)), {"memory": memory, "segment": segment}
+        return self.merge_heads(torch.cat(outputs, dim=2)), {"memory": memory, "segment": segment}
 
     def _remember(self, memory: Tensor, finished: Tensor) -> Tensor:
         """The memory after whole segments `finished`: the last mem_len inputs (maybe spanning
