@@ -1,6 +1,7 @@
 """Data layer: corpora and splits, tokenizers, the token cache, packed and ordered sampling."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 import longctx.data.datamodule as datamodule_module
 from longctx.data import LongDocDataModule, OrderedStream, PackedWindows, build_tokenizer, load_corpus
 from longctx.data.splits import split_counts
-from longctx.data.synthetic import generate_synthetic_documents
+from longctx.data.synthetic import FactSettings, generate_synthetic_documents
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "validation", "test")
@@ -139,10 +140,39 @@ def test_synthetic_corpus_is_deterministic_and_answers_come_far_after_the_fact(t
         (fact_start, fact_end), (answer_start, answer_end) = doc["fact_char_spans"][0], doc["answer_char_spans"][0]
         answer = doc["text"][answer_start:answer_end]
         assert answer.isdigit() and answer == doc["text"][fact_start:fact_end]
-        assert answer_start - fact_end == doc["distance"] >= (64, 512, 2048)[i % 3]
+        assert answer_start - fact_start == doc["distance"] >= (64, 512, 2048)[i % 3]
     corpus = load_corpus(small_synthetic(tmp_path))
     assert sum(len(corpus[s]) for s in SPLITS) == 60
     assert "answer_char_spans" in corpus["train"].column_names
+
+
+def test_synthetic_documents_with_several_long_codes_ask_for_each_fact_after_the_distance(tmp_path):
+    for i, doc in enumerate(generate_synthetic_documents(9, (64, 256, 300), seed=2, settings=FactSettings(facts=3, code_length=8))):
+        text, facts, answers = doc["text"], doc["fact_char_spans"], doc["answer_char_spans"]
+        assert len(facts) == len(answers) == 3
+        stated = [text[a:b] for a, b in facts]
+        assert [text[a:b] for a, b in answers] == stated and all(len(c) == 8 and c.isdigit() for c in stated)
+        gaps = [answer[0] - fact[0] for fact, answer in zip(facts, answers)]
+        assert doc["distance"] == min(gaps) >= (64, 256, 300)[i % 3]
+        # each answer follows the question about the name whose code was stated there
+        for (fact_start, _), (answer_start, _) in zip(facts, answers):
+            name = text[:fact_start].rsplit("The code of ", 1)[1].removesuffix(" is ")
+            assert text[:answer_start].endswith(f"Answer: the code of {name} is ")
+    corpus = load_corpus(small_synthetic(tmp_path, facts=2, code_length=6))
+    assert all(len(spans) == 2 for spans in corpus["test"]["answer_char_spans"])
+    plain = next(generate_synthetic_documents(1, (256,), seed=3, settings=FactSettings(facts=2, distractor_rate=0.0)))
+    assert len(re.findall(r"\d+", plain["text"])) == 4  # two facts, two answers, no other codes
+    for bad in ({"facts": 0}, {"alphabet": "hex"}, {"distractor_rate": 1.0}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            FactSettings(**bad)
+
+
+def test_alnum_codes_use_distinct_characters():
+    settings = FactSettings(code_length=20, alphabet="alnum", distractor_rate=0.0)
+    for doc in generate_synthetic_documents(5, (256,), seed=4, prefix_chars=0, settings=settings):
+        (start, end), = doc["answer_char_spans"]
+        code = doc["text"][start:end]
+        assert len(set(code)) == 20 and re.fullmatch(r"[A-Z0-9]{20}", code)
 
 
 # --- tokenizers ------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from conftest import CONF_DIR, model_config
 from longctx import build_model
-from longctx.data.synthetic import generate_synthetic_documents
+from longctx.data.synthetic import FactSettings, generate_synthetic_documents
 from longctx.data.tokenizer import ByteTokenizer
 from longctx.errors import ConfigError
 from longctx.eval.fact_recall import answer_shape, distance_bucket, distractors_for, fact_recall, planted_facts
@@ -124,6 +124,19 @@ def test_planted_facts_are_recalled_only_within_reach():
     assert {r["distance"]: r["accuracy"] for r in limited} == {64: 1.0, 256: 0.0}
     short = fact_recall(Scorer(InductionLM(n=12)), facts, ByteTokenizer(), settings, [200], 8, [64, 256])
     assert {r["distance"]: (r["accuracy"], r["fact_in_context"]) for r in short} == {64: (1.0, 4), 256: (0.0, 0)}
+
+
+def test_planted_facts_are_one_per_answer_with_their_own_distance():
+    docs = list(generate_synthetic_documents(4, (64, 256), seed=5, prefix_chars=50, settings=FactSettings(facts=3, code_length=6)))
+    facts = planted_facts(docs)
+    assert len(facts) == 12
+    for doc, group in zip(docs, [facts[i:i + 3] for i in range(0, 12, 3)]):
+        for fact, (fact_start, _), (answer_start, answer_end) in zip(group, doc["fact_char_spans"], doc["answer_char_spans"]):
+            assert fact.context == doc["text"][:answer_start] and fact.answer == doc["text"][answer_start:answer_end]
+            assert fact.distance == answer_start - fact_start >= doc["distance"] and fact.fact_start == fact_start
+    rows = fact_recall(Scorer(InductionLM(n=12)), facts, ByteTokenizer(), FactRecallSettings(max_docs=12, distractors=3),
+                       [1024], 8, buckets=[64, 256])
+    assert sum(r["docs"] for r in rows) == 12 and all(r["accuracy"] == 1.0 for r in rows)
 
 
 def test_fact_distractors_start_with_the_other_codes_of_the_document():

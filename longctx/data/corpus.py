@@ -19,7 +19,7 @@ from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
 from longctx.data.config import stable_digest, to_plain_dict, worker_processes
 from longctx.data.files import expand_patterns, load_document_files
 from longctx.data.splits import SPLITS, split_by_document
-from longctx.data.synthetic import generate_synthetic_documents
+from longctx.data.synthetic import FactSettings, generate_synthetic_documents
 
 # Bump when the processing below changes, so caches keyed on the fingerprint are rebuilt.
 PROCESSING_VERSION = 1
@@ -127,5 +127,8 @@ def group_wikitext_articles(lines: Dataset, cfg: dict) -> Dataset:
 def load_synthetic(cfg: dict) -> Dataset:
     # A tuple, not a list: from_generator treats list-valued gen_kwargs as shards to split.
     distances = tuple(int(d) for d in cfg["distances"])
-    kwargs = {"num_docs": int(cfg["num_docs"]), "distances": distances, "seed": int(cfg["seed"]), "prefix_chars": int(cfg.get("prefix_chars", 200))}
+    settings = FactSettings(int(cfg.get("facts", 1)), int(cfg.get("code_length", 4)), str(cfg.get("alphabet", "digits")),
+                            float(cfg.get("distractor_rate", 0.2)))
+    kwargs = {"num_docs": int(cfg["num_docs"]), "distances": distances, "seed": int(cfg["seed"]),
+              "prefix_chars": int(cfg.get("prefix_chars", 200)), "settings": settings}
     return Dataset.from_generator(generate_synthetic_documents, gen_kwargs=kwargs, cache_dir=hf_cache_dir(cfg))

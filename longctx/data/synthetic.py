@@ -1,41 +1,68 @@
-"""A generated corpus whose documents plant a fact early and ask for it much later.
+"""A generated corpus whose documents plant facts early and ask for them much later.
 
-Each document states "The code of <name> is <4 digits>." and, after a
-controlled number of characters of distractor text (which itself states codes
-of *other* names, so copying the latest number does not work), ends with
-"Question: what is the code of <name>? Answer: the code of <name> is <digits>."
-Predicting those answer digits needs context reaching back `distance`
-characters. The text is ASCII, so characters, UTF-8 bytes and byte-tokenizer
-tokens coincide. Everything is a function of the seed.
+Each document states `facts` facts "The code of <name> is <code>." together and, after a
+controlled number of characters of filler text, asks for every one of them in a shuffled order:
+"Question: what is the code of <name>? Answer: the code of <name> is <code>." Predicting an
+answer needs context reaching back at least `distance` characters (from a character of the
+answer to the same character of the fact). Filler sentences may state codes of *other* names
+(`distractor_rate`), so copying the latest code does not work. The text is ASCII, so
+characters, UTF-8 bytes and byte-tokenizer tokens coincide. Everything is a function of the seed.
+
+How hard the long-range signal is to learn is a setting: four-digit codes among distractors need
+a model to match the name and copy the digits (an induction circuit, beyond a few minutes of CPU
+training); long `alnum` codes of distinct characters without distractors reward even a model
+that only knows which characters the fact used (a bag-of-tokens signal one attention layer
+learns quickly), and more so one that copies them in order.
 """
 
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 SYLLABLES = ["ka", "lo", "mi", "ren", "tu", "sa", "vor", "el", "dan", "qui", "zo", "bar", "nel", "ti", "gra", "fen"]
 SUBJECTS = ["the miller", "a farmer", "the old clerk", "the river", "a stranger", "the baker", "her cousin", "the captain"]
 VERBS = ["carried", "watched", "forgot", "painted", "counted", "followed", "mended", "sold"]
 OBJECTS = ["a basket of apples", "the grey stones", "three letters", "the narrow bridge", "a silver bell", "the long road"]
 PLACES = ["near the market", "before dawn", "in the valley", "by the harbour", "after the storm", "under the elms"]
+# `alnum` codes draw distinct characters while the alphabet allows it.
+ALPHABETS = {"digits": "0123456789", "alnum": "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"}
+
+
+@dataclass(frozen=True)
+class FactSettings:
+    facts: int = 1  # stated together per document, all asked after the distance
+    code_length: int = 4
+    alphabet: str = "digits"
+    distractor_rate: float = 0.2  # share of filler sentences stating another name's code
+
+    def __post_init__(self):
+        if self.facts < 1 or self.code_length < 1:
+            raise ValueError(f"synthetic corpus: facts={self.facts} and code_length={self.code_length} must be >= 1")
+        if self.alphabet not in ALPHABETS:
+            raise ValueError(f"synthetic corpus: alphabet={self.alphabet!r}; choose one of {sorted(ALPHABETS)}")
+        if not 0 <= self.distractor_rate < 1:
+            raise ValueError(f"synthetic corpus: distractor_rate={self.distractor_rate} must lie in [0, 1)")
+
+    def code(self, rng: random.Random) -> str:
+        symbols = ALPHABETS[self.alphabet]
+        if self.alphabet == "alnum" and self.code_length <= len(symbols):
+            return "".join(rng.sample(symbols, self.code_length))
+        return "".join(rng.choice(symbols) for _ in range(self.code_length))
 
 
 def _name(rng: random.Random) -> str:
     return "".join(rng.choice(SYLLABLES) for _ in range(3)).capitalize()
 
 
-def _code(rng: random.Random) -> str:
-    return f"{rng.randrange(10_000):04d}"
-
-
-def _filler(rng: random.Random, n_chars: int, avoid_name: str) -> str:
-    """About n_chars of plain sentences, one in five a distractor fact about another name."""
+def _filler(rng: random.Random, n_chars: int, avoid_names: set[str], settings: FactSettings) -> str:
+    """About n_chars of plain sentences, some of them (distractor_rate) facts about other names."""
     sentences, length = [], 0
     while length < n_chars:
-        if rng.random() < 0.2:
+        if rng.random() < settings.distractor_rate:
             other = _name(rng)
-            while other == avoid_name:
+            while other in avoid_names:
                 other = _name(rng)
-            sentence = f"The code of {other} is {_code(rng)}."
+            sentence = f"The code of {other} is {settings.code(rng)}."
         else:
             sentence = f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}."
         sentences.append(sentence)
@@ -43,29 +70,50 @@ def _filler(rng: random.Random, n_chars: int, avoid_name: str) -> str:
     return " ".join(sentences)
 
 
-def synthetic_document(rng: random.Random, index: int, distance: int, prefix_chars: int) -> dict:
-    """One document; `distance` is the minimum gap in characters between the fact's digits and the answer's."""
-    name, code = _name(rng), _code(rng)
-    fact = f"The code of {name} is {code}."
-    head = _filler(rng, prefix_chars, name) + " " if prefix_chars else ""
-    fact_start = len(head) + fact.index(code)
-    query = f"\nQuestion: what is the code of {name}? Answer: the code of {name} is "
-    # Size the filler so the gap from the fact's digits to the answer's is at least `distance`.
-    gap_without_filler = len(". ") + len(query)
-    body = head + fact + " " + _filler(rng, distance - gap_without_filler, name)
-    answer_start = len(body) + len(query)
-    text = body + query + code + ".\n"
+def _question(name: str) -> str:
+    return f"\nQuestion: what is the code of {name}? Answer: the code of {name} is "
+
+
+def synthetic_document(rng: random.Random, index: int, distance: int, prefix_chars: int,
+                       settings: FactSettings = FactSettings()) -> dict:
+    """One document; every answer starts at least `distance` characters after its fact's code starts.
+
+    `fact_char_spans[i]` and `answer_char_spans[i]` hold the same code; `distance` is the smallest
+    of the per-fact gaps (the first question follows the last fact by it, every other gap is longer).
+    """
+    names = []
+    while len(names) < settings.facts:
+        name = _name(rng)
+        if name not in names:
+            names.append(name)
+    codes = {name: settings.code(rng) for name in names}
+    text = _filler(rng, prefix_chars, set(names), settings) + " " if prefix_chars else ""
+    fact_spans = {}
+    for name in names:
+        text += f"The code of {name} is "
+        fact_spans[name] = [len(text), len(text) + settings.code_length]
+        text += codes[name] + ". "
+    asked = rng.sample(names, len(names))
+    # Size the filler so the first answer starts at least `distance` after the last fact's code.
+    gap_without_filler = settings.code_length + len(". ") + len(_question(asked[0]))
+    text += _filler(rng, distance - gap_without_filler, set(names), settings)
+    answer_spans = []
+    for name in asked:
+        text += _question(name)
+        answer_spans.append([len(text), len(text) + settings.code_length])
+        text += codes[name] + "."
     return {
-        "text": text,
+        "text": text + "\n",
         "title": f"synthetic-{index:06d}",
-        "distance": answer_start - (fact_start + len(code)),
-        "fact_char_spans": [[fact_start, fact_start + len(code)]],
-        "answer_char_spans": [[answer_start, answer_start + len(code)]],
+        "distance": min(a[0] - fact_spans[name][0] for name, a in zip(asked, answer_spans)),
+        "fact_char_spans": [fact_spans[name] for name in asked],
+        "answer_char_spans": answer_spans,
     }
 
 
-def generate_synthetic_documents(num_docs: int, distances: tuple[int, ...], seed: int, prefix_chars: int = 200) -> Iterator[dict]:
+def generate_synthetic_documents(num_docs: int, distances: tuple[int, ...], seed: int, prefix_chars: int = 200,
+                                 settings: FactSettings = FactSettings()) -> Iterator[dict]:
     """Yield num_docs documents; document i uses distances[i % len(distances)] so every distance is equally common."""
     rng = random.Random(seed)
     for index in range(num_docs):
-        yield synthetic_document(rng, index, int(distances[index % len(distances)]), prefix_chars)
+        yield synthetic_document(rng, index, int(distances[index % len(distances)]), prefix_chars, settings)

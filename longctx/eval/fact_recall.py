@@ -1,11 +1,11 @@
 """Recall of planted facts, for corpora whose documents carry `answer_char_spans` (data=synthetic).
 
-A synthetic document states "The code of Kalomi is 4821." and, `distance` characters later,
-asks "... Answer: the code of Kalomi is " followed by the digits. The text before the answer
-is the context, left-truncated so that the model reads at most `length` tokens; the true
+A synthetic document states facts such as "The code of Kalomi is 4821." and, at least
+`distance` characters later, asks "... Answer: the code of Kalomi is " followed by the code.
+The text before each answer is the context, left-truncated so that the model reads at most `length` tokens; the true
 answer is ranked by likelihood against distractors of the same shape: first the other codes
 stated in the same document (copying the wrong fact is a failure, not luck), then answers of
-other documents. Rows are grouped by planted distance (a document's distance is at least its
+other documents. Rows are grouped by planted distance (a fact's distance is at least its
 bucket: the corpus's configured distances, or powers of two), with how many facts still lay
 inside the truncated context, so a mechanism's reach reads off directly.
 """
@@ -32,15 +32,19 @@ class PlantedFact:
 
 
 def planted_facts(documents) -> list[PlantedFact]:
-    """One fact per document row with a non-empty answer_char_spans (rows are dicts or a datasets.Dataset)."""
+    """One fact per answer span of each document row (rows are dicts or a datasets.Dataset).
+
+    A row's `fact_char_spans[i]` is where answer i was stated; its distance is from the start of
+    the one to the start of the other (the reach a copy of each digit needs), or the row's
+    `distance` column when the corpus records no fact spans.
+    """
     facts = []
     for row in documents:
-        spans = row.get("answer_char_spans")
-        if not spans:
-            continue
-        start, end = spans[0]
-        fact_spans = row.get("fact_char_spans") or [[None, None]]
-        facts.append(PlantedFact(row["text"][:start], row["text"][start:end], row.get("distance"), fact_spans[0][0]))
+        fact_spans = row.get("fact_char_spans") or []
+        for i, (start, end) in enumerate(row.get("answer_char_spans") or []):
+            fact_start = fact_spans[i][0] if i < len(fact_spans) else None
+            distance = start - fact_start if fact_start is not None else row.get("distance")
+            facts.append(PlantedFact(row["text"][:start], row["text"][start:end], distance, fact_start))
     return facts
 
 

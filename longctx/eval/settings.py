@@ -46,7 +46,7 @@ class FactRecallSettings:
 
     enabled: bool = True
     lengths: list[int] | None = None  # null: the training context length
-    max_docs: int = 64
+    max_docs: int = 64  # scored facts: each answer of a document counts once
     distractors: int = 4
     seed: int = 0
 
