@@ -22,7 +22,7 @@ from longctx.data.splits import SPLITS, split_by_document
 from longctx.data.synthetic import FactSettings, generate_synthetic_documents
 
 # Bump when the processing below changes, so caches keyed on the fingerprint are rebuilt.
-PROCESSING_VERSION = 1
+PROCESSING_VERSION = 2  # 2: synthetic documents state several facts (FactSettings)
 # WikiText marks an article's first line as " = Title = "; section headings use "= =".
 WIKITEXT_ARTICLE_HEADING = re.compile(r"^ = ([^=].*) = $")
 # Keys that change where or how fast a corpus is built, not what it contains.

@@ -89,14 +89,15 @@ def synthetic_document(rng: random.Random, index: int, distance: int, prefix_cha
     codes = {name: settings.code(rng) for name in names}
     text = _filler(rng, prefix_chars, set(names), settings) + " " if prefix_chars else ""
     fact_spans = {}
-    for name in names:
-        text += f"The code of {name} is "
+    for index, name in enumerate(names):
+        text += ("" if index == 0 else " ") + f"The code of {name} is "
         fact_spans[name] = [len(text), len(text) + settings.code_length]
-        text += codes[name] + ". "
+        text += codes[name] + "."
     asked = rng.sample(names, len(names))
     # Size the filler so the first answer starts at least `distance` after the last fact's code.
     gap_without_filler = settings.code_length + len(". ") + len(_question(asked[0]))
-    text += _filler(rng, distance - gap_without_filler, set(names), settings)
+    filler = _filler(rng, distance - gap_without_filler, set(names), settings)
+    text += " " + filler if filler else ""
     answer_spans = []
     for name in asked:
         text += _question(name)
