@@ -17,6 +17,8 @@ from longctx.data import LongDocDataModule, OrderedStream, PackedWindows, build_
 from longctx.data.splits import split_counts
 from longctx.data.synthetic import FactSettings, generate_synthetic_documents
 
+from conftest import compose_config
+
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "validation", "test")
 
@@ -165,6 +167,18 @@ def test_synthetic_documents_with_several_long_codes_ask_for_each_fact_after_the
     for bad in ({"facts": 0}, {"alphabet": "hex"}, {"distractor_rate": 1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             FactSettings(**bad)
+
+
+def test_synthetic_copy_preset_asks_for_one_long_code_beyond_a_64_token_window(tmp_path):
+    cfg = compose_config("data=synthetic_copy", "data.num_docs=20", f"data.cache_dir={tmp_path}").data
+    corpus = load_corpus(cfg)
+    for doc in corpus["test"]:
+        ((fact_start, fact_end),), ((answer_start, answer_end),) = doc["fact_char_spans"], doc["answer_char_spans"]
+        assert doc["text"][answer_start:answer_end] == doc["text"][fact_start:fact_end]
+        assert answer_end - answer_start == 192
+        # past the 4 x 63 = 252 tokens a 64-token window reaches through model=mini's 4 layers
+        assert doc["distance"] > 4 * 63
+        assert "miller" not in doc["text"]  # no filler between the code and its question
 
 
 def test_alnum_codes_use_distinct_characters():
