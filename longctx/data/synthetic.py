@@ -8,11 +8,10 @@ answer to the same character of the fact). Filler sentences may state codes of *
 (`distractor_rate`), so copying the latest code does not work. The text is ASCII, so
 characters, UTF-8 bytes and byte-tokenizer tokens coincide. Everything is a function of the seed.
 
-How hard the long-range signal is to learn is a setting: four-digit codes among distractors need
-a model to match the name and copy the digits (an induction circuit, beyond a few minutes of CPU
-training); long `alnum` codes of distinct characters without distractors reward even a model
-that only knows which characters the fact used (a bag-of-tokens signal one attention layer
-learns quickly), and more so one that copies them in order.
+How much of a document rewards retrieval is a setting: a few short codes among filler reward
+it on under 1% of the tokens, one long code asked right after it is stated on 40%
+(`data=synthetic_copy`). Measured with model=mini on a 2-core CPU, in-context copying appears
+only after about 1500-2100 steps even then (docs/results/README.md).
 """
 
 import random
@@ -89,8 +88,10 @@ def synthetic_document(rng: random.Random, index: int, distance: int, prefix_cha
     codes = {name: settings.code(rng) for name in names}
     text = _filler(rng, prefix_chars, set(names), settings) + " " if prefix_chars else ""
     fact_spans = {}
-    for index, name in enumerate(names):
-        text += ("" if index == 0 else " ") + f"The code of {name} is "
+    for name in names:
+        if fact_spans:
+            text += " "
+        text += f"The code of {name} is "
         fact_spans[name] = [len(text), len(text) + settings.code_length]
         text += codes[name] + "."
     asked = rng.sample(names, len(names))
