@@ -13,6 +13,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator
+from dataclasses import fields
 
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
 
@@ -127,8 +128,8 @@ def group_wikitext_articles(lines: Dataset, cfg: dict) -> Dataset:
 def load_synthetic(cfg: dict) -> Dataset:
     # A tuple, not a list: from_generator treats list-valued gen_kwargs as shards to split.
     distances = tuple(int(d) for d in cfg["distances"])
-    settings = FactSettings(int(cfg.get("facts", 1)), int(cfg.get("code_length", 4)), str(cfg.get("alphabet", "digits")),
-                            float(cfg.get("distractor_rate", 0.2)))
+    # Keys the config leaves out take FactSettings' defaults.
+    settings = FactSettings(**{f.name: cfg[f.name] for f in fields(FactSettings) if f.name in cfg})
     kwargs = {"num_docs": int(cfg["num_docs"]), "distances": distances, "seed": int(cfg["seed"]),
               "prefix_chars": int(cfg.get("prefix_chars", 200)), "settings": settings}
     return Dataset.from_generator(generate_synthetic_documents, gen_kwargs=kwargs, cache_dir=hf_cache_dir(cfg))
