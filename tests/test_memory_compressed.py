@@ -237,7 +237,7 @@ def test_cuda_matches_cpu():
 
 @pytest.mark.parametrize("layer", [0, 1])
 def test_mix_takes_the_projections_as_they_come(layer):
-    """The bench calls mix(*project(x)) on a model without positions: permuted, non-contiguous
+    """mix(*project(x)) on a model without positions (as forward uses it): permuted, non-contiguous
     q/k/v, and whole blocks (no padding copy) must work for both layer kinds."""
     torch.manual_seed(0)
     backend = build_backend({"name": "memory_compressed", "block_size": 8}, _dims("none"))

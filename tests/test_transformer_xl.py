@@ -280,7 +280,7 @@ def test_cuda_matches_cpu():
 
 
 def test_mix_takes_the_projections_as_they_come():
-    """The bench calls mix(*project(x)) with whole segments (no padding copy): non-contiguous inputs work."""
+    """mix(*project(x)) with whole segments (no padding copy), as forward uses it: non-contiguous inputs work."""
     mixer = _mixer(8, 8)
     x = torch.randn(2, 32, 32, dtype=torch.float64)
     o = mixer.mix(*(t.detach() for t in mixer.project(x)))

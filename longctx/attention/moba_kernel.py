@@ -209,25 +209,35 @@ class _Geometry:
         x = F.pad(x, (0, 0, 0, pad)) if pad else x
         return x.reshape(self.groups, self.n_key_blocks, self.block_size, self.dim).contiguous()
 
+    # The own-block call batches [G * n_own_blocks, 1, b, D]: one sequence per block, a single
+    # head. The CPU kernel writes its gradients in [batch, length, heads, D] order, which only
+    # with one head is our contiguous per-query layout (with the blocks as heads, each of dq, dk
+    # and dv needed a transposing copy: about 200 ms of a 1.2 s backward at N=16K).
     def query_blocks(self, x: Tensor, value: float = 0.0) -> Tensor:
-        """Per query [G * n(, D)] -> [G, n_own_blocks, b(, D)], padded with `value`."""
+        """Per query [G * n(, D)] -> [G * n_own_blocks, 1, b(, D)], padded with `value`."""
         x = x.view(self.groups, self.n, *x.shape[1:])
         if self.query_pad:
             x = F.pad(x, (0, 0, 0, self.query_pad) if x.dim() == 3 else (0, self.query_pad), value=value)
-        return x.reshape(self.groups, self.n_own_blocks, self.block_size, *x.shape[2:])
+        return x.reshape(self.groups * self.n_own_blocks, 1, self.block_size, *x.shape[2:])
+
+    def own_key_blocks(self, blocks: Tensor) -> Tensor:
+        """[G, n_key_blocks, b, D] -> the query blocks' own [G * n_own_blocks, 1, b, D]."""
+        return blocks[:, self.first_own_block:].reshape(self.groups * self.n_own_blocks, 1, self.block_size, self.dim)
 
     def per_query(self, x: Tensor) -> Tensor:
-        """[G, n_own_blocks, b(, D)] -> [G * n(, D)]: drops the query padding."""
+        """[G * n_own_blocks, 1, b(, D)] -> [G * n(, D)]: drops the query padding."""
         x = x.reshape(self.groups, self.n_own_blocks * self.block_size, *x.shape[3:])[:, : self.n]
         return x.reshape(self.groups * self.n, *x.shape[2:])
 
     def own_bias(self) -> Tensor | None:
-        """ALiBi inside a block, [G, 1, b, b]: -slope * (i - j), the same for every block."""
+        """ALiBi inside a block, [G * n_own_blocks, 1, b, b]: -slope * (i - j), alike in every block."""
         if self.slopes is None:
             return None
         local = torch.arange(self.block_size, device=self.slopes.device)
         distance = (local[:, None] - local[None, :]).to(self.slopes.dtype)
-        return (-self.slopes[:, None, None] * distance).repeat(self.batch, 1, 1)[:, None]
+        per_group = (-self.slopes[:, None, None] * distance).repeat(self.batch, 1, 1)
+        blocks = per_group[:, None].expand(self.groups, self.n_own_blocks, self.block_size, self.block_size)
+        return blocks.reshape(self.groups * self.n_own_blocks, 1, self.block_size, self.block_size)
 
     def pair_bias(self, query_index: Tensor, call: _Call) -> Tensor | None:
         """ALiBi of one call's rows against their groups' key blocks, [groups, 1, rows, b]."""
@@ -264,17 +274,21 @@ class _CallOperands:
         return picked.view(*self.shape, *picked.shape[1:])
 
 
-def _wave_forward(geo, layout, kernel, q_flat, kb_flat, vb_flat):
-    """(out, lse) of every pair row of one wave, plus an extra row (0, -inf) for empty slots."""
-    row_out = q_flat.new_empty(layout.n_rows + 1, geo.dim)
-    row_lse = q_flat.new_empty(layout.n_rows + 1, dtype=torch.promote_types(q_flat.dtype, torch.float32))
-    row_out[-1], row_lse[-1] = 0.0, float("-inf")
+def _wave_forward(geo, layout, kernel, q_flat, kb_flat, vb_flat, row_out, row_lse):
+    """(out, lse) of every pair row of one wave into the shared row buffers, plus the extra row
+    n_rows = (0, -inf) that empty slots read."""
+    row_out[layout.n_rows], row_lse[layout.n_rows] = 0.0, float("-inf")
     for call in layout.calls:
         ops = _CallOperands(geo, call, layout, kb_flat, vb_flat)
         out, lse = kernel.attend(ops.gather(q_flat), ops.k, ops.v, ops.bias, False, geo.scale)
         row_out[call.row_slice].view_as(out).copy_(out)
         row_lse[call.row_slice].view_as(lse).copy_(lse)
-    return row_out, row_lse
+
+
+def _row_buffer(layouts: list[PairLayout], like: Tensor, *shape: int, dtype: torch.dtype) -> Tensor:
+    """One buffer for the pair rows of every wave (the widest wave plus the empty-slot row): a
+    fresh buffer per wave costs its page faults again each time, about as much as its copies."""
+    return like.new_empty(max((layout.n_rows for layout in layouts), default=0) + 1, *shape, dtype=dtype)
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -287,28 +301,27 @@ class _BlockSparseAttention(torch.autograd.Function):
         kb_flat, vb_flat = kb.view(-1, block_size, geo.dim), vb.view(-1, block_size, geo.dim)
         q_flat = q.reshape(geo.groups * geo.n, geo.dim).contiguous()
 
-        own = geo.first_own_block
         own_out, own_lse = kernel.attend(
-            geo.query_blocks(q_flat), kb[:, own:], vb[:, own:], geo.own_bias(), True, geo.scale
+            geo.query_blocks(q_flat), geo.own_key_blocks(kb), geo.own_key_blocks(vb), geo.own_bias(), True, geo.scale
         )
-        own_out, own_lse = geo.per_query(own_out), geo.per_query(own_lse)
+        # The merged result overwrites the own-block part wave by wave (each wave reads only its
+        # own queries before writing them).
+        out, lse = geo.per_query(own_out), geo.per_query(own_lse)
 
-        out = torch.empty_like(own_out)
-        lse = torch.empty_like(own_lse)
-        layouts = []
-        for g0, g1 in geo.waves:
-            layout = PairLayout(selected[g0:g1], g0, geo.n_key_blocks, tile, max_rows)
-            layouts.append(layout)
-            row_out, row_lse = _wave_forward(geo, layout, kernel, q_flat, kb_flat, vb_flat)
+        layouts = [PairLayout(selected[g0:g1], g0, geo.n_key_blocks, tile, max_rows) for g0, g1 in geo.waves]
+        row_out = _row_buffer(layouts, q_flat, geo.dim, dtype=q_flat.dtype)
+        row_lse = _row_buffer(layouts, q_flat, dtype=lse.dtype)
+        for (g0, g1), layout in zip(geo.waves, layouts):
+            _wave_forward(geo, layout, kernel, q_flat, kb_flat, vb_flat, row_out, row_lse)
             # Merge the own block and the selected blocks into one softmax, in slot order.
             queries = slice(g0 * geo.n, g1 * geo.n)
-            lse_parts = torch.cat((own_lse[None, queries], row_lse[layout.row_of_slot]))
-            lse[queries] = torch.logsumexp(lse_parts, dim=0)
-            weights = torch.exp(lse_parts - lse[None, queries])[:, :, None]
-            merged = weights[0] * own_out[queries]
+            lse_parts = torch.cat((lse[None, queries], row_lse[layout.row_of_slot]))
+            wave_lse = torch.logsumexp(lse_parts, dim=0)
+            weights = torch.exp(lse_parts - wave_lse)[:, :, None]
+            merged = weights[0] * out[queries]
             for slot, rows in enumerate(layout.row_of_slot, start=1):
                 merged += weights[slot] * row_out.index_select(0, rows)
-            out[queries] = merged
+            out[queries], lse[queries] = merged, wave_lse
 
         ctx.save_for_backward(q_flat, kb, vb, out, lse)
         ctx.geo, ctx.layouts, ctx.kernel = geo, layouts, kernel
@@ -325,22 +338,23 @@ class _BlockSparseAttention(torch.autograd.Function):
         # Each part's backward sees the MERGED output and lse: exact gradients of the one softmax.
         own = geo.first_own_block
         dq_own, dk_own, dv_own = kernel.attend_backward(
-            geo.query_blocks(do_flat), geo.query_blocks(q_flat), kb[:, own:], vb[:, own:],
+            geo.query_blocks(do_flat), geo.query_blocks(q_flat), geo.own_key_blocks(kb), geo.own_key_blocks(vb),
             geo.query_blocks(out), geo.query_blocks(lse, value=float("inf")), geo.own_bias(), True, geo.scale,
         )
         dq = geo.per_query(dq_own).to(acc)
+        own_shape = (geo.groups, geo.n_own_blocks, geo.block_size, geo.dim)
         if own == 0:
-            dk, dv = dk_own.to(acc).contiguous(), dv_own.to(acc).contiguous()
+            dk, dv = dk_own.to(acc).reshape(kb.shape), dv_own.to(acc).reshape(kb.shape)
         else:  # streaming: keys before the first query's block get gradients from pairs only
             dk = torch.zeros(kb.shape, dtype=acc, device=kb.device)
             dv = torch.zeros_like(dk)
-            dk[:, own:], dv[:, own:] = dk_own, dv_own
+            dk[:, own:], dv[:, own:] = dk_own.view(own_shape), dv_own.view(own_shape)
 
         dk_flat, dv_flat = dk.view(-1, geo.block_size, geo.dim), dv.view(-1, geo.block_size, geo.dim)
+        row_dq = _row_buffer(layouts, q_flat, geo.dim, dtype=acc)
         for (g0, g1), layout in zip(geo.waves, layouts):
             row_lse = lse.index_select(0, layout.query_of_row).masked_fill(layout.is_padding, float("inf"))
-            row_dq = q_flat.new_empty(layout.n_rows + 1, geo.dim, dtype=acc)
-            row_dq[-1] = 0.0
+            row_dq[layout.n_rows] = 0.0
             for call in layout.calls:
                 heads = kernel.backward_heads(len(call.groups), call.rows // layout.tile)
                 ops = _CallOperands(geo, call, layout, kb_flat, vb_flat, heads)

@@ -119,8 +119,10 @@ def _backend_kernel(config: Config) -> Workload:
     backend = build_bench_backend(config)
     mixer = _mixer(config, backend)
     x = _random(config, config.batch, config.seq_len, config.heads * config.head_dim)
+    # The projections in the layout SDPA and the anchors get: contiguous [B, H, N, Dh]. The
+    # views the fused projection returns would charge each backend a copy its rivals skip.
     with torch.no_grad():
-        inputs = tuple(t.detach() for t in mixer.project(x))
+        inputs = tuple(t.detach().contiguous() for t in mixer.project(x))
     params = [p for p in mixer.parameters() if p.requires_grad]
     flops = _flops(lambda: config.batch * backend.attention_flops(config.seq_len))
     return Workload(
