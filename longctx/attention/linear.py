@@ -30,10 +30,13 @@ from longctx.errors import ConfigError
 
 # fast-transformers' value: keeps a zero denominator (possible with relu features) finite.
 EPS = 1e-6
-# Positions per kernel segment are capped so that no intermediate passes ~16 MB: glibc serves
-# blocks over 32 MB with fresh mmaps that are page-faulted again on every call (1.5x slower at
-# N=16K when the whole sequence ran at once).
-SEGMENT_ELEMENTS = 1 << 22
+# Positions per kernel segment are capped so that no intermediate passes ~2 MB. Memory a call
+# takes fresh from the OS is page-faulted again on every call (about 2.5 us per 4 KiB page on
+# the 2-core CPU VM), and glibc returns big freed blocks to the OS: with 16 MB intermediates a
+# 16K fwd+bwd took ~50K page faults per call, with 2 MB ones ~10K beyond its outputs, and ran
+# about 25% faster (medians 270 -> 200 ms, interleaved in one process). The whole sequence at
+# once was 1.5x slower still.
+SEGMENT_ELEMENTS = 1 << 19
 
 
 def elu_feature(x: Tensor) -> Tensor:
