@@ -342,13 +342,12 @@ class _BlockSparseAttention(torch.autograd.Function):
             geo.query_blocks(out), geo.query_blocks(lse, value=float("inf")), geo.own_bias(), True, geo.scale,
         )
         dq = geo.per_query(dq_own).to(acc)
-        own_shape = (geo.groups, geo.n_own_blocks, geo.block_size, geo.dim)
         if own == 0:
             dk, dv = dk_own.to(acc).reshape(kb.shape), dv_own.to(acc).reshape(kb.shape)
         else:  # streaming: keys before the first query's block get gradients from pairs only
             dk = torch.zeros(kb.shape, dtype=acc, device=kb.device)
             dv = torch.zeros_like(dk)
-            dk[:, own:], dv[:, own:] = dk_own.view(own_shape), dv_own.view(own_shape)
+            dk[:, own:], dv[:, own:] = dk_own.view_as(dk[:, own:]), dv_own.view_as(dv[:, own:])
 
         dk_flat, dv_flat = dk.view(-1, geo.block_size, geo.dim), dv.view(-1, geo.block_size, geo.dim)
         row_dq = _row_buffer(layouts, q_flat, geo.dim, dtype=acc)
