@@ -8,7 +8,13 @@ from conftest import compose_config, model_config
 from longctx import build_model
 from longctx.errors import ConfigError
 
-PARTS = {"sliding_window": {"window": 4}, "linear": {"chunk_size": 8}, "local": {"block_size": 5}}
+PARTS = {
+    "sliding_window": {"window": 4},
+    "linear": {"chunk_size": 8},
+    "local": {"block_size": 5},
+    "rwkv": {},
+    "full": {},
+}
 
 
 def one_layer(attention: str, options: dict, seed: int = 0):
@@ -30,7 +36,13 @@ def receptive_field(model, n: int = 40) -> torch.Tensor:
     return field
 
 
-@pytest.mark.parametrize("part,other", [("sliding_window", "linear"), ("linear", "local"), ("local", "sliding_window")])
+@pytest.mark.parametrize("part,other", [
+    ("sliding_window", "linear"),
+    ("linear", "local"),
+    ("local", "sliding_window"),
+    ("rwkv", "full"),  # RWKV also replaces the MLP with its channel mixing
+    ("full", "rwkv"),
+])
 def test_each_layer_type_has_its_parts_receptive_field_and_output(part, other):
     hybrid = one_layer("hybrid", {"pattern": [part, other], "backends": {part: PARTS[part], other: PARTS[other]}})
     pure = one_layer(part, PARTS[part])
@@ -38,6 +50,42 @@ def test_each_layer_type_has_its_parts_receptive_field_and_output(part, other):
     with torch.no_grad():
         assert torch.equal(hybrid(ids), pure(ids))
     assert torch.equal(receptive_field(hybrid), receptive_field(pure))
+
+
+def two_layers(attention: str, options: dict, seed: int = 0):
+    cfg = model_config(attention, options, "model.n_layer=2", "context_length=64")
+    torch.manual_seed(seed)
+    return build_model(cfg, 29).double()
+
+
+# (layer 0, layer 1, layer 1's options): parts whose layer depends on the layer index.
+LATER_PARTS = [
+    ("full", "rwkv", {}),  # RWKV-4's decay, bonus and token-shift ramps run over the layers
+    ("linear", "longformer",  # layer_windows: layer 1 uses window 6, not layer 0's 3
+     {"window": 4, "dilation": 2, "dilated_heads": 2, "global_tokens": 2, "layer_windows": [3, 6]}),
+    ("rwkv", "sparse_strided", {"stride": 4, "layout": "layers"}),  # odd layers use A2 only
+]
+
+
+@pytest.mark.parametrize("first,second,options", LATER_PARTS, ids=[f"{a}-{b}" for a, b, _ in LATER_PARTS])
+def test_a_later_layer_is_that_layer_of_its_part_alone(first, second, options):
+    """Layer 1 of hybrid [first, second] is layer 1 of a pure `second` model: the part gets the
+    global layer index and n_layer, so per-layer options and inits are the pure model's. The
+    parameters that do not depend on the seed (per-layer inits) must already be equal; with the
+    random ones copied across, the block computes bit for bit what the pure model's block does."""
+    hybrid = two_layers("hybrid", {"pattern": [first, second], "backends": {second: options}})
+    pure, reseeded = two_layers(second, options), two_layers(second, options, seed=1)
+    got, want = hybrid.blocks[1], pure.blocks[1]
+    assert type(got.mixer) is type(want.mixer) and type(got.ffn) is type(want.ffn)
+    mine, theirs, other_seed = (m.state_dict() for m in (got, want, reseeded.blocks[1]))
+    assert mine.keys() == theirs.keys()
+    seedless = [key for key in theirs if torch.equal(theirs[key], other_seed[key])]
+    for key in seedless:
+        assert torch.equal(mine[key], theirs[key]), key
+    got.load_state_dict(theirs)
+    x = torch.randn(2, 40, 64, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    with torch.no_grad():
+        assert torch.equal(got(x), want(x))
 
 
 def test_rwkv_channel_mixing_replaces_the_mlp_only_in_rwkv_layers():

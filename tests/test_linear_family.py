@@ -165,7 +165,9 @@ def test_linear_mixer_continues_from_a_prefix_state():
 def test_wkv_chunked_and_recurrent_equal_the_formula(simple, segments, monkeypatch):
     if segments == "many":  # one chunk per pass: the state is carried between passes
         monkeypatch.setattr(wkv, "SEGMENT_ELEMENTS", 1)
-    b, h, n, d, history = 2, 3, 45, 4, 13
+    # The 73 positions after the history are a multiple of none of the chunk sizes (7, 16, 64): every
+    # form ends on a partial chunk, and chunk 64 also carries a full chunk's state into it.
+    b, h, n, d, history = 2, 3, 86, 4, 13
     k, v = _randn(b, h, n, d, seed=0), _randn(b, h, n, d, seed=1)
     if simple:
         w = u = torch.zeros(h, d, dtype=torch.float64, requires_grad=True)
@@ -216,26 +218,38 @@ def test_aft_blocked_equals_the_dense_formula(band, segments, monkeypatch):
         _assert_all_close(_grads(out, (k, v, table)), grads_ref, **FP64)
 
 
-@pytest.mark.parametrize("band", [None, 5, 9])
+@pytest.mark.parametrize("band", [None, 1, 5, 9], ids=["full", "band1", "band5", "band9"])
 def test_aft_streaming_forms_continue_from_a_prefix_state(band):
     """Keys older than the band folded into a prefix state plus the cached band: the blocked form
-    (several queries) and the one-query form (streaming decode) both match the dense formula."""
-    b, h, n, d, cached = 1, 2, 29, 3, 11
+    (several queries, every block size) and the one-query form (streaming decode) both match the
+    dense formula, forward and backward. The gradients reach the keys and values that entered the
+    prefix state or the cache, so they check the state's gradient too. The blocked form runs over
+    79 - (cached keys that left the band) = 79, 68, 72, 76 positions: multiples of none of the
+    block sizes 7, 16, 64, and more than one block of 64."""
+    b, h, n, d, cached = 1, 2, 79, 3, 11
     k, v = _randn(b, h, n, d, seed=0), _randn(b, h, n, d, seed=1)
     table = _randn(1, n, n, seed=2)  # one bias for every channel, like aft_full / aft_local
-    ref = aft_reference(k, v, aft_bias_matrix(table, band))
+    dense = lambda: aft_reference(k, v, aft_bias_matrix(table, band))  # noqa: E731 - a fresh graph per use
+    ref = dense()
+    grads_ref = _grads(ref[..., cached:, :], (k, v, table))
     empty = empty_wkv_state((b, h, d), k)
     keep = cached if band is None else min(cached, band - 1)
     leaving = cached - keep
-    prefix = aft._prefix_after(empty, k[..., :leaving, :], v[..., :leaving, :])
-    recent = (k[..., leaving:, :], v[..., leaving:, :])
-    out = aft_blocked(*recent, table_bias(table, leaving), band, 7, prefix, keep)
-    torch.testing.assert_close(out, ref[..., cached:, :], **FP64)
+    assert band is None or leaving > 0  # a non-empty prefix state whenever the band is bounded
+    for c in CHUNKS:
+        prefix = aft._prefix_after(empty, k[..., :leaving, :], v[..., :leaving, :])
+        recent = (k[..., leaving:, :], v[..., leaving:, :])
+        assert all(recent[0].shape[-2] % size for size in CHUNKS[1:])
+        out = aft_blocked(*recent, table_bias(table, leaving), band, c, prefix, keep)
+        torch.testing.assert_close(out, ref[..., cached:, :], **FP64, msg=f"block {c}")
+        _assert_all_close(_grads(out, (k, v, table)), grads_ref, **FP64)
     for t in (0, 4, 12, n - 1):
         lo = 0 if band is None else max(0, t - band + 1)
         prefix = aft._prefix_after(empty, k[..., :lo, :], v[..., :lo, :])
         out = aft_one_query(k[..., lo : t + 1, :], v[..., lo : t + 1, :], table_bias(table, lo), prefix)
         torch.testing.assert_close(out[..., 0, :], ref[..., t, :], **FP64)
+        grads = _grads(out[..., 0, :], (k, v, table))
+        _assert_all_close(grads, _grads(dense()[..., t, :], (k, v, table)), **FP64)
 
 
 def test_aft_local_is_not_windowed_attention():
@@ -370,6 +384,55 @@ def test_project_and_mix_compose_to_forward(name):
     x = _randn(2, 19, model.dims.d_model, grad=False)
     merged = mixer.mix(*mixer.project(x)).transpose(1, 2).flatten(2)
     torch.testing.assert_close(mixer.out(merged), mixer(x), **FP64)
+
+
+def spec_aft_bias(name, mixer, options, n):
+    """The spec's pairwise bias w[t, t'] ([Hb, n, n]; -inf for t' > t), written from the mixer's own
+    parameters and the config's options (not the mixer's copies of them):
+    - aft_full: the learned pairwise bias, factorised w = U V^T;
+    - aft_local: the learned w[t, t'] (stored by lag t - t') inside the window, exactly 0 outside;
+    - aft_conv: one causal kernel of length `kernel` per head, a function of t - t' only, 0 outside."""
+    t, s = torch.arange(n)[:, None], torch.arange(n)[None, :]
+    lag = t - s
+    if name == "aft_full":
+        w = (mixer.u[:n] @ mixer.v[:n].T)[None]
+    elif name == "aft_local":
+        inside = (lag >= 0) & (lag < options["window"])
+        w = torch.where(inside, mixer.w[t, lag.clamp(0, options["window"] - 1)], 0.0)[None]
+    else:
+        inside = (lag >= 0) & (lag < options["kernel"])
+        w = torch.where(inside, mixer.w[:, lag.clamp(0, options["kernel"] - 1)], 0.0)
+    return w.masked_fill(lag < 0, float("-inf"))
+
+
+@pytest.mark.parametrize("name", ["aft_full", "aft_local", "aft_conv"])
+def test_aft_mixers_compute_the_spec_formula_with_their_learned_bias(name):
+    """A model's AFT mixer (forward, streamed step() chunks, and gradients to the input and every
+    parameter) equals the dense O(N^2) formula Y_t = sigmoid(Q_t) * sum_{t'<=t} e^{K_t' + w[t,t']}
+    V_t' / sum_{t'<=t} e^{K_t' + w[t,t']} with w built from the mixer's parameters as the spec
+    defines it per variant. The engine tests feed it a given table; this holds each mixer's
+    `bias_for` (indexing, lag direction, window/kernel from the config, 0 not -inf outside) to the
+    spec. Window/kernel 5 over 45 positions: most pairs lie outside it."""
+    model = _model(name, None, "model.n_layer=1")
+    mixer, options = model.blocks[0].mixer, SMALL_OPTIONS[name]
+    with torch.no_grad():  # projections large enough that K and V matter next to the bias
+        mixer.qkv.weight.copy_(_randn(*mixer.qkv.weight.shape, scale=0.3, seed=4, grad=False))
+    b, n, heads = 2, 45, model.dims.n_head
+    x = _randn(b, n, model.dims.d_model, seed=5)
+    q, k, v = (t.transpose(1, 2) for t in mixer.qkv(x).unflatten(-1, (3, heads, -1)).unbind(2))
+    w = spec_aft_bias(name, mixer, options, n)  # [Hb, t, t']
+    weights = torch.softmax(k[:, :, None] + w[None, :, :, :, None], dim=3)  # [B, H, t, t', Dh]
+    mean = (weights * v[:, :, None]).sum(3)
+    expected = mixer.out((torch.sigmoid(q) * mean).transpose(1, 2).flatten(2))
+    inputs = (x, *mixer.parameters())
+    torch.testing.assert_close(mixer(x), expected, **FP64)
+    _assert_all_close(_grads(mixer(x), inputs), _grads(expected, inputs), **FP64)
+    state, outputs = mixer.init_state(b), []
+    with torch.no_grad():
+        for lo, hi in ((0, 1), (1, 10), (10, 11), (11, n)):
+            out, state = mixer.step(x[:, lo:hi], state, lo)
+            outputs.append(out)
+    torch.testing.assert_close(torch.cat(outputs, 1), expected.detach(), **FP64)
 
 
 @pytest.mark.parametrize("name", ["linear", "aft_simple", "rwkv"])
