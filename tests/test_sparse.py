@@ -21,7 +21,9 @@ from conftest import model_config
 from longctx import build_model
 from longctx.attention import ModelDims, build_backend
 from longctx.attention.masked import pattern_mask, reference_attention
+from longctx.attention import sparse_engine
 from longctx.attention.sparse_core import SparseCore
+from longctx.attention.sparse_patterns import component_parts
 from longctx.attention.sparse_flex import FLEX_BLOCK, block_layout, flex_pattern_attention
 from longctx.errors import ConfigError
 
@@ -137,6 +139,36 @@ def test_engine_equals_dense_reference(name, options, alibi):
             engine, reference = _engine_vs_reference(name, options, dtype, alibi, n, layer)
             for label, got, want in zip(("out", "dq", "dk", "dv"), engine, reference):
                 torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"{label} {dtype} n={n}")
+
+
+@pytest.fixture
+def one_query_block_per_chunk(monkeypatch):
+    """Chunks of a single query block, as long windows get at real sizes (W=512: 9 key blocks of
+    64 already exceed the chunk budget): their keys are views of the key sequence and the key
+    gradients accumulate in place, a path the small test windows would otherwise never reach."""
+    monkeypatch.setattr(sparse_engine, "CHUNK_SCORES", 1)
+    component_parts.cache_clear()  # layouts are cached per (pattern, length)
+    yield
+    component_parts.cache_clear()
+
+
+@pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
+def test_engine_equals_dense_reference_one_query_block_per_chunk(name, options, one_query_block_per_chunk):
+    pattern = _backend(name, options).pattern(0)
+    parts = [part for _, _, c in pattern.groups for part in component_parts(c, SEQ)]
+    assert all(chunk.end - chunk.first == 1 for part in parts for chunk in getattr(part, "chunks", ()))
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
+        for alibi in (False, True):
+            engine, reference = _engine_vs_reference(name, options, dtype, alibi, SEQ, 0)
+            for label, got, want in zip(("out", "dq", "dk", "dv"), engine, reference):
+                torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"{label} {dtype} alibi={alibi}")
+
+
+def test_long_windows_take_the_in_place_key_path(one_query_block_per_chunk):
+    """The test above covers the span path at all: band layouts do produce span chunks."""
+    pattern = _backend("sliding_window", {"window": 5}).pattern(0)
+    (layout,) = component_parts(pattern.groups[0][2], SEQ)
+    assert sum(chunk.span is not None for chunk in layout.chunks) >= len(layout.chunks) - 1
 
 
 @pytest.mark.parametrize(("name", "options"), CONFIGS[::2], ids=IDS[::2])

@@ -215,13 +215,29 @@ def _tile(blocks: Tensor, layout: BlockLayout, chunk: Chunk) -> Tensor:
     return blocks.index_select(1, index).view(heads, rows, chunk.width * block, dim)
 
 
-def _add_tile(grad: Tensor, tile: Tensor, layout: BlockLayout, chunk: Chunk) -> None:
-    """Accumulate a tile's key (or value) gradient [BH, c, width*block, D] into grad [BH, n_blocks, block*D]."""
-    tile = tile.reshape(grad.shape[0], -1, grad.shape[-1]).to(grad.dtype)
+def _scaled_matmul(a: Tensor, b: Tensor, scale: float) -> Tensor:
+    """scale * (a @ b) for [BH, c, m, k] @ [BH, c, k, n]. BLAS applies the scale for free: no pass
+    over the product and no scaled copy of an operand (a transposed view of a longer tensor is
+    read in place when c = 1)."""
+    a3, b3 = a.flatten(0, 1), b.flatten(0, 1)
+    ignored = a3.new_zeros(()).expand(a3.shape[0], a3.shape[1], b3.shape[2])  # beta = 0: never read
+    return torch.baddbmm(ignored, a3, b3, beta=0.0, alpha=scale).view(*a.shape[:-1], b.shape[-1])
+
+
+def _accumulate(grad: Tensor, a: Tensor, b: Tensor, layout: BlockLayout, chunk: Chunk, alpha: float = 1.0) -> None:
+    """grad [BH, n_blocks, block*D] += alpha * a @ b over the chunk's key blocks, for tiles
+    a [BH, c, width*block, m] and b [BH, c, m, D]."""
+    if chunk.span is not None and a.dtype == grad.dtype:
+        # Consecutive key blocks of one query block: the product accumulates in place (measured
+        # faster than a product tile plus an add, and no tile is allocated).
+        keys = grad[:, chunk.span:chunk.span + chunk.width].view(grad.shape[0], -1, b.shape[-1])
+        keys.baddbmm_(a.flatten(0, 1), b.flatten(0, 1), alpha=alpha)
+        return
+    tile = torch.matmul(a, b).reshape(grad.shape[0], -1, grad.shape[-1]).to(grad.dtype)
     if chunk.span is not None:
-        grad[:, chunk.span:chunk.span + chunk.width] += tile
+        grad[:, chunk.span:chunk.span + chunk.width].add_(tile, alpha=alpha)
     else:
-        grad.index_add_(1, layout.table[chunk.first:chunk.end, :chunk.width].flatten(), tile)
+        grad.index_add_(1, layout.table[chunk.first:chunk.end, :chunk.width].flatten(), tile, alpha=alpha)
 
 
 def _tile_scores(q: Tensor, ks: Tensor, q_scale: float, slopes2: Tensor | None, layout: BlockLayout,
@@ -231,14 +247,10 @@ def _tile_scores(q: Tensor, ks: Tensor, q_scale: float, slopes2: Tensor | None, 
     `q_scale` is 1/sqrt(D), times log2(e) for fp32/fp64 (base-2 exponentials are about 3x
     cheaper than exp here); for bf16/fp16 the log2(e) factor is applied to the fp32 scores.
     """
-    block, rows, dim = layout.block, chunk.end - chunk.first, q.shape[-1]
+    block, rows = layout.block, chunk.end - chunk.first
     kb = _tile(ks, layout, chunk)
-    # A contiguous transposed query tile (a copy, never the caller's q): bmm on a transposed
-    # slice of a longer tensor is slow.
-    q_tile = q[:, chunk.first * block:chunk.end * block].view(-1, rows, block, dim).transpose(-1, -2)
-    q_tile = q_tile.clone(memory_format=torch.contiguous_format).mul_(q_scale)
     acc = accumulation_dtype(q.dtype)
-    scores = torch.matmul(kb, q_tile).to(acc)
+    scores = _scaled_matmul(kb, _rows(q, block, chunk).transpose(-1, -2), q_scale).to(acc)
     if q.dtype != acc:
         scores.mul_(LOG2E)
     if slopes2 is not None:  # ALiBi: -slope_h * (i - j) on original positions
@@ -260,7 +272,7 @@ class _BlockSparseAttention(torch.autograd.Function):
     """(output, lse) of one BlockLayout part; backward recomputes probabilities chunk by chunk.
 
     Big temporaries are avoided on purpose (at 16K tokens each costs ~50 ms of page faults):
-    query tiles are scaled per chunk, and keys/values are views of the inputs when the part
+    the 1/sqrt(D) scales ride on the tile products (BLAS alpha), and keys/values are views of the inputs when the part
     keeps natural order.
     """
 
@@ -326,15 +338,16 @@ class _BlockSparseAttention(torch.autograd.Function):
             delta = (go.to(acc) * _rows(out, block, chunk).to(acc)).sum(-1)
             if dlse is not None:
                 delta -= _rows(dlse, block, chunk)
-            dv_tile = torch.matmul(probs.to(go.dtype), go)
+            # A contiguous transposed copy of the small dO tile: the bmm is slow on a transposed
+            # view, and dO itself may be an expanded tensor (loss = out.sum()).
             dscores = torch.matmul(vb, go.transpose(-1, -2).contiguous()).to(acc)
+            _accumulate(dv, probs.to(go.dtype), go, layout, chunk)
+            # dscores is the gradient of the natural-unit scores q.k / sqrt(D): dq and dk take
+            # the 1/sqrt(D) as the products' scale.
             dscores = dscores.sub_(delta.unsqueeze(-2)).mul_(probs).to(qs.dtype)
-            _rows(dq, block, chunk).copy_(torch.matmul(dscores.transpose(-1, -2), kb))
-            _add_tile(dk, torch.matmul(dscores, _rows(qs, block, chunk)), layout, chunk)
-            _add_tile(dv, dv_tile, layout, chunk)
-        # dscores is the gradient of the natural-unit scores q.k / sqrt(D).
-        dq = _scatter_slots(dq.mul_(dim**-0.5), layout.q_pos, n, layout.q_identity)
-        dk.mul_(dim**-0.5)
+            _rows(dq, block, chunk).copy_(_scaled_matmul(dscores.transpose(-1, -2), kb, dim**-0.5))
+            _accumulate(dk, dscores, _rows(qs, block, chunk), layout, chunk, alpha=dim**-0.5)
+        dq = _scatter_slots(dq, layout.q_pos, n, layout.q_identity)
         dk, dv = (_scatter_slots(t.view(t.shape[0], -1, dim), layout.k_pos, n, layout.k_identity) for t in (dk, dv))
         shape = (batch, heads, n, dim)
         return dq.to(qs.dtype).view(shape), dk.to(qs.dtype).view(shape), dv.to(qs.dtype).view(shape), None, None
