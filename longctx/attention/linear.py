@@ -40,7 +40,7 @@ SEGMENT_ELEMENTS = 1 << 19
 
 
 def elu_feature(x: Tensor) -> Tensor:
-    return F.elu(x) + 1
+    return F.elu(x).add_(1)
 
 
 # name -> (phi, phi' expressed through phi(x), so backward needs only the saved features).
@@ -71,10 +71,11 @@ def _strictly_lower(n: int, like: Tensor) -> Tensor:
     return torch.ones(n, n, dtype=like.dtype, device=like.device).tril_(-1)
 
 
-def _segment_forward(q: Tensor, k: Tensor, v: Tensor, s0: Tensor, chunk: int):
+def _segment_forward(q: Tensor, k: Tensor, v: Tensor, s0: Tensor, chunk: int, out: Tensor):
     """One segment: features q, k [G, n, Dk], values v [G, n, Dv], state (S | z) [G, Dk, Dv + 1].
 
-    Returns the output, the state after the segment, and what its backward needs.
+    Writes the output into `out` [G, n, Dv]; returns the state after the segment and what its
+    backward needs (besides the output).
     """
     g, n, dk = q.shape
     dv = v.shape[-1]
@@ -82,9 +83,11 @@ def _segment_forward(q: Tensor, k: Tensor, v: Tensor, s0: Tensor, chunk: int):
     nc = -(-n // chunk)
     pad = nc * chunk - n
     # Zero-padded tail: zero key features add nothing to the state, padded rows are dropped.
-    v1 = q.new_zeros(g, n + pad, e)
+    # (Only the tail is zeroed: a full zero fill is one more pass over the segment.)
+    v1 = q.new_empty(g, n + pad, e)
     v1[:, :n, :dv] = v
     v1[:, :n, dv] = 1
+    v1[:, n:] = 0
     # Contiguous (and padded) features: backward re-reads them as chunk views.
     q, k = (F.pad(t, (0, 0, 0, pad)) if pad else t.contiguous() for t in (q, k))
     qc, kc, vc = (t.view(g * nc, chunk, t.shape[-1]) for t in (q, k, v1))
@@ -99,21 +102,22 @@ def _segment_forward(q: Tensor, k: Tensor, v: Tensor, s0: Tensor, chunk: int):
     scores = torch.bmm(qc, kc.transpose(1, 2)).masked_fill_(_upper(chunk, q.device), 0)
     o = torch.bmm(scores, vc).baddbmm_(qc, s_excl.view(g * nc, dk, e)).view(g, n + pad, e)
     den = o[:, :n, dv:] + EPS
-    out = o[:, :n, :dv] / den
-    return out, s_final, (q, k, v1, s_excl, scores, out, den)
+    torch.div(o[:, :n, :dv], den, out=out)
+    return s_final, (q, k, v1, s_excl, scores, den)
 
 
-def _segment_backward(saved, d_out: Tensor, d_state: Tensor, chunk: int):
-    """Gradients of one segment's features, values and entering state, given those of its
-    output and of the state it hands on."""
-    q, k, v1, s_excl, scores, out, den = saved
+def _segment_backward(saved, out: Tensor, d_out: Tensor, d_state: Tensor, chunk: int):
+    """Gradients of one segment's features, values and entering state, given its output and the
+    gradients of that output and of the state it hands on."""
+    q, k, v1, s_excl, scores, den = saved
     g, n_pad, dk = q.shape
     n = out.shape[1]
     e = v1.shape[-1]
     dv = e - 1
     nc = n_pad // chunk
     # Gradient of [num | den] from out = num / den.
-    d_o = q.new_zeros(g, n_pad, e)
+    d_o = q.new_empty(g, n_pad, e)
+    d_o[:, n:] = 0
     torch.div(d_out, den, out=d_o[:, :n, :dv])
     d_o[:, :n, dv] = -(d_o[:, :n, :dv] * out).sum(-1)
     qc, kc, vc, doc = (t.view(g * nc, chunk, t.shape[-1]) for t in (q, k, v1, d_o))
@@ -146,9 +150,9 @@ class _ChunkedLinearAttention(torch.autograd.Function):
         for lo in range(0, xq.shape[1], segment):
             part = slice(lo, lo + segment)
             q, k = phi(xq[:, part]), phi(xk[:, part])
-            out[:, part], state, tensors = _segment_forward(q, k, v[:, part], state, chunk)
+            state, tensors = _segment_forward(q, k, v[:, part], state, chunk, out[:, part])
             saved.extend(tensors)
-        ctx.save_for_backward(*saved)
+        ctx.save_for_backward(out, *saved)
         ctx.config = (chunk, feature, segment)
         return out, state
 
@@ -156,16 +160,15 @@ class _ChunkedLinearAttention(torch.autograd.Function):
     def backward(ctx, d_out, d_state):
         chunk, feature, segment = ctx.config
         slope = FEATURE_MAPS[feature][1]
-        saved = ctx.saved_tensors
-        n_segments = len(saved) // 7
-        n = sum(saved[7 * i + 5].shape[1] for i in range(n_segments))  # the outputs' lengths
-        g, dk = saved[0].shape[0], saved[0].shape[2]
+        out, *saved = ctx.saved_tensors
+        n_segments = len(saved) // 6
+        (g, n, _), dk = out.shape, saved[0].shape[2]
         dxq, dxk = d_out.new_empty(g, n, dk), d_out.new_empty(g, n, dk)
         dv = d_out.new_empty(d_out.shape)
         for i in reversed(range(n_segments)):
             part = slice(i * segment, (i + 1) * segment)
-            tensors = saved[7 * i : 7 * i + 7]
-            (dq, dk_, dv[:, part]), d_state = _segment_backward(tensors, d_out[:, part], d_state, chunk)
+            tensors = saved[6 * i : 6 * i + 6]
+            (dq, dk_, dv[:, part]), d_state = _segment_backward(tensors, out[:, part], d_out[:, part], d_state, chunk)
             m = dq.shape[1]
             torch.mul(dq, slope(tensors[0][:, :m]), out=dxq[:, part])
             torch.mul(dk_, slope(tensors[1][:, :m]), out=dxk[:, part])
