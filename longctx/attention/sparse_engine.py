@@ -272,8 +272,8 @@ class _BlockSparseAttention(torch.autograd.Function):
     """(output, lse) of one BlockLayout part; backward recomputes probabilities chunk by chunk.
 
     Big temporaries are avoided on purpose (at 16K tokens each costs ~50 ms of page faults):
-    the 1/sqrt(D) scales ride on the tile products (BLAS alpha), and keys/values are views of the inputs when the part
-    keeps natural order.
+    the 1/sqrt(D) scales ride on the tile products (BLAS alpha), and keys/values are views of
+    the inputs when the part keeps natural order.
     """
 
     @staticmethod
