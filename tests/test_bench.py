@@ -31,7 +31,7 @@ TINY = dict(
     backends="all", options={}, anchors=[], lengths=[32, 64], dtypes=["fp32"], modes=["fwd_bwd", "decode"],
     batch=B, heads=H, head_dim=DH, model_size="tiny", device="cpu", threads=None, seed=0, warmup=0,
     repeats=1, decode_tokens=2, prefill_chunk=16, config_budget_s=60, memory_cap_mib=2048,
-    total_budget_s=600,
+    total_budget_s=600, rounds=1,
 )
 
 
@@ -50,7 +50,7 @@ def bench_run(tmp_path_factory) -> Path:
     command = [
         sys.executable, "-m", "longctx.bench", "backends=[full]", "anchors=[]", "lengths=[32,64]",
         "dtypes=[fp32]", "modes=[fwd_bwd,decode]", f"heads={H}", f"head_dim={DH}", "repeats=1",
-        "warmup=0", "decode_tokens=2", "prefill_chunk=16", f"hydra.run.dir={out}",
+        "warmup=0", "decode_tokens=2", "prefill_chunk=16", "rounds=2", f"hydra.run.dir={out}",
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -84,7 +84,11 @@ def test_rows_carry_ratios_memory_and_state(bench_run):
     for n in (32, 64):
         sdpa, full = by_key[("sdpa", "fwd_bwd", n)], by_key[("full", "fwd_bwd", n)]
         assert sdpa["ratio_vs_sdpa"] == 1.0
-        assert full["ratio_vs_sdpa"] == pytest.approx(full["time_ms"] / sdpa["time_ms"])
+        # Two rounds: the ratio pairs each round's times, the time is the rounds' median.
+        assert full["rounds"] == sdpa["rounds"] == 2
+        paired = [t / b for t, b in zip(full["round_times_ms"], sdpa["round_times_ms"])]
+        assert full["ratio_vs_sdpa"] == pytest.approx(sum(paired) / 2)
+        assert full["time_ms"] == pytest.approx(sum(full["round_times_ms"]) / 2)
         # One call allocates at least the output and three input gradients (fp32).
         assert sdpa["peak_alloc_mib"] * 2**20 >= 4 * B * H * n * DH * 4
         # full's state after N tokens is its K and V cache: 2 x B x H x N x Dh fp32 numbers.
@@ -95,6 +99,28 @@ def test_rows_carry_ratios_memory_and_state(bench_run):
 
 
 # ---------------------------------------------------------------- fits, planning, settings
+
+def _measured_row(subject: str, round_times: list[float | None], memory: float = 1.0) -> list[dict]:
+    row = {**worker.base_row(_config(subject=subject)), "wall_s": 1.0, "tokens_per_s": 1000.0}
+    return [{**row, "time_ms": t, "time_ms_min": t, "times_ms": [t], "peak_alloc_mib": memory, "memory_mib": memory}
+            if t is not None else {**row, "status": "error", "reason": "died"} for t in round_times]
+
+
+def test_rounds_combine_into_medians_and_paired_ratios():
+    sdpa = report.combine_rounds(_measured_row("sdpa", [100.0, 300.0, 200.0]))
+    full = report.combine_rounds(_measured_row("full", [50.0, 60.0, 100.0]))
+    assert (sdpa["time_ms"], full["time_ms"], full["rounds"]) == (200.0, 60.0, 3)
+    assert full["tokens_per_s"] == pytest.approx(1000.0 * 50.0 / 60.0)  # rate of the combined time
+    report.add_ratios([sdpa, full])
+    # Round by round: 0.5, 0.2, 0.5 -> 0.5 (the ratio of the medians would say 0.3).
+    assert full["ratio_vs_sdpa"] == pytest.approx(0.5)
+    # A later round that failed drops out of both the median and the pairing.
+    partial = report.combine_rounds(_measured_row("full", [50.0, None, 100.0]))
+    assert (partial["rounds"], partial["round_times_ms"], partial["time_ms"]) == (2, [50.0, None, 100.0], 75.0)
+    report.add_ratios([sdpa, partial])
+    assert partial["ratio_vs_sdpa"] == pytest.approx(0.5)  # 0.5 and 0.5
+    assert report.combine_rounds(_measured_row("full", [None]))["rounds"] == 0
+
 
 def test_fit_exponent_recovers_synthetic_powers():
     lengths = [1024, 4096, 16384, 65536]
@@ -144,6 +170,8 @@ def test_settings_validate_before_anything_runs():
         settings_from_config({**TINY, "backends": ["no_such_backend"]}, {})
     with pytest.raises(ConfigError, match="modes"):
         settings_from_config({**TINY, "modes": ["sideways"]}, {})
+    with pytest.raises(ConfigError, match="rounds=0 must be at least 1"):
+        settings_from_config({**TINY, "rounds": 0}, {})
     with pytest.raises(ConfigError, match="options.full has unknown key"):
         settings_from_config({**TINY, "options": {"full": {"window": 3}}}, {})
     with pytest.raises(ConfigError, match="anchors"):

@@ -59,6 +59,7 @@ class Settings:
     config_budget_s: float
     total_budget_s: float
     backend_options: Mapping[str, Mapping[str, Any]]  # attention options per backend name
+    rounds: int = 1  # passes over every configuration (see run.measure_all)
 
     def configs(self) -> list[Config]:
         """Every configuration, shortest lengths first so a spent total budget cuts the longest."""
@@ -138,7 +139,7 @@ def settings_from_config(cfg: Mapping, missing_anchors: Mapping[str, str]) -> Se
     lengths = sorted(int(n) for n in cfg["lengths"])
     if not lengths or lengths[0] < 1:
         raise ConfigError(f"lengths={list(cfg['lengths'])} must be positive sequence lengths")
-    for key in ("batch", "heads", "head_dim", "repeats", "decode_tokens", "prefill_chunk"):
+    for key in ("batch", "heads", "head_dim", "repeats", "decode_tokens", "prefill_chunk", "rounds"):
         if int(cfg[key]) < 1:
             raise ConfigError(f"{key}={cfg[key]} must be at least 1")
     options = _backend_options(cfg["options"])
@@ -161,4 +162,5 @@ def settings_from_config(cfg: Mapping, missing_anchors: Mapping[str, str]) -> Se
         config_budget_s=float(cfg["config_budget_s"]),
         total_budget_s=float(cfg["total_budget_s"]),
         backend_options=options,
+        rounds=int(cfg["rounds"]),
     )

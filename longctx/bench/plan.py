@@ -51,10 +51,17 @@ class Planner:
     def record(self, config: Config, row: dict[str, Any]) -> None:
         self.history[config.series].append(row)
 
-    def skip_reason(self, config: Config) -> str | None:
+    def budget_spent(self) -> str | None:
+        """Why nothing more may run (the total budget is spent), or None."""
         elapsed = time.monotonic() - self.started
         if elapsed > self.total_budget_s:
             return f"total_budget_s={self.total_budget_s:g} spent ({elapsed:.0f} s elapsed)"
+        return None
+
+    def skip_reason(self, config: Config) -> str | None:
+        spent = self.budget_spent()
+        if spent:
+            return spent
         earlier = [row for row in self.history[config.series] if row["seq_len"] < config.seq_len]
         if not earlier:
             return None

@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 
 from longctx.bench.config import BASELINE
+from longctx.bench.measure import median
 
 CSV_COLUMNS = [
     "subject", "kind", "label", "mode", "dtype", "seq_len", "batch", "heads", "head_dim", "device",
     "status", "reason", "time_ms", "time_ms_min", "ratio_vs_sdpa", "tokens_per_s", "gflops_per_s",
     "memory_mib", "peak_alloc_mib", "peak_rss_mib", "state_elements", "state_mib", "prefill_ms",
-    "wall_s", "threads", "options",
+    "wall_s", "rounds", "threads", "options",
 ]
 MEMORY_MEANING = {
     "decode": "streaming state after N tokens",
@@ -34,15 +35,47 @@ def fit_exponent(lengths: list[float], values: list[float]) -> float | None:
     return float(np.polyfit(logs_n, logs_v, 1)[0])
 
 
+def combine_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One configuration's row from its rounds (the first decides status and reason).
+
+    time_ms is the median of the rounds' medians, time_ms_min the least call; memory figures
+    are the largest seen. `round_times_ms` keeps each round's median (None where a later round
+    failed), so ratios can pair rounds; `rounds` counts the rounds that measured.
+    """
+    first = rows[0]
+    if first["status"] != "ok":
+        return {**first, "round_times_ms": [], "rounds": 0}
+    measured = [row for row in rows if row["status"] == "ok"]
+    time_ms = median([row["time_ms"] for row in measured])
+    combined = {**first, "round_times_ms": [row["time_ms"] if row["status"] == "ok" else None for row in rows],
+                "rounds": len(measured), "time_ms": time_ms,
+                "time_ms_min": min(row["time_ms_min"] for row in measured),
+                "times_ms": [t for row in measured for t in row["times_ms"]],
+                "wall_s": sum(row["wall_s"] for row in rows)}
+    for rate in ("tokens_per_s", "gflops_per_s"):  # per second of the combined time
+        if first[rate] is not None:
+            combined[rate] = first[rate] * first["time_ms"] / time_ms
+    for memory in ("memory_mib", "peak_alloc_mib", "peak_rss_mib", "state_mib"):
+        figures = [row[memory] for row in measured if row[memory] is not None]
+        combined[memory] = max(figures) if figures else None
+    return combined
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """ratio_vs_sdpa: the row's time over SDPA's at the same N, dtype and mode (None if none)."""
+    """ratio_vs_sdpa: the row's time over SDPA's at the same N, dtype and mode (None if none),
+    as the median over rounds of the two times measured in the same round."""
     baseline = {
-        (r["dtype"], r["mode"], r["seq_len"]): r["time_ms"]
+        (r["dtype"], r["mode"], r["seq_len"]): r
         for r in rows if r["subject"] == BASELINE and r["status"] == "ok"
     }
     for row in rows:
         reference = baseline.get((row["dtype"], row["mode"], row["seq_len"]))
-        row["ratio_vs_sdpa"] = row["time_ms"] / reference if row["status"] == "ok" and reference else None
+        row["ratio_vs_sdpa"] = None
+        if row["status"] != "ok" or reference is None:
+            continue
+        paired = [t / b for t, b in zip(row.get("round_times_ms") or [], reference.get("round_times_ms") or [])
+                  if t is not None and b is not None]
+        row["ratio_vs_sdpa"] = median(paired) if paired else row["time_ms"] / reference["time_ms"]
 
 
 def fits(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

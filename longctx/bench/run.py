@@ -25,6 +25,8 @@ NOTES = [
     "peak_rss_mib: the worker's resident-set high-water mark minus its resident set at start "
     "(inputs, weights and allocator slack included).",
     "fwd_bwd uses loss = out.sum(); bf16 casts inputs and weights (no autocast) except train_step.",
+    "time_ms: median of `repeats` timed calls; with rounds > 1, the median of the rounds' medians. "
+    "ratio_vs_sdpa: the median over rounds of the row's time over SDPA's in the same round.",
 ]
 
 
@@ -46,9 +48,15 @@ def _summary(row: dict[str, Any]) -> str:
 
 
 def measure_all(settings: Settings, runner: IsolatedRunner) -> list[dict[str, Any]]:
+    """One row per configuration, combined over `settings.rounds` passes over all of them.
+
+    The first pass decides what is skipped; later passes re-measure what ran, in the same order,
+    so a slow drift of the machine's speed (on a shared VM, 10-20% over minutes) reaches SDPA
+    and the backends of one length alike, and each round gives a paired ratio.
+    """
     planner = Planner(settings.config_budget_s, settings.total_budget_s, settings.template.memory_cap_mib)
     configs = settings.configs()
-    rows = []
+    rounds: list[list[dict[str, Any]]] = []  # per configuration, its row of each round
     for index, config in enumerate(configs, 1):
         reason = planner.skip_reason(config)
         if reason is None:
@@ -56,9 +64,18 @@ def measure_all(settings: Settings, runner: IsolatedRunner) -> list[dict[str, An
         else:
             row = {**base_row(config), "status": "skipped", "reason": reason, "wall_s": 0.0}
         planner.record(config, row)
-        rows.append(row)
+        rounds.append([row])
         log.info("[%d/%d] %s", index, len(configs), _summary(row))
-    return rows
+    later = [(number, config, rows) for number in range(2, settings.rounds + 1)
+             for config, rows in zip(configs, rounds) if rows[0]["status"] == "ok"]
+    for number, config, rows in later:
+        spent = planner.budget_spent()
+        if spent:
+            log.info("round %d/%d stopped: %s", number, settings.rounds, spent)
+            break
+        rows.append(runner.run(config, _timeout_s(settings)))
+        log.info("[round %d/%d] %s", number, settings.rounds, _summary(rows[-1]))
+    return [report.combine_rounds(rows) for rows in rounds]
 
 
 def run_bench(cfg: Mapping[str, Any], out_dir: Path) -> list[dict[str, Any]]:
