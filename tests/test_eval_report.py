@@ -103,6 +103,9 @@ def test_report_overlays_runs_per_corpus_with_their_costs(sweep, tmp_path):
     assert "`3_rwkv`" in text and "wall time from the first run's start to the last evaluation" in text
     assert "produced by: `python train.py -m experiment=compare_cpu '++attention={name:full}'`" in text
     assert "| full | 1.00 (4/4 in context) | 0.25 (0/4 in context) |" in synthetic
+    # The numbers behind the loss-by-position plot: 0.8 * 3 / (1 + position_start).
+    assert "| mechanism | [0, 1) | [1, 2) | [2, 4) | [4, 256) |" in synthetic
+    assert "| full | 2.4 | 1.2 | 0.8 | 0.48 |" in synthetic and "| sliding_window | 3 | 1.5 | 1 | 0.6 |" in synthetic
     with open(out / "report.csv") as handle:
         rows = {(r["mechanism"], r["data"]): r for r in csv.DictReader(handle)}
     assert float(rows[("full", "synthetic")]["tokens_per_s"]) == pytest.approx(2000.0)

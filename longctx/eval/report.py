@@ -196,6 +196,27 @@ def _recall_table(runs: list[Run], length: int) -> list[str]:
     return lines
 
 
+def _position_rows(run: Run, length: int) -> list[dict]:
+    """The run's loss-by-position bins at `length` (else at its longest evaluated length)."""
+    rows = run.results.get("position_loss", [])
+    at = length if any(p["context_length"] == length for p in rows) else max((p["context_length"] for p in rows), default=None)
+    return [p for p in rows if p["context_length"] == at]
+
+
+def _position_table(runs: list[Run], length: int) -> list[str]:
+    """Mean loss (nats) per token-position bin, one row per mechanism: the numbers behind the plot."""
+    rows = {run.label: {(p["position_start"], p["position_end"]): p["loss"] for p in _position_rows(run, length)}
+            for run in runs}
+    bins = sorted({b for by_bin in rows.values() for b in by_bin})
+    if not bins:
+        return []
+    head = ["mechanism"] + [f"[{a}, {b})" for a, b in bins]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, by_bin in rows.items():
+        lines.append("| " + " | ".join([label] + [_fmt(by_bin.get(b)) for b in bins]) + " |")
+    return lines
+
+
 def _chance(runs: list[Run], section: str) -> float | None:
     counts = {r.results.get("eval_settings", {}).get(section, {}).get("distractors") for r in runs}
     return 1 / (1 + counts.pop()) if len(counts) == 1 and None not in counts else None
@@ -206,11 +227,7 @@ def _group_figures(runs: list[Run], summaries: list[dict], length: int, out_dir:
     series = {run.label: run.results.get("perplexity", []) for run in runs}
     figures["ppl"] = plots.plot_ppl_vs_context(series, [length], out_dir / f"ppl_vs_context_{slug}.png",
                                                title=f"Perplexity by context length ({slug})")
-    positions = {}
-    for run in runs:
-        rows = run.results.get("position_loss", [])
-        at = length if any(p["context_length"] == length for p in rows) else max((p["context_length"] for p in rows), default=None)
-        positions[run.label] = [p for p in rows if p["context_length"] == at]
+    positions = {run.label: _position_rows(run, length) for run in runs}
     if any(positions.values()):
         figures["position"] = plots.plot_position_loss(positions, [length], out_dir / f"loss_vs_position_{slug}.png",
                                                        title=f"Loss by token position, windows of {length} ({slug})")
@@ -297,6 +314,10 @@ def markdown(runs: list[Run], missing: list[Path], figures: dict, patterns, titl
             chance = _chance(group_runs_, "fact_recall")
             lines += [f"Planted-fact recall at {length} tokens by planted distance (accuracy"
                       + (f"; chance {chance:.2f}" if chance else "") + "):", "", *recall, ""]
+        position = _position_table(group_runs_, length)
+        if position:
+            lines += ["Loss by token position (mean nats per token over the non-overlapping windows of "
+                      f"{length} tokens; position p predicts with p + 1 tokens of context):", "", *position, ""]
         lines += [f"![{name}]({path.name})" for name, path in figures[group].items()] + [""]
     return "\n".join(lines)
 
