@@ -73,6 +73,7 @@ def test_outputs_exist_with_their_schema(bench_run):
     assert (bench_run / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (bench_run / "bench.md").read_text()
     assert "| implementation | N=32 | N=64 |" in markdown and "### fwd_bwd, fp32" in markdown
+    assert "median over 2 rounds of each round's median" in markdown
     fitted = {(f["subject"], f["mode"]): f for f in document["fits"]}
     assert fitted[("full", "fwd_bwd")]["time_exponent"] is not None
     assert fitted[("full", "decode")]["memory_exponent"] == pytest.approx(1.0)  # the KV cache grows with N

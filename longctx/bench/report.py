@@ -154,10 +154,13 @@ def markdown(rows: list[dict[str, Any]], fitted: list[dict], environment: dict, 
     by_key = {(r["subject"], r["dtype"], r["mode"], r["seq_len"]): r for r in rows}
     exponents = {(f["subject"], f["dtype"], f["mode"]): f for f in fitted}
     load = environment.get("load_average_start")
+    rounds = max((r.get("rounds") or 0 for r in rows), default=0)
+    timing = (f"median over {rounds} rounds of each round's median; (1.23x) = the median of the rounds' "
+              "time / SDPA's time" if rounds > 1 else "median of the timed runs; (1.23x) = time / SDPA's time")
     lines = [
         f"Measured on {environment['device_name']}, torch {environment['torch']}, "
         f"{environment['threads']} threads, B={rows[0]['batch']}, H={rows[0]['heads']}, "
-        f"Dh={rows[0]['head_dim']}; median of the timed runs; (1.23x) = time / SDPA's time at the same N, dtype and mode"
+        f"Dh={rows[0]['head_dim']}; {timing} at the same N, dtype and mode"
         + (f"; 1-minute load average at the start: {load[0]:.1f}" if load else "") + ".",
         "",
     ]
