@@ -19,9 +19,8 @@ import torch
 
 from conftest import model_config
 from longctx import build_model
-from longctx.attention import ModelDims, build_backend
+from longctx.attention import ModelDims, build_backend, sparse_engine
 from longctx.attention.masked import pattern_mask, reference_attention
-from longctx.attention import sparse_engine
 from longctx.attention.sparse_core import SparseCore
 from longctx.attention.sparse_patterns import component_parts
 from longctx.attention.sparse_flex import FLEX_BLOCK, block_layout, flex_pattern_attention

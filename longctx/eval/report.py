@@ -199,7 +199,8 @@ def _recall_table(runs: list[Run], length: int) -> list[str]:
 def _position_rows(run: Run, length: int) -> list[dict]:
     """The run's loss-by-position bins at `length` (else at its longest evaluated length)."""
     rows = run.results.get("position_loss", [])
-    at = length if any(p["context_length"] == length for p in rows) else max((p["context_length"] for p in rows), default=None)
+    lengths = {p["context_length"] for p in rows}
+    at = length if length in lengths else max(lengths, default=None)
     return [p for p in rows if p["context_length"] == at]
 
 
