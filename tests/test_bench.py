@@ -18,7 +18,7 @@ from longctx import build_model, flops
 from longctx.attention import ModelDims, build_backend
 from longctx.attention.full import FullAttention
 from longctx.attention.masked import pattern_mask
-from longctx.bench import anchors, report, worker
+from longctx.bench import allocator, anchors, report, worker
 from longctx.bench.config import Config, settings_from_config
 from longctx.bench.isolation import IsolatedRunner
 from longctx.bench.plan import Planner, extrapolate
@@ -31,7 +31,7 @@ TINY = dict(
     backends="all", options={}, anchors=[], lengths=[32, 64], dtypes=["fp32"], modes=["fwd_bwd", "decode"],
     batch=B, heads=H, head_dim=DH, model_size="tiny", device="cpu", threads=None, seed=0, warmup=0,
     repeats=1, decode_tokens=2, prefill_chunk=16, config_budget_s=60, memory_cap_mib=2048,
-    total_budget_s=600, rounds=1,
+    total_budget_s=600, rounds=1, cpu_allocator="default",
 )
 
 
@@ -74,6 +74,7 @@ def test_outputs_exist_with_their_schema(bench_run):
     markdown = (bench_run / "bench.md").read_text()
     assert "| implementation | N=32 | N=64 |" in markdown and "### fwd_bwd, fp32" in markdown
     assert "median over 2 rounds of each round's median" in markdown
+    assert "cpu_allocator=default" in markdown and all(r["cpu_allocator"] == "default" for r in rows)
     fitted = {(f["subject"], f["mode"]): f for f in document["fits"]}
     assert fitted[("full", "fwd_bwd")]["time_exponent"] is not None
     assert fitted[("full", "decode")]["memory_exponent"] == pytest.approx(1.0)  # the KV cache grows with N
@@ -177,6 +178,8 @@ def test_settings_validate_before_anything_runs():
         settings_from_config({**TINY, "options": {"full": {"window": 3}}}, {})
     with pytest.raises(ConfigError, match="anchors"):
         settings_from_config({**TINY, "anchors": ["flash_attn"]}, anchors.missing_anchors(["flash_attn"]))
+    with pytest.raises(ConfigError, match=r"cpu_allocator='jemalloc' is not valid; choose from \['default', 'retain'\]"):
+        settings_from_config({**TINY, "cpu_allocator": "jemalloc"}, {})
     missing = settings_from_config({**TINY, "anchors": ["fla_naive_linear"]}, {"fla_naive_linear": "absent"})
     assert all(kind != "anchor" for _, kind in missing.subjects)
 
@@ -232,6 +235,41 @@ def test_fresh_process_measures_and_a_hung_worker_is_killed(runner):
     assert row["peak_rss_mib"] is not None
     killed = runner.run(_config(seq_len=4096, mode="fwd_bwd"), timeout_s=0.01)
     assert killed["status"] == "skipped" and "killed after" in killed["reason"]
+
+
+# A 64 MiB tensor (over glibc's largest automatic mmap threshold, 32 MiB) written, freed and
+# written again: the page faults of the second write, in a fresh interpreter.
+REFAULT_PROBE = '''
+import resource, sys, torch
+from longctx.bench.allocator import configure_cpu_allocator
+configure_cpu_allocator(sys.argv[1])
+torch.empty(16, 1 << 20).fill_(1.0)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(16, 1 << 20).fill_(1.0)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+'''
+
+
+@pytest.mark.parametrize("name, refaulted", [("default", True), ("retain", False)])
+def test_cpu_allocator_decides_whether_freed_memory_is_faulted_again(name, refaulted):
+    done = subprocess.run([sys.executable, "-c", REFAULT_PROBE, name], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    pages = (64 << 20) // 4096
+    faults = int(done.stdout.split()[-1])
+    assert (faults > pages // 2) if refaulted else (faults < pages // 16), faults
+
+
+def test_retain_is_refused_before_any_work_where_libc_has_no_mallopt(monkeypatch):
+    monkeypatch.setattr(allocator, "_mallopt", lambda: None)
+    with pytest.raises(ConfigError, match="needs glibc's mallopt.*use cpu_allocator=default"):
+        settings_from_config({**TINY, "cpu_allocator": "retain"}, {})
+
+
+def test_a_retain_worker_measures_and_records_its_allocator(runner):
+    row = runner.run(_config(subject="sdpa", kind="baseline", cpu_allocator="retain"), timeout_s=120)
+    assert row["status"] == "ok", row["reason"]
+    assert row["cpu_allocator"] == "retain"
 
 
 def test_sanity_mode_reports_both_figures(tmp_path):

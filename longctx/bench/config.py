@@ -8,6 +8,7 @@ from typing import Any, Mapping
 import torch
 
 from longctx.attention import available_backends, backend_class
+from longctx.bench.allocator import check_cpu_allocator
 from longctx.bench.anchors import ANCHORS
 from longctx.errors import ConfigError
 
@@ -40,6 +41,7 @@ class Config:
     model_size: str
     memory_cap_mib: float | None
     threads: int | None
+    cpu_allocator: str  # see longctx.bench.allocator
     seed: int
     options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -152,6 +154,7 @@ def settings_from_config(cfg: Mapping, missing_anchors: Mapping[str, str]) -> Se
         model_size=str(cfg["model_size"]),
         memory_cap_mib=float(cfg["memory_cap_mib"]) if cfg["memory_cap_mib"] else None,
         threads=int(cfg["threads"]) if cfg["threads"] else None, seed=int(cfg["seed"]),
+        cpu_allocator=check_cpu_allocator(str(cfg["cpu_allocator"])),
     )
     return Settings(
         subjects=subjects,

@@ -17,7 +17,7 @@ CSV_COLUMNS = [
     "subject", "kind", "label", "mode", "dtype", "seq_len", "batch", "heads", "head_dim", "device",
     "status", "reason", "time_ms", "time_ms_min", "ratio_vs_sdpa", "tokens_per_s", "gflops_per_s",
     "memory_mib", "peak_alloc_mib", "peak_rss_mib", "state_elements", "state_mib", "prefill_ms",
-    "wall_s", "rounds", "threads", "options",
+    "wall_s", "rounds", "threads", "cpu_allocator", "options",
 ]
 MEMORY_MEANING = {
     "decode": "streaming state after N tokens",
@@ -160,7 +160,9 @@ def markdown(rows: list[dict[str, Any]], fitted: list[dict], environment: dict, 
     lines = [
         f"Measured on {environment['device_name']}, torch {environment['torch']}, "
         f"{environment['threads']} threads, B={rows[0]['batch']}, H={rows[0]['heads']}, "
-        f"Dh={rows[0]['head_dim']}; {timing} at the same N, dtype and mode"
+        f"Dh={rows[0]['head_dim']}"
+        + (f", cpu_allocator={rows[0]['cpu_allocator']}" if rows[0].get("cpu_allocator") else "")
+        + f"; {timing} at the same N, dtype and mode"
         + (f"; 1-minute load average at the start: {load[0]:.1f}" if load else "") + ".",
         "",
     ]

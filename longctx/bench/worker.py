@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from longctx.bench.allocator import configure_cpu_allocator
 from longctx.bench.anchors import ANCHORS
 from longctx.bench.config import Config
 from longctx.bench.measure import MIB, RssGauge, allocator_peak_bytes, median, time_calls
@@ -63,6 +64,7 @@ def _limit_memory(config: Config) -> None:
 
 
 def _measure(config: Config, row: dict[str, Any], rss: RssGauge) -> None:
+    configure_cpu_allocator(config.cpu_allocator)
     torch.manual_seed(config.seed)
     if config.threads:
         torch.set_num_threads(config.threads)
