@@ -60,7 +60,7 @@ def bench_run(tmp_path_factory) -> Path:
 def test_outputs_exist_with_their_schema(bench_run):
     document = json.loads((bench_run / "bench.json").read_text())
     assert set(document) == {"environment", "settings", "rows", "fits", "notes"}
-    assert {"torch", "cpu", "threads", "device", "device_name", "git_commit"} <= set(document["environment"])
+    assert {"torch", "cpu", "threads", "device", "device_name", "git_commit", "allocator_env"} <= set(document["environment"])
     assert document["settings"]["lengths"] == [32, 64]
     rows = document["rows"]
     measured = {(r["subject"], r["mode"], r["seq_len"]) for r in rows}

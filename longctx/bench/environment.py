@@ -43,6 +43,13 @@ def load_average() -> list[float] | None:
         return None
 
 
+def allocator_environment() -> dict[str, str]:
+    """Variables that change what cpu_allocator=default means: glibc's malloc settings, and a
+    preloaded allocator such as jemalloc or tcmalloc."""
+    return {key: value for key, value in os.environ.items()
+            if key.startswith("MALLOC_") or key in ("GLIBC_TUNABLES", "LD_PRELOAD")}
+
+
 def describe(device: str, threads: int | None) -> dict:
     on_gpu = device.startswith("cuda")
     return {
@@ -53,6 +60,7 @@ def describe(device: str, threads: int | None) -> dict:
         "cpu_count": os.cpu_count(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": threads or torch.get_num_threads(),
+        "allocator_env": allocator_environment(),
         "device": device,
         "device_name": torch.cuda.get_device_name(torch.device(device)) if on_gpu else cpu_model(),
         "cuda": torch.version.cuda if on_gpu else None,
