@@ -250,6 +250,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 '''
 
 
+@pytest.mark.skipif(allocator._mallopt() is None, reason="glibc's malloc only")
 @pytest.mark.parametrize("name, refaulted", [("default", True), ("retain", False)])
 def test_cpu_allocator_decides_whether_freed_memory_is_faulted_again(name, refaulted):
     done = subprocess.run([sys.executable, "-c", REFAULT_PROBE, name], cwd=ROOT, capture_output=True, text=True,

@@ -3,9 +3,10 @@
 CPU tensors come from the C library's malloc. With glibc's defaults, a block above its mmap
 threshold (which adapts, up to 32 MiB) is mapped fresh when allocated and unmapped when freed,
 so a call whose tensors pass the threshold page-faults every one of their pages again on every
-call: on the 2-core CPU VM about 25 ms per 128 MiB written, which is a quarter of linear
-attention's fwd+bwd at N=64K and half of fla's pure-torch reference at N=16K. Allocators such as
-jemalloc or tcmalloc keep freed memory for reuse instead.
+call: on the 2-core CPU VM about 25 ms per 128 MiB written. Without those faults linear
+attention's fwd+bwd at N=64K ran about 20% faster and fla's pure-torch reference at N=16K about
+twice as fast (bench, paired rounds). Allocators such as jemalloc or tcmalloc keep freed memory
+for reuse instead.
 
 - `default`: malloc as the environment configures it (MALLOC_* variables, GLIBC_TUNABLES).
 - `retain`: freed memory stays in the process's heap and is reused by the next call (glibc's
