@@ -103,7 +103,11 @@ def measure(config: Config, rss: RssGauge | None = None) -> dict[str, Any]:
     except (MemoryError, RuntimeError) as error:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if isinstance(error, MemoryError) or any(s in message.lower() for s in OUT_OF_MEMORY):
-            row.update(status="skipped", reason=f"over memory_cap_mib={config.memory_cap_mib}: {message}")
+            reason = f"over memory_cap_mib={config.memory_cap_mib}: {message}"
+            if config.cpu_allocator == "retain":
+                reason += (" (cpu_allocator=retain keeps freed memory in the heap, which fragmentation can grow "
+                           "past the cap: raise memory_cap_mib or use cpu_allocator=default)")
+            row.update(status="skipped", reason=reason)
         else:
             row.update(status="error", reason=f"{type(error).__name__}: {message}")
     except Exception as error:  # a broken backend must not end the bench: record it and go on
