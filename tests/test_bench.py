@@ -60,7 +60,8 @@ def bench_run(tmp_path_factory) -> Path:
 def test_outputs_exist_with_their_schema(bench_run):
     document = json.loads((bench_run / "bench.json").read_text())
     assert set(document) == {"environment", "settings", "rows", "fits", "notes"}
-    assert {"torch", "cpu", "threads", "device", "device_name", "git_commit", "allocator_env"} <= set(document["environment"])
+    expected = {"torch", "cpu", "threads", "device", "device_name", "git_commit", "allocator_env"}
+    assert expected <= set(document["environment"])
     assert document["settings"]["lengths"] == [32, 64]
     rows = document["rows"]
     measured = {(r["subject"], r["mode"], r["seq_len"]) for r in rows}
@@ -178,7 +179,8 @@ def test_settings_validate_before_anything_runs():
         settings_from_config({**TINY, "options": {"full": {"window": 3}}}, {})
     with pytest.raises(ConfigError, match="anchors"):
         settings_from_config({**TINY, "anchors": ["flash_attn"]}, anchors.missing_anchors(["flash_attn"]))
-    with pytest.raises(ConfigError, match=r"cpu_allocator='jemalloc' is not valid; choose from \['default', 'retain'\]"):
+    refused = r"cpu_allocator='jemalloc' is not valid; choose from \['default', 'retain'\]"
+    with pytest.raises(ConfigError, match=refused):
         settings_from_config({**TINY, "cpu_allocator": "jemalloc"}, {})
     missing = settings_from_config({**TINY, "anchors": ["fla_naive_linear"]}, {"fla_naive_linear": "absent"})
     assert all(kind != "anchor" for _, kind in missing.subjects)
