@@ -104,7 +104,7 @@ def measure(config: Config, rss: RssGauge | None = None) -> dict[str, Any]:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if isinstance(error, MemoryError) or any(s in message.lower() for s in OUT_OF_MEMORY):
             reason = f"over memory_cap_mib={config.memory_cap_mib}: {message}"
-            if config.cpu_allocator == "retain":
+            if config.cpu_allocator == "retain" and not config.device.startswith("cuda"):  # CUDA caps device memory
                 reason += (" (cpu_allocator=retain keeps freed memory in the heap, which fragmentation can grow "
                            "past the cap: raise memory_cap_mib or use cpu_allocator=default)")
             row.update(status="skipped", reason=reason)
