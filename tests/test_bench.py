@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import mmap
 import subprocess
 import sys
 from pathlib import Path
@@ -18,9 +19,10 @@ from longctx import build_model, flops
 from longctx.attention import ModelDims, build_backend
 from longctx.attention.full import FullAttention
 from longctx.attention.masked import pattern_mask
-from longctx.bench import allocator, anchors, report, worker
+from longctx.bench import allocator, anchors, environment, report, worker
 from longctx.bench.config import Config, settings_from_config
 from longctx.bench.isolation import IsolatedRunner
+from longctx.bench.measure import time_calls
 from longctx.bench.plan import Planner, extrapolate
 from longctx.bench.run import run_sanity
 from longctx.errors import ConfigError
@@ -60,7 +62,8 @@ def bench_run(tmp_path_factory) -> Path:
 def test_outputs_exist_with_their_schema(bench_run):
     document = json.loads((bench_run / "bench.json").read_text())
     assert set(document) == {"environment", "settings", "rows", "fits", "notes"}
-    expected = {"torch", "cpu", "threads", "device", "device_name", "git_commit", "allocator_env"}
+    expected = {"torch", "cpu", "threads", "device", "device_name", "git_commit", "allocator_env",
+                "transparent_hugepage"}
     assert expected <= set(document["environment"])
     assert document["settings"]["lengths"] == [32, 64]
     rows = document["rows"]
@@ -76,6 +79,8 @@ def test_outputs_exist_with_their_schema(bench_run):
     assert "| implementation | N=32 | N=64 |" in markdown and "### fwd_bwd, fp32" in markdown
     assert "median over 2 rounds of each round's median" in markdown
     assert "cpu_allocator=default" in markdown and all(r["cpu_allocator"] == "default" for r in rows)
+    assert all(r["faulted_mib"] >= 0 for r in rows)  # CPU: counted for every measured row
+    assert "MiB page-faulted per call (fwd_bwd, fp32" in markdown
     fitted = {(f["subject"], f["mode"]): f for f in document["fits"]}
     assert fitted[("full", "fwd_bwd")]["time_exponent"] is not None
     assert fitted[("full", "decode")]["memory_exponent"] == pytest.approx(1.0)  # the KV cache grows with N
@@ -123,6 +128,8 @@ def test_rounds_combine_into_medians_and_paired_ratios():
     report.add_ratios([sdpa, partial])
     assert partial["ratio_vs_sdpa"] == pytest.approx(0.5)  # 0.5 and 0.5
     assert report.combine_rounds(_measured_row("full", [None]))["rounds"] == 0
+    rounds = [{**row, "faulted_mib": mib} for row, mib in zip(_measured_row("full", [1.0, 2.0, 3.0]), (8.0, 0.0, 2.0))]
+    assert report.combine_rounds(rounds)["faulted_mib"] == 2.0  # the rounds' median
 
 
 def test_fit_exponent_recovers_synthetic_powers():
@@ -273,6 +280,28 @@ def test_cpu_allocator_decides_whether_freed_memory_is_faulted_again(name, refau
     pages = (48 << 20) // 4096
     faults = int(done.stdout.split()[-1])
     assert (faults > pages // 2) if refaulted else (faults < pages // 16), faults
+
+
+def test_timed_calls_count_the_pages_each_call_faults():
+    pages = 2048
+
+    def map_and_touch_fresh_pages():
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as fresh:  # anonymous: mapped on first touch
+            fresh[:: mmap.PAGESIZE] = b"x" * pages
+
+    calls = time_calls(map_and_touch_fresh_pages, warmup=1, repeats=3, device=torch.device("cpu"))
+    assert len(calls.seconds) == 3 and all(pages <= n < 2 * pages for n in calls.minor_faults), calls
+    quiet = time_calls(lambda: None, warmup=0, repeats=3, device=torch.device("cpu"))
+    assert max(quiet.minor_faults) < pages // 16, quiet
+
+
+@pytest.mark.parametrize("content, mode", [("always [madvise] never\n", "madvise"), (None, None)])
+def test_transparent_hugepage_mode_is_the_bracketed_one(tmp_path, monkeypatch, content, mode):
+    policy = tmp_path / "enabled"
+    if content is not None:
+        policy.write_text(content)
+    monkeypatch.setattr(environment, "TRANSPARENT_HUGEPAGE", policy)
+    assert environment.transparent_hugepage_mode() == mode
 
 
 def test_retain_is_refused_before_any_work_where_libc_has_no_mallopt(monkeypatch):

@@ -10,19 +10,27 @@ Memory, three honest gauges:
   worker through /proc/self/clear_refs) minus its resident set then: everything the
   configuration made, inputs and weights included, as the OS saw it;
 - the streaming state's size, for decode (counted from its tensors).
+
+Page faults (CPU): the minor faults each timed call took, i.e. pages the OS had to map and zero
+for it. Memory the C allocator hands back to the OS between calls is faulted again on the next
+one, at a cost this VM puts at about 25 ms per 128 MiB, so this figure says how much of a row's
+time depends on `cpu_allocator` (allocator.py).
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import statistics
 import time
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 MIB = 2**20
+PAGE_BYTES = resource.getpagesize()
 
 
 def synchronize(device: torch.device) -> None:
@@ -30,25 +38,41 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device) -> list[float]:
-    """Seconds taken by each of `repeats` calls of `fn` after `warmup` untimed calls."""
+@dataclass
+class TimedCalls:
+    seconds: list[float]
+    minor_faults: list[int] | None  # per call; None on CUDA, where host page faults say nothing
+
+
+def minor_faults() -> int:
+    """Page faults this process (all its threads) has taken that needed no I/O: fresh pages."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device) -> TimedCalls:
+    """Seconds (and on the CPU minor page faults) of each of `repeats` calls of `fn` after
+    `warmup` untimed calls."""
     for _ in range(warmup):
         fn()
     synchronize(device)
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
+    if device.type == "cuda":
+        times = []
+        for _ in range(repeats):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn()
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
-        else:
-            start_s = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start_s)
-    return times
+        return TimedCalls(times, None)
+    times, faults = [], []
+    for _ in range(repeats):
+        faults_before = minor_faults()
+        start_s = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start_s)
+        faults.append(minor_faults() - faults_before)
+    return TimedCalls(times, faults)
 
 
 def median(values: list[float]) -> float:

@@ -16,8 +16,8 @@ from longctx.bench.measure import median
 CSV_COLUMNS = [
     "subject", "kind", "label", "mode", "dtype", "seq_len", "batch", "heads", "head_dim", "device",
     "status", "reason", "time_ms", "time_ms_min", "ratio_vs_sdpa", "tokens_per_s", "gflops_per_s",
-    "memory_mib", "peak_alloc_mib", "peak_rss_mib", "state_elements", "state_mib", "prefill_ms",
-    "wall_s", "rounds", "threads", "cpu_allocator", "options",
+    "memory_mib", "peak_alloc_mib", "peak_rss_mib", "faulted_mib", "state_elements", "state_mib",
+    "prefill_ms", "wall_s", "rounds", "threads", "cpu_allocator", "options",
 ]
 MEMORY_MEANING = {
     "decode": "streaming state after N tokens",
@@ -39,8 +39,9 @@ def combine_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """One configuration's row from its rounds (the first decides status and reason).
 
     time_ms is the median of the rounds' medians, time_ms_min the least call; memory figures
-    are the largest seen. `round_times_ms` keeps each round's median (None where a later round
-    failed), so ratios can pair rounds; `rounds` counts the rounds that measured.
+    are the largest seen, faulted_mib the median of the rounds'. `round_times_ms` keeps each
+    round's median (None where a later round failed), so ratios can pair rounds; `rounds` counts
+    the rounds that measured.
     """
     first = rows[0]
     if first["status"] != "ok":
@@ -58,6 +59,8 @@ def combine_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     for memory in ("memory_mib", "peak_alloc_mib", "peak_rss_mib", "state_mib"):
         figures = [row[memory] for row in measured if row[memory] is not None]
         combined[memory] = max(figures) if figures else None
+    faulted = [row["faulted_mib"] for row in measured if row.get("faulted_mib") is not None]
+    combined["faulted_mib"] = median(faulted) if faulted else None
     return combined
 
 
@@ -148,6 +151,23 @@ def _not_measured(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def _faults_table(rows: list[dict[str, Any]], mode: str, dtype: str, lengths: list[int],
+                  labels: dict[str, str]) -> list[str]:
+    """MiB page-faulted per call for one panel (CPU rows only; nothing when none was counted)."""
+    faulted = {(r["subject"], r["seq_len"]): r["faulted_mib"] for r in rows
+               if (r["mode"], r["dtype"]) == (mode, dtype) and r["status"] == "ok"
+               and r.get("faulted_mib") is not None}
+    if not faulted:
+        return []
+    lines = [f"MiB page-faulted per call ({mode}, {dtype}; minor faults x page size, median of the calls):", "",
+             "| implementation | " + " | ".join(f"N={_length(n)}" for n in lengths) + " |",
+             "|" + "---|" * (len(lengths) + 1)]
+    for subject, label in labels.items():
+        cells = [_number(faulted[subject, n]) if (subject, n) in faulted else "" for n in lengths]
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    return lines + [""]
+
+
 def markdown(rows: list[dict[str, Any]], fitted: list[dict], environment: dict, notes: list[str]) -> str:
     """One README-ready table per (mode, dtype): rows = subjects, columns = N."""
     lengths = sorted({r["seq_len"] for r in rows})
@@ -162,6 +182,8 @@ def markdown(rows: list[dict[str, Any]], fitted: list[dict], environment: dict, 
         f"{environment['threads']} threads, B={rows[0]['batch']}, H={rows[0]['heads']}, "
         f"Dh={rows[0]['head_dim']}"
         + (f", cpu_allocator={rows[0]['cpu_allocator']}" if rows[0].get("cpu_allocator") else "")
+        + (f", transparent huge pages: {environment['transparent_hugepage']}"
+           if environment.get("transparent_hugepage") else "")
         + f"; {timing} at the same N, dtype and mode"
         + (f"; 1-minute load average at the start: {load[0]:.1f}" if load else "") + ".",
         "",
@@ -179,6 +201,7 @@ def markdown(rows: list[dict[str, Any]], fitted: list[dict], environment: dict, 
             cells += [_exponent(fit.get("time_exponent")), _exponent(fit.get("memory_exponent"))]
             lines.append("| " + " | ".join([label] + cells) + " |")
         lines.append("")
+        lines += _faults_table(rows, mode, dtype, lengths, labels)
     not_measured = _not_measured(rows)
     if not_measured:
         lines += ["### Not measured", ""] + not_measured + [""]

@@ -15,7 +15,7 @@ import torch
 from longctx.bench.allocator import configure_cpu_allocator
 from longctx.bench.anchors import ANCHORS
 from longctx.bench.config import Config
-from longctx.bench.measure import MIB, RssGauge, allocator_peak_bytes, median, time_calls
+from longctx.bench.measure import MIB, PAGE_BYTES, RssGauge, allocator_peak_bytes, median, time_calls
 from longctx.bench.workloads import build_workload
 from longctx.errors import ConfigError
 
@@ -26,7 +26,8 @@ OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "cannot allocate memo
 # Every row has these keys (None where a mode or a failure leaves them unmeasured).
 MEASUREMENTS = (
     "time_ms", "time_ms_min", "times_ms", "tokens_per_s", "gflops_per_s", "memory_mib", "peak_alloc_mib",
-    "peak_rss_mib", "state_elements", "state_mib", "prefill_ms", "parameters", "threads", "wall_s",
+    "peak_rss_mib", "faulted_mib", "state_elements", "state_mib", "prefill_ms", "parameters", "threads",
+    "wall_s",
 )
 
 
@@ -71,9 +72,10 @@ def _measure(config: Config, row: dict[str, Any], rss: RssGauge) -> None:
     device = torch.device(config.device)
     workload = build_workload(config)
     decoding = config.mode == "decode"
-    times = time_calls(
+    calls = time_calls(
         workload.call, config.warmup, config.decode_tokens if decoding else config.repeats, device
     )
+    times = calls.seconds
     peak_alloc = allocator_peak_bytes(workload.call, device)
     seconds = median(times)
     rss_delta = rss.peak_delta_bytes()
@@ -86,6 +88,7 @@ def _measure(config: Config, row: dict[str, Any], rss: RssGauge) -> None:
         gflops_per_s=workload.flops_per_call / seconds / 1e9 if workload.flops_per_call else None,
         peak_alloc_mib=peak_alloc / MIB,
         peak_rss_mib=rss_delta / MIB if rss_delta is not None else None,
+        faulted_mib=median(calls.minor_faults) * PAGE_BYTES / MIB if calls.minor_faults else None,
         threads=torch.get_num_threads(),
     )
     # The headline memory of a row: what the mode's cost is about.
