@@ -13,8 +13,8 @@ Memory, three honest gauges:
 
 Page faults (CPU): the minor faults each timed call took, i.e. pages the OS had to map and zero
 for it. Memory the C allocator hands back to the OS between calls is faulted again on the next
-one, at a cost this VM puts at about 25 ms per 128 MiB, so this figure says how much of a row's
-time depends on `cpu_allocator` (allocator.py).
+one, so this figure says how much of a row's time depends on `cpu_allocator` (allocator.py
+states what a fault costs).
 """
 from __future__ import annotations
 
