@@ -1,4 +1,5 @@
 """Train a decoder LM with the chosen attention backend: `python train.py attention=<name> ...`."""
+
 import hydra
 from omegaconf import DictConfig
 

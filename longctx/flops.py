@@ -5,6 +5,7 @@ multiply-add (2 FLOPs) per token forward and twice that backward, hence 6 x thos
 sequence mixing adds its own forward work, counted by each backend's `attention_flops(N)`
 (the work it really does, e.g. a window instead of the dense N^2), times 3 for forward + backward.
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,7 +52,7 @@ def training_flops_per_token(model: LanguageModel, seq_len: int) -> float:
     return 6.0 * matmul_parameters(model) + 3.0 * mixing_per_sequence / seq_len
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def measured_matmul_flops(dtype: torch.dtype, size: int = 2048, repeats: int = 5) -> float:
     """Best FLOP/s of a size^3 matmul on this CPU (the CPU's usable peak; cached per process)."""
     a = torch.randn(size, size, dtype=dtype)

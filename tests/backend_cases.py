@@ -13,9 +13,12 @@ CASES: dict[str, dict] = {
     "full": {"options": {}, "seq_len": 37, "state": "grows"},
     # One sliding-window layer, then one linear layer (tiny has two layers).
     "hybrid": {
-        "options": {"pattern": ["sliding_window", "linear"],
-                    "backends": {"sliding_window": {"window": 4}, "linear": {"chunk_size": 8}}},
-        "seq_len": 37, "state": "bounded",
+        "options": {
+            "pattern": ["sliding_window", "linear"],
+            "backends": {"sliding_window": {"window": 4}, "linear": {"chunk_size": 8}},
+        },
+        "seq_len": 37,
+        "state": "bounded",
     },
     # Sparse softmax family (tests/test_sparse.py has the pattern-level checks): lengths that are
     # multiples of no window, block, stride or engine tile, and >= 4x the largest reach.
@@ -23,12 +26,31 @@ CASES: dict[str, dict] = {
     "local": {"options": {"block_size": 6, "look_back": 1}, "seq_len": 37, "state": "bounded"},
     "dilated": {"options": {"window": 4, "dilation": 3}, "seq_len": 53, "state": "bounded"},
     "longformer": {
-        "options": {"window": 4, "dilation": 2, "dilated_heads": 2, "global_tokens": 3, "layer_windows": [3, 5]},
-        "seq_len": 43, "state": "bounded",
+        "options": {
+            "window": 4,
+            "dilation": 2,
+            "dilated_heads": 2,
+            "global_tokens": 3,
+            "layer_windows": [3, 5],
+        },
+        "seq_len": 43,
+        "state": "bounded",
     },
-    "sparse_strided": {"options": {"stride": 5, "layout": "heads"}, "seq_len": 37, "state": "grows"},
-    "sparse_fixed": {"options": {"stride": 8, "summary": 3, "layout": "heads"}, "seq_len": 37, "state": "grows"},
-    "blockwise": {"options": {"block_size": 6, "shifts": [0, 1]}, "seq_len": 37, "state": "bounded"},
+    "sparse_strided": {
+        "options": {"stride": 5, "layout": "heads"},
+        "seq_len": 37,
+        "state": "grows",
+    },
+    "sparse_fixed": {
+        "options": {"stride": 8, "summary": 3, "layout": "heads"},
+        "seq_len": 37,
+        "state": "grows",
+    },
+    "blockwise": {
+        "options": {"block_size": 6, "shifts": [0, 1]},
+        "seq_len": 37,
+        "state": "bounded",
+    },
     # Linear-time family: chunks of 8 so 37 positions span several chunks plus a partial one.
     "linear": {"options": {"chunk_size": 8}, "seq_len": 37, "state": "constant"},
     "rwkv": {"options": {}, "seq_len": 37, "state": "constant"},
@@ -38,13 +60,17 @@ CASES: dict[str, dict] = {
     "aft_full": {"options": {"max_len": 64}, "seq_len": 37, "state": "grows"},
     # Two layers: a local layer (blocks of 8) then a memory-compressed one (slots of 3).
     "memory_compressed": {
-        "options": {"compression": 3, "block_size": 8, "alternate": True}, "seq_len": 37, "state": "grows",
+        "options": {"compression": 3, "block_size": 8, "alternate": True},
+        "seq_len": 37,
+        "state": "grows",
     },
     # Blocks of 4, two selected: 37 positions = 9 complete blocks + 1, most queries choose among > 2.
     "moba": {"options": {"block_size": 4, "top_k": 2}, "seq_len": 37, "state": "grows"},
     # Whole segments (the contract), then mixed chunks, which this implementation also streams exactly.
     "transformer_xl": {
-        "options": {"segment_length": 8, "mem_len": 11}, "seq_len": 37, "state": "bounded",
+        "options": {"segment_length": 8, "mem_len": 11},
+        "seq_len": 37,
+        "state": "bounded",
         "chunks": [[8, 8, 8, 8, 5], [16, 16, 5], [1] * 37, [5, 1, 13, 37]],
     },
 }

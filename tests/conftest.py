@@ -1,4 +1,5 @@
 """Shared fixtures: configs composed with Hydra's compose API, exactly as train.py sees them."""
+
 from __future__ import annotations
 
 import os

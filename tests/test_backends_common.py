@@ -1,4 +1,5 @@
 """Properties every backend must have, run over the shared table in backend_cases.py."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -6,10 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
-
 from backend_cases import CASES
 from conftest import CONF_DIR, model_config
+from omegaconf import OmegaConf
+
 from longctx import build_model
 from longctx.attention import available_backends, backend_class
 
@@ -48,8 +49,10 @@ def test_yaml_lists_the_spec_defaults(name):
     """conf/attention/<name>.yaml shows exactly the options and defaults the code uses."""
     yaml = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "attention" / f"{name}.yaml"))
     assert yaml.pop("name") == name
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(backend_class(name).Options)}
+    defaults = {
+        f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        for f in dataclasses.fields(backend_class(name).Options)
+    }
     defaults = {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()}
     assert yaml == defaults
 
@@ -67,7 +70,7 @@ def test_chunked_step_equals_forward(name):
             for size in chunks:
                 if start >= n:
                     break
-                logits, state = model.step(ids[:, start:start + size], state)
+                logits, state = model.step(ids[:, start : start + size], state)
                 outputs.append(logits)
                 start += size
             torch.testing.assert_close(torch.cat(outputs, 1), reference, rtol=1e-9, atol=1e-9)
@@ -82,8 +85,10 @@ def test_future_tokens_never_change_past_logits(name):
         base = model(ids)
         for t in (0, n // 3, n - 2):
             changed = ids.clone()
-            changed[:, t + 1:] = (changed[:, t + 1:] + 1 + torch.arange(n - t - 1)) % VOCAB
-            assert torch.equal(model(changed)[:, : t + 1], base[:, : t + 1]), f"leak into position <= {t}"
+            changed[:, t + 1 :] = (changed[:, t + 1 :] + 1 + torch.arange(n - t - 1)) % VOCAB
+            assert torch.equal(model(changed)[:, : t + 1], base[:, : t + 1]), (
+                f"leak into position <= {t}"
+            )
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -100,7 +105,7 @@ def test_zero_gradient_to_the_future(name):
     i = n // 2
     model(_ids(n))[:, i].sum().backward()
     grad = captured["x"].grad
-    assert grad[:, i + 1:].abs().max() == 0
+    assert grad[:, i + 1 :].abs().max() == 0
     assert grad[:, : i + 1].abs().sum() > 0
 
 

@@ -1,4 +1,5 @@
 """The bench module (`python -m longctx.bench`) and the model-FLOPs counter."""
+
 from __future__ import annotations
 
 import csv
@@ -11,10 +12,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, model_config
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from conftest import ROOT, model_config
 from longctx import build_model, flops
 from longctx.attention import ModelDims, build_backend
 from longctx.attention.full import FullAttention
@@ -26,14 +27,38 @@ from longctx.bench.measure import time_calls
 from longctx.bench.plan import Planner, extrapolate
 from longctx.bench.run import run_sanity
 from longctx.errors import ConfigError
-from longctx.flops import matmul_parameters, measured_matmul_flops, mfu, peak_flops, training_flops_per_token
+from longctx.flops import (
+    matmul_parameters,
+    measured_matmul_flops,
+    mfu,
+    peak_flops,
+    training_flops_per_token,
+)
 
 B, H, DH = 1, 2, 8
 TINY = dict(
-    backends="all", options={}, anchors=[], lengths=[32, 64], dtypes=["fp32"], modes=["fwd_bwd", "decode"],
-    batch=B, heads=H, head_dim=DH, model_size="tiny", device="cpu", threads=None, seed=0, warmup=0,
-    repeats=1, decode_tokens=2, prefill_chunk=16, config_budget_s=60, memory_cap_mib=2048,
-    total_budget_s=600, rounds=1, cpu_allocator="default",
+    backends="all",
+    options={},
+    anchors=[],
+    lengths=[32, 64],
+    dtypes=["fp32"],
+    modes=["fwd_bwd", "decode"],
+    batch=B,
+    heads=H,
+    head_dim=DH,
+    model_size="tiny",
+    device="cpu",
+    threads=None,
+    seed=0,
+    warmup=0,
+    repeats=1,
+    decode_tokens=2,
+    prefill_chunk=16,
+    config_budget_s=60,
+    memory_cap_mib=2048,
+    total_budget_s=600,
+    rounds=1,
+    cpu_allocator="default",
 )
 
 
@@ -45,14 +70,28 @@ def _config(**changes) -> Config:
 
 # ---------------------------------------------------------------- the whole entry point
 
+
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory) -> Path:
     """One tiny run through `python -m longctx.bench`, exactly as a user starts it."""
     out = tmp_path_factory.mktemp("bench") / "run"
     command = [
-        sys.executable, "-m", "longctx.bench", "backends=[full]", "anchors=[]", "lengths=[32,64]",
-        "dtypes=[fp32]", "modes=[fwd_bwd,decode]", f"heads={H}", f"head_dim={DH}", "repeats=1",
-        "warmup=0", "decode_tokens=2", "prefill_chunk=16", "rounds=2", f"hydra.run.dir={out}",
+        sys.executable,
+        "-m",
+        "longctx.bench",
+        "backends=[full]",
+        "anchors=[]",
+        "lengths=[32,64]",
+        "dtypes=[fp32]",
+        "modes=[fwd_bwd,decode]",
+        f"heads={H}",
+        f"head_dim={DH}",
+        "repeats=1",
+        "warmup=0",
+        "decode_tokens=2",
+        "prefill_chunk=16",
+        "rounds=2",
+        f"hydra.run.dir={out}",
     ]
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -62,13 +101,23 @@ def bench_run(tmp_path_factory) -> Path:
 def test_outputs_exist_with_their_schema(bench_run):
     document = json.loads((bench_run / "bench.json").read_text())
     assert set(document) == {"environment", "settings", "rows", "fits", "notes"}
-    expected = {"torch", "cpu", "threads", "device", "device_name", "git_commit", "allocator_env",
-                "transparent_hugepage"}
+    expected = {
+        "torch",
+        "cpu",
+        "threads",
+        "device",
+        "device_name",
+        "git_commit",
+        "allocator_env",
+        "transparent_hugepage",
+    }
     assert expected <= set(document["environment"])
     assert document["settings"]["lengths"] == [32, 64]
     rows = document["rows"]
     measured = {(r["subject"], r["mode"], r["seq_len"]) for r in rows}
-    assert measured == {(s, m, n) for s in ("sdpa", "full") for m in ("fwd_bwd", "decode") for n in (32, 64)}
+    assert measured == {
+        (s, m, n) for s in ("sdpa", "full") for m in ("fwd_bwd", "decode") for n in (32, 64)
+    }
     assert all(r["status"] == "ok" and r["time_ms"] > 0 and r["tokens_per_s"] > 0 for r in rows)
     assert set(report.CSV_COLUMNS) - {"options"} <= set(rows[0])
     with (bench_run / "bench.csv").open() as handle:
@@ -78,12 +127,16 @@ def test_outputs_exist_with_their_schema(bench_run):
     markdown = (bench_run / "bench.md").read_text()
     assert "| implementation | N=32 | N=64 |" in markdown and "### fwd_bwd, fp32" in markdown
     assert "median over 2 rounds of each round's median" in markdown
-    assert "cpu_allocator=default" in markdown and all(r["cpu_allocator"] == "default" for r in rows)
+    assert "cpu_allocator=default" in markdown and all(
+        r["cpu_allocator"] == "default" for r in rows
+    )
     assert all(r["faulted_mib"] >= 0 for r in rows)  # CPU: counted for every measured row
     assert "MiB page-faulted per call (fwd_bwd, fp32" in markdown
     fitted = {(f["subject"], f["mode"]): f for f in document["fits"]}
     assert fitted[("full", "fwd_bwd")]["time_exponent"] is not None
-    assert fitted[("full", "decode")]["memory_exponent"] == pytest.approx(1.0)  # the KV cache grows with N
+    assert fitted[("full", "decode")]["memory_exponent"] == pytest.approx(
+        1.0
+    )  # the KV cache grows with N
 
 
 def test_rows_carry_ratios_memory_and_state(bench_run):
@@ -102,16 +155,32 @@ def test_rows_carry_ratios_memory_and_state(bench_run):
         # full's state after N tokens is its K and V cache: 2 x B x H x N x Dh fp32 numbers.
         decode = by_key[("full", "decode", n)]
         assert decode["state_elements"] == 2 * B * H * n * DH
-        assert decode["memory_mib"] == decode["state_mib"] == pytest.approx(2 * B * H * n * DH * 4 / 2**20)
+        assert (
+            decode["memory_mib"]
+            == decode["state_mib"]
+            == pytest.approx(2 * B * H * n * DH * 4 / 2**20)
+        )
         assert by_key[("sdpa", "decode", n)]["state_elements"] == 2 * B * H * n * DH
 
 
 # ---------------------------------------------------------------- fits, planning, settings
 
+
 def _measured_row(subject: str, round_times: list[float | None], memory: float = 1.0) -> list[dict]:
     row = {**worker.base_row(_config(subject=subject)), "wall_s": 1.0, "tokens_per_s": 1000.0}
-    return [{**row, "time_ms": t, "time_ms_min": t, "times_ms": [t], "peak_alloc_mib": memory, "memory_mib": memory}
-            if t is not None else {**row, "status": "error", "reason": "died"} for t in round_times]
+    return [
+        {
+            **row,
+            "time_ms": t,
+            "time_ms_min": t,
+            "times_ms": [t],
+            "peak_alloc_mib": memory,
+            "memory_mib": memory,
+        }
+        if t is not None
+        else {**row, "status": "error", "reason": "died"}
+        for t in round_times
+    ]
 
 
 def test_rounds_combine_into_medians_and_paired_ratios():
@@ -124,11 +193,18 @@ def test_rounds_combine_into_medians_and_paired_ratios():
     assert full["ratio_vs_sdpa"] == pytest.approx(0.5)
     # A later round that failed drops out of both the median and the pairing.
     partial = report.combine_rounds(_measured_row("full", [50.0, None, 100.0]))
-    assert (partial["rounds"], partial["round_times_ms"], partial["time_ms"]) == (2, [50.0, None, 100.0], 75.0)
+    assert (partial["rounds"], partial["round_times_ms"], partial["time_ms"]) == (
+        2,
+        [50.0, None, 100.0],
+        75.0,
+    )
     report.add_ratios([sdpa, partial])
     assert partial["ratio_vs_sdpa"] == pytest.approx(0.5)  # 0.5 and 0.5
     assert report.combine_rounds(_measured_row("full", [None]))["rounds"] == 0
-    rounds = [{**row, "faulted_mib": mib} for row, mib in zip(_measured_row("full", [1.0, 2.0, 3.0]), (8.0, 0.0, 2.0))]
+    rounds = [
+        {**row, "faulted_mib": mib}
+        for row, mib in zip(_measured_row("full", [1.0, 2.0, 3.0]), (8.0, 0.0, 2.0))
+    ]
     assert report.combine_rounds(rounds)["faulted_mib"] == 2.0  # the rounds' median
 
 
@@ -144,11 +220,18 @@ def test_fit_exponent_recovers_synthetic_powers():
 def test_extrapolation_uses_the_last_two_points():
     assert extrapolate([(1024, 1.0), (4096, 4.0)], 16384, (1.0, 3.0)) == pytest.approx(16.0)
     assert extrapolate([(1024, 1.0)], 4096, (1.0, 3.0)) == pytest.approx(4.0)  # one point: N^1
-    assert extrapolate([(1024, 1.0), (4096, 0.5)], 16384, (1.0, 3.0)) == pytest.approx(2.0)  # clamped
+    assert extrapolate([(1024, 1.0), (4096, 0.5)], 16384, (1.0, 3.0)) == pytest.approx(
+        2.0
+    )  # clamped
 
 
 def _ok_row(config: Config, wall_s: float, memory_mib: float) -> dict:
-    return {**worker.base_row(config), "wall_s": wall_s, "peak_alloc_mib": memory_mib, "status": "ok"}
+    return {
+        **worker.base_row(config),
+        "wall_s": wall_s,
+        "peak_alloc_mib": memory_mib,
+        "status": "ok",
+    }
 
 
 def test_planner_skips_what_will_not_fit_and_says_why():
@@ -161,8 +244,15 @@ def test_planner_skips_what_will_not_fit_and_says_why():
     assert "config_budget_s" in planner.skip_reason(_config(seq_len=65536))
     planner = Planner(config_budget_s=1000, total_budget_s=1000, memory_cap_mib=100)
     planner.record(_config(seq_len=1024), _ok_row(_config(seq_len=1024), wall_s=0.1, memory_mib=30))
-    assert "memory_cap_mib" in planner.skip_reason(_config(seq_len=4096))  # at least 30 MiB x 4 > 100
-    failed = {**worker.base_row(_config(seq_len=1024)), "status": "error", "reason": "boom", "wall_s": 1}
+    assert "memory_cap_mib" in planner.skip_reason(
+        _config(seq_len=4096)
+    )  # at least 30 MiB x 4 > 100
+    failed = {
+        **worker.base_row(_config(seq_len=1024)),
+        "status": "error",
+        "reason": "boom",
+        "wall_s": 1,
+    }
     planner.record(_config(seq_len=1024, dtype="bf16"), failed)
     assert "N=1024 was error (boom)" in planner.skip_reason(_config(seq_len=4096, dtype="bf16"))
     spent = Planner(config_budget_s=10, total_budget_s=0, memory_cap_mib=None)
@@ -174,7 +264,8 @@ def test_settings_validate_before_anything_runs():
     configs = settings.configs()
     assert [c.seq_len for c in configs] == sorted(c.seq_len for c in configs)  # shortest first
     assert {c.subject for c in configs if c.mode == "decode"} == {"sdpa"} | {
-        name for name, kind in settings.subjects if kind == "backend"}  # anchors have no decode
+        name for name, kind in settings.subjects if kind == "backend"
+    }  # anchors have no decode
     assert settings.subjects[0] == ("sdpa", "baseline")
     with pytest.raises(ConfigError, match="backends"):
         settings_from_config({**TINY, "backends": ["no_such_backend"]}, {})
@@ -185,21 +276,27 @@ def test_settings_validate_before_anything_runs():
     with pytest.raises(ConfigError, match="options.full has unknown key"):
         settings_from_config({**TINY, "options": {"full": {"window": 3}}}, {})
     with pytest.raises(ConfigError, match="anchors"):
-        settings_from_config({**TINY, "anchors": ["flash_attn"]}, anchors.missing_anchors(["flash_attn"]))
+        settings_from_config(
+            {**TINY, "anchors": ["flash_attn"]}, anchors.missing_anchors(["flash_attn"])
+        )
     refused = r"cpu_allocator='jemalloc' is not valid; choose from \['default', 'retain'\]"
     with pytest.raises(ConfigError, match=refused):
         settings_from_config({**TINY, "cpu_allocator": "jemalloc"}, {})
-    missing = settings_from_config({**TINY, "anchors": ["fla_naive_linear"]}, {"fla_naive_linear": "absent"})
+    missing = settings_from_config(
+        {**TINY, "anchors": ["fla_naive_linear"]}, {"fla_naive_linear": "absent"}
+    )
     assert all(kind != "anchor" for _, kind in missing.subjects)
 
 
 def test_missing_anchors_are_named_with_the_install_command(monkeypatch):
     monkeypatch.setattr(anchors.importlib.util, "find_spec", lambda name: None)
     assert anchors.missing_anchors(["local_attention"]) == {
-        "local_attention": "local_attention is not installed (pip install local-attention)"}
+        "local_attention": "local_attention is not installed (pip install local-attention)"
+    }
 
 
 # ---------------------------------------------------------------- failures are recorded, never fatal
+
 
 def test_a_length_above_max_len_is_a_skipped_row(monkeypatch):
     monkeypatch.setattr(FullAttention, "max_len", property(lambda self: 16))
@@ -208,26 +305,48 @@ def test_a_length_above_max_len_is_a_skipped_row(monkeypatch):
 
 
 def test_a_learned_position_table_is_sized_to_the_measured_length_unless_given():
-    settings = settings_from_config({**TINY, "backends": ["aft_full", "aft_local", "full"],
-                                     "options": {"aft_local": {"max_len": 40}}}, {})
+    settings = settings_from_config(
+        {
+            **TINY,
+            "backends": ["aft_full", "aft_local", "full"],
+            "options": {"aft_local": {"max_len": 40}},
+        },
+        {},
+    )
     sized = {(c.subject, c.mode, c.seq_len): c.options.get("max_len") for c in settings.configs()}
-    assert sized[("aft_full", "fwd_bwd", 64)] == 64 and sized[("aft_full", "decode", 64)] == 64 + TINY["decode_tokens"]
+    assert (
+        sized[("aft_full", "fwd_bwd", 64)] == 64
+        and sized[("aft_full", "decode", 64)] == 64 + TINY["decode_tokens"]
+    )
     assert sized[("aft_local", "fwd_bwd", 64)] == 40 and sized[("full", "fwd_bwd", 64)] is None
     # and a max_len given too short for decoding past the prefill is a skipped row, not an IndexError
-    row = worker.measure(next(c for c in settings.configs() if c.subject == "aft_local" and c.mode == "decode" and c.seq_len == 64))
+    row = worker.measure(
+        next(
+            c
+            for c in settings.configs()
+            if c.subject == "aft_local" and c.mode == "decode" and c.seq_len == 64
+        )
+    )
     assert row["status"] == "skipped" and "max_len" in row["reason"]
 
 
 @pytest.mark.parametrize(
     "error, status, reason",
-    [(RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB"), "skipped", "over memory_cap_mib"),
-     (MemoryError(), "skipped", "over memory_cap_mib"),
-     (RuntimeError("shape mismatch"), "error", "RuntimeError: shape mismatch"),
-     (KeyError("x"), "error", "KeyError")],
+    [
+        (
+            RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 9 GB"),
+            "skipped",
+            "over memory_cap_mib",
+        ),
+        (MemoryError(), "skipped", "over memory_cap_mib"),
+        (RuntimeError("shape mismatch"), "error", "RuntimeError: shape mismatch"),
+        (KeyError("x"), "error", "KeyError"),
+    ],
 )
 def test_exceptions_become_rows(monkeypatch, error, status, reason):
     def broken(config):
         raise error
+
     monkeypatch.setattr(worker, "build_workload", broken)
     row = worker.measure(_config())
     assert row["status"] == status and reason in row["reason"]
@@ -236,8 +355,11 @@ def test_exceptions_become_rows(monkeypatch, error, status, reason):
 def test_out_of_memory_under_retain_names_the_heap_and_the_fixes(monkeypatch):
     def too_big(config):
         raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 64 MB")
+
     monkeypatch.setattr(worker, "build_workload", too_big)
-    monkeypatch.setattr(worker, "configure_cpu_allocator", lambda name: None)  # keep this process's malloc as is
+    monkeypatch.setattr(
+        worker, "configure_cpu_allocator", lambda name: None
+    )  # keep this process's malloc as is
     row = worker.measure(_config(cpu_allocator="retain"))
     assert row["status"] == "skipped" and "over memory_cap_mib" in row["reason"]
     assert "raise memory_cap_mib or use cpu_allocator=default" in row["reason"]
@@ -260,7 +382,7 @@ def test_fresh_process_measures_and_a_hung_worker_is_killed(runner):
 # mmap threshold, 32 MiB): the page faults of the second write, in a fresh interpreter. The second
 # is smaller so that it fits the freed block whatever the alignment padding: an aligned request
 # of the same size needs a little more than the block it freed, and may or may not find it.
-REFAULT_PROBE = '''
+REFAULT_PROBE = """
 import resource, sys, torch
 from longctx.bench.allocator import configure_cpu_allocator
 configure_cpu_allocator(sys.argv[1])
@@ -268,14 +390,19 @@ torch.empty(16, 1 << 20).fill_(1.0)
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 torch.empty(12, 1 << 20).fill_(1.0)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-'''
+"""
 
 
 @pytest.mark.skipif(allocator._mallopt() is None, reason="glibc's malloc only")
 @pytest.mark.parametrize("name, refaulted", [("default", True), ("retain", False)])
 def test_cpu_allocator_decides_whether_freed_memory_is_faulted_again(name, refaulted):
-    done = subprocess.run([sys.executable, "-c", REFAULT_PROBE, name], cwd=ROOT, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", REFAULT_PROBE, name],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     pages = (48 << 20) // 4096
     faults = int(done.stdout.split()[-1])
@@ -290,7 +417,9 @@ def test_timed_calls_count_the_pages_each_call_faults():
             fresh[:: mmap.PAGESIZE] = b"x" * pages
 
     calls = time_calls(map_and_touch_fresh_pages, warmup=1, repeats=3, device=torch.device("cpu"))
-    assert len(calls.seconds) == 3 and all(pages <= n < 2 * pages for n in calls.minor_faults), calls
+    assert len(calls.seconds) == 3 and all(pages <= n < 2 * pages for n in calls.minor_faults), (
+        calls
+    )
     quiet = time_calls(lambda: None, warmup=0, repeats=3, device=torch.device("cpu"))
     assert max(quiet.minor_faults) < pages // 16, quiet
 
@@ -311,7 +440,9 @@ def test_retain_is_refused_before_any_work_where_libc_has_no_mallopt(monkeypatch
 
 
 def test_a_retain_worker_measures_and_records_its_allocator(runner):
-    row = runner.run(_config(subject="sdpa", kind="baseline", cpu_allocator="retain"), timeout_s=120)
+    row = runner.run(
+        _config(subject="sdpa", kind="baseline", cpu_allocator="retain"), timeout_s=120
+    )
     assert row["status"] == "ok", row["reason"]
     assert row["cpu_allocator"] == "retain"
 
@@ -335,6 +466,7 @@ def test_installed_anchors_run_at_the_bench_shapes(name):
 
 # ---------------------------------------------------------------- FLOPs
 
+
 def test_full_attention_flops_count_the_causal_pairs():
     dims = ModelDims(n_layer=1, n_head=4, d_model=64, context_length=40)
     backend = build_backend({"name": "full"}, dims)
@@ -350,7 +482,9 @@ def test_training_flops_per_token_of_the_tiny_model():
     assert matmul_parameters(model) == 2 * per_layer + 37 * 64
     n = 16
     attention = 2 * (2 * 2 * (n * (n + 1) / 2) * 64)  # two layers of causal QK^T and PV
-    assert training_flops_per_token(model, n) == pytest.approx(6 * (2 * per_layer + 37 * 64) + 3 * attention / n)
+    assert training_flops_per_token(model, n) == pytest.approx(
+        6 * (2 * per_layer + 37 * 64) + 3 * attention / n
+    )
 
 
 def test_six_n_matches_torch_flop_counter_on_the_linear_layers():

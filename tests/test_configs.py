@@ -1,4 +1,5 @@
 """Every config group composes; the CLI prints the job config and names valid choices."""
+
 from __future__ import annotations
 
 import subprocess
@@ -7,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import CONF_DIR, ROOT, compose_config
 from hydra.errors import MissingConfigException
 
-from conftest import CONF_DIR, ROOT, compose_config
 from longctx import build_model
 
 GROUPS = ["attention", "model", "data", "tokenizer", "trainer", "logger"]
@@ -35,8 +36,10 @@ def test_eval_config_composes():
     assert cfg.ckpt_path == "x.ckpt"
 
 
-@pytest.mark.parametrize("size,params", [("small", 124e6), ("medium", 350e6), ("large", 774e6), ("xl", 1.5e9),
-                                          ("llama_1b", 1.14e9)])
+@pytest.mark.parametrize(
+    "size,params",
+    [("small", 124e6), ("medium", 350e6), ("large", 774e6), ("xl", 1.5e9), ("llama_1b", 1.14e9)],
+)
 def test_model_sizes_have_their_parameter_counts(size, params):
     cfg = compose_config(f"model={size}")
     with torch.device("meta"):
@@ -51,6 +54,8 @@ def test_wrong_group_choice_lists_valid_choices():
 
 
 def test_cli_prints_job_config():
-    out = subprocess.run([sys.executable, "train.py", "--cfg", "job"], cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "train.py", "--cfg", "job"], cwd=ROOT, capture_output=True, text=True
+    )
     assert out.returncode == 0, out.stderr
     assert "attention:" in out.stdout and "name: full" in out.stdout

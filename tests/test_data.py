@@ -9,15 +9,20 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import compose_config
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, DistributedSampler
 
 import longctx.data.datamodule as datamodule_module
-from longctx.data import LongDocDataModule, OrderedStream, PackedWindows, build_tokenizer, load_corpus
+from longctx.data import (
+    LongDocDataModule,
+    OrderedStream,
+    PackedWindows,
+    build_tokenizer,
+    load_corpus,
+)
 from longctx.data.splits import split_counts
 from longctx.data.synthetic import FactSettings, generate_synthetic_documents
-
-from conftest import compose_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "validation", "test")
@@ -25,7 +30,13 @@ SPLITS = ("train", "validation", "test")
 
 def data_config(name: str, cache_dir: Path, **overrides):
     """conf/data/<name>.yaml resolved against a minimal root config, caches under cache_dir."""
-    root = OmegaConf.create({"paths": {"root_dir": str(ROOT), "data_dir": str(ROOT / "data")}, "seed": 0, "context_length": 64})
+    root = OmegaConf.create(
+        {
+            "paths": {"root_dir": str(ROOT), "data_dir": str(ROOT / "data")},
+            "seed": 0,
+            "context_length": 64,
+        }
+    )
     root.data = OmegaConf.load(ROOT / "conf" / "data" / f"{name}.yaml")
     root.data.cache_dir = str(cache_dir)
     for key, value in overrides.items():
@@ -39,7 +50,12 @@ def small_synthetic(cache_dir: Path, **overrides):
 
 @pytest.fixture(scope="module")
 def bundled_byte(tmp_path_factory) -> LongDocDataModule:
-    dm = LongDocDataModule(data_config("bundled", tmp_path_factory.mktemp("bundled")), {"name": "byte"}, context_length=128, batch_size=4)
+    dm = LongDocDataModule(
+        data_config("bundled", tmp_path_factory.mktemp("bundled")),
+        {"name": "byte"},
+        context_length=128,
+        batch_size=4,
+    )
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -65,27 +81,40 @@ def test_bundled_splits_are_disjoint_by_document(tmp_path):
 
 
 def test_split_counts_give_every_split_a_document():
-    assert split_counts(5, {"train": 0.9, "validation": 0.05, "test": 0.05}) == {"train": 3, "validation": 1, "test": 1}
+    assert split_counts(5, {"train": 0.9, "validation": 0.05, "test": 0.05}) == {
+        "train": 3,
+        "validation": 1,
+        "test": 1,
+    }
     with pytest.raises(ValueError, match="cannot fill"):
         split_counts(2, {"train": 0.8, "validation": 0.1, "test": 0.1})
 
 
 def write_local_files(folder: Path) -> None:
     folder.mkdir()
-    (folder / "book_a.txt").write_text("Call me Ishmael.\nSome years ago, never mind how long.\n" * 20)
-    (folder / "book_b.txt").write_text("It was the best of times, it was the worst of times.\n" * 20)
+    (folder / "book_a.txt").write_text(
+        "Call me Ishmael.\nSome years ago, never mind how long.\n" * 20
+    )
+    (folder / "book_b.txt").write_text(
+        "It was the best of times, it was the worst of times.\n" * 20
+    )
     (folder / "empty.txt").write_text("")
     (folder / "image.txt").write_bytes(bytes(range(256)) * 8)
     (folder / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
     with open(folder / "notes.jsonl", "w") as handle:
         for i in range(3):
             handle.write(json.dumps({"text": f"Note {i}. " * 30, "title": f"note-{i}"}) + "\n")
-    pq.write_table(pa.table({"text": [f"Parquet document {i}. " * 30 for i in range(3)]}), folder / "docs.parquet")
+    pq.write_table(
+        pa.table({"text": [f"Parquet document {i}. " * 30 for i in range(3)]}),
+        folder / "docs.parquet",
+    )
 
 
 def test_local_corpus_loads_txt_jsonl_parquet_and_skips_unusable_files(tmp_path):
     write_local_files(tmp_path / "docs")
-    cfg = data_config("local", tmp_path / "cache", data_files=str(tmp_path / "docs" / "*"), num_proc=1)
+    cfg = data_config(
+        "local", tmp_path / "cache", data_files=str(tmp_path / "docs" / "*"), num_proc=1
+    )
     with pytest.warns(UserWarning, match=r"skipped 3 of 7 files.*1 binary, 1 empty, 1 undecodable"):
         corpus = load_corpus(cfg)
     docs = [row for s in SPLITS for row in corpus[s]]
@@ -99,7 +128,10 @@ def test_corpus_without_usable_document_fails_naming_the_glob(tmp_path):
     (tmp_path / "docs").mkdir()
     (tmp_path / "docs" / "empty.txt").write_text("")
     pattern = str(tmp_path / "docs" / "*.txt")
-    with pytest.warns(UserWarning, match="1 empty"), pytest.raises(ValueError, match="no usable document") as error:
+    with (
+        pytest.warns(UserWarning, match="1 empty"),
+        pytest.raises(ValueError, match="no usable document") as error,
+    ):
         load_corpus(data_config("local", tmp_path / "cache", data_files=pattern))
     assert pattern in str(error.value)
 
@@ -108,12 +140,14 @@ def test_pg19_code_path_on_local_parquet(tmp_path):
     files = {}
     for split, n in zip(SPLITS, (4, 2, 2)):
         files[split] = str(tmp_path / f"{split}.parquet")
-        table = pa.table({
-            "short_book_title": [f"{split} book {i}" for i in range(n)],
-            "publication_date": [1900 + i for i in range(n)],
-            "url": ["https://example.invalid"] * n,
-            "text": [f"The {split} book number {i}. " * 50 for i in range(n)],
-        })
+        table = pa.table(
+            {
+                "short_book_title": [f"{split} book {i}" for i in range(n)],
+                "publication_date": [1900 + i for i in range(n)],
+                "url": ["https://example.invalid"] * n,
+                "text": [f"The {split} book number {i}. " * 50 for i in range(n)],
+            }
+        )
         pq.write_table(table, files[split])
     corpus = load_corpus(data_config("pg19", tmp_path / "cache", data_files=files, num_proc=1))
     assert {s: len(corpus[s]) for s in SPLITS} == {"train": 4, "validation": 2, "test": 2}
@@ -123,15 +157,27 @@ def test_pg19_code_path_on_local_parquet(tmp_path):
 
 def test_wikitext_lines_are_regrouped_into_articles(tmp_path):
     def article(title: str) -> list[str]:
-        return [f" = {title} = \n", "", f" {title} is a topic . \n", " = = History = = \n", " It has a history . \n"]
+        return [
+            f" = {title} = \n",
+            "",
+            f" {title} is a topic . \n",
+            " = = History = = \n",
+            " It has a history . \n",
+        ]
 
     files = {}
     for split in SPLITS:
         files[split] = str(tmp_path / f"{split}.parquet")
-        pq.write_table(pa.table({"text": [""] + article(f"{split} A") + article(f"{split} B")}), files[split])
-    corpus = load_corpus(data_config("wikitext103", tmp_path / "cache", data_files=files, num_proc=1))
+        pq.write_table(
+            pa.table({"text": [""] + article(f"{split} A") + article(f"{split} B")}), files[split]
+        )
+    corpus = load_corpus(
+        data_config("wikitext103", tmp_path / "cache", data_files=files, num_proc=1)
+    )
     assert list(corpus["test"]["title"]) == ["test A", "test B"]
-    assert "= = History = =" in corpus["test"][0]["text"] and "test B" not in corpus["test"][0]["text"]
+    assert (
+        "= = History = =" in corpus["test"][0]["text"] and "test B" not in corpus["test"][0]["text"]
+    )
 
 
 def test_synthetic_corpus_is_deterministic_and_answers_come_far_after_the_fact(tmp_path):
@@ -139,7 +185,10 @@ def test_synthetic_corpus_is_deterministic_and_answers_come_far_after_the_fact(t
     assert first == list(generate_synthetic_documents(12, (64, 512, 2048), seed=7))
     assert first != list(generate_synthetic_documents(12, (64, 512, 2048), seed=8))
     for i, doc in enumerate(first):
-        (fact_start, fact_end), (answer_start, answer_end) = doc["fact_char_spans"][0], doc["answer_char_spans"][0]
+        (fact_start, fact_end), (answer_start, answer_end) = (
+            doc["fact_char_spans"][0],
+            doc["answer_char_spans"][0],
+        )
         answer = doc["text"][answer_start:answer_end]
         assert answer.isdigit() and answer == doc["text"][fact_start:fact_end]
         assert answer_start - fact_start == doc["distance"] >= (64, 512, 2048)[i % 3]
@@ -149,11 +198,17 @@ def test_synthetic_corpus_is_deterministic_and_answers_come_far_after_the_fact(t
 
 
 def test_synthetic_documents_with_several_long_codes_ask_for_each_fact_after_the_distance(tmp_path):
-    for i, doc in enumerate(generate_synthetic_documents(9, (64, 256, 300), seed=2, settings=FactSettings(facts=3, code_length=8))):
+    for i, doc in enumerate(
+        generate_synthetic_documents(
+            9, (64, 256, 300), seed=2, settings=FactSettings(facts=3, code_length=8)
+        )
+    ):
         text, facts, answers = doc["text"], doc["fact_char_spans"], doc["answer_char_spans"]
         assert len(facts) == len(answers) == 3
         stated = [text[a:b] for a, b in facts]
-        assert [text[a:b] for a, b in answers] == stated and all(len(c) == 8 and c.isdigit() for c in stated)
+        assert [text[a:b] for a, b in answers] == stated and all(
+            len(c) == 8 and c.isdigit() for c in stated
+        )
         gaps = [answer[0] - fact[0] for fact, answer in zip(facts, answers)]
         assert doc["distance"] == min(gaps) >= (64, 256, 300)[i % 3]
         # each answer follows the question about the name whose code was stated there
@@ -162,7 +217,11 @@ def test_synthetic_documents_with_several_long_codes_ask_for_each_fact_after_the
             assert text[:answer_start].endswith(f"Answer: the code of {name} is ")
     corpus = load_corpus(small_synthetic(tmp_path, facts=2, code_length=6))
     assert all(len(spans) == 2 for spans in corpus["test"]["answer_char_spans"])
-    plain = next(generate_synthetic_documents(1, (256,), seed=3, settings=FactSettings(facts=2, distractor_rate=0.0)))
+    plain = next(
+        generate_synthetic_documents(
+            1, (256,), seed=3, settings=FactSettings(facts=2, distractor_rate=0.0)
+        )
+    )
     assert len(re.findall(r"\d+", plain["text"])) == 4  # two facts, two answers, no other codes
     for bad in ({"facts": 0}, {"alphabet": "hex"}, {"distractor_rate": 1.0}):
         with pytest.raises(ValueError, match=next(iter(bad))):
@@ -170,10 +229,15 @@ def test_synthetic_documents_with_several_long_codes_ask_for_each_fact_after_the
 
 
 def test_synthetic_copy_preset_asks_for_one_long_code_beyond_a_64_token_window(tmp_path):
-    cfg = compose_config("data=synthetic_copy", "data.num_docs=20", f"data.cache_dir={tmp_path}").data
+    cfg = compose_config(
+        "data=synthetic_copy", "data.num_docs=20", f"data.cache_dir={tmp_path}"
+    ).data
     corpus = load_corpus(cfg)
     for doc in corpus["test"]:
-        ((fact_start, fact_end),), ((answer_start, answer_end),) = doc["fact_char_spans"], doc["answer_char_spans"]
+        ((fact_start, fact_end),), ((answer_start, answer_end),) = (
+            doc["fact_char_spans"],
+            doc["answer_char_spans"],
+        )
         assert doc["text"][answer_start:answer_end] == doc["text"][fact_start:fact_end]
         assert answer_end - answer_start == 192
         # past the 4 x 63 = 252 tokens a 64-token window reaches through model=mini's 4 layers
@@ -184,7 +248,7 @@ def test_synthetic_copy_preset_asks_for_one_long_code_beyond_a_64_token_window(t
 def test_alnum_codes_use_distinct_characters():
     settings = FactSettings(code_length=20, alphabet="alnum", distractor_rate=0.0)
     for doc in generate_synthetic_documents(5, (256,), seed=4, prefix_chars=0, settings=settings):
-        (start, end), = doc["answer_char_spans"]
+        ((start, end),) = doc["answer_char_spans"]
         code = doc["text"][start:end]
         assert len(set(code)) == 20 and re.fullmatch(r"[A-Z0-9]{20}", code)
 
@@ -205,12 +269,16 @@ def test_byte_tokenizer_round_trip():
 
 def test_bpe_tokenizer_round_trip_and_cache(tmp_path):
     texts = [SAMPLE * 3, "the quick brown fox jumps over the lazy dog " * 40]
-    tok = build_tokenizer({"name": "bpe", "vocab_size": 320}, texts, tmp_path, corpus_fingerprint="abc")
+    tok = build_tokenizer(
+        {"name": "bpe", "vocab_size": 320}, texts, tmp_path, corpus_fingerprint="abc"
+    )
     for text in (SAMPLE, "unseen wörds ∑ 🦊\n"):
         assert tok.decode(tok.encode(text)) == text
     assert tok.vocab_size <= 320 and tok.eos_id is not None
     assert len(tok.encode("the quick brown fox")) < len("the quick brown fox")
-    cached = build_tokenizer({"name": "bpe", "vocab_size": 320}, None, tmp_path, corpus_fingerprint="abc")
+    cached = build_tokenizer(
+        {"name": "bpe", "vocab_size": 320}, None, tmp_path, corpus_fingerprint="abc"
+    )
     assert cached.identity == tok.identity
 
 
@@ -227,7 +295,9 @@ def test_file_tokenizer_loads_a_tokenizer_json(tmp_path):
 
 def test_token_cache_is_reused(tmp_path, monkeypatch):
     cfg = small_synthetic(tmp_path)
-    first = LongDocDataModule(cfg, {"name": "bpe", "vocab_size": 300}, context_length=32, batch_size=2)
+    first = LongDocDataModule(
+        cfg, {"name": "bpe", "vocab_size": 300}, context_length=32, batch_size=2
+    )
     first.prepare_data()
     first.setup("fit")
     stream = first.token_cache / "train.tokens.npy"
@@ -235,15 +305,29 @@ def test_token_cache_is_reused(tmp_path, monkeypatch):
 
     calls = []
     real_build = datamodule_module.build_token_cache
-    monkeypatch.setattr(datamodule_module, "build_token_cache", lambda *a, **k: calls.append(1) or real_build(*a, **k))
-    monkeypatch.setattr(datamodule_module, "load_corpus", lambda cfg: pytest.fail("a cache hit must not load the corpus"))
-    second = LongDocDataModule(cfg, {"name": "bpe", "vocab_size": 300}, context_length=32, batch_size=2)
+    monkeypatch.setattr(
+        datamodule_module,
+        "build_token_cache",
+        lambda *a, **k: calls.append(1) or real_build(*a, **k),
+    )
+    monkeypatch.setattr(
+        datamodule_module,
+        "load_corpus",
+        lambda cfg: pytest.fail("a cache hit must not load the corpus"),
+    )
+    second = LongDocDataModule(
+        cfg, {"name": "bpe", "vocab_size": 300}, context_length=32, batch_size=2
+    )
     second.prepare_data()
     second.setup("fit")
     assert calls == [] and stream.stat().st_mtime_ns == stamp
     assert second.tokenizer.identity == first.tokenizer.identity
-    np.testing.assert_array_equal(second.split_tokens("validation"), first.split_tokens("validation"))
-    assert not [p for p in first.token_cache.parent.iterdir() if p.name.startswith(".")]  # no leftover staging dir
+    np.testing.assert_array_equal(
+        second.split_tokens("validation"), first.split_tokens("validation")
+    )
+    assert not [
+        p for p in first.token_cache.parent.iterdir() if p.name.startswith(".")
+    ]  # no leftover staging dir
 
 
 def test_split_streams_bytes_and_documents(bundled_byte):
@@ -270,7 +354,9 @@ def test_packed_windows_shift_targets_by_one(bundled_byte):
     torch.testing.assert_close(batch["input_ids"][:, 1:], batch["targets"][:, :-1])
     windows = PackedWindows(dm.split_tokens("validation"), 128)
     item = windows[3]
-    expected = torch.from_numpy(dm.split_tokens("validation")[3 * 128: 4 * 128 + 1].astype(np.int64))
+    expected = torch.from_numpy(
+        dm.split_tokens("validation")[3 * 128 : 4 * 128 + 1].astype(np.int64)
+    )
     torch.testing.assert_close(torch.cat([item["input_ids"], item["targets"][-1:]]), expected)
 
 
@@ -278,15 +364,28 @@ def test_eval_windows_are_fixed_and_capped(bundled_byte):
     dm = bundled_byte
     first_pass, second_pass = next(iter(dm.val_dataloader())), next(iter(dm.val_dataloader()))
     assert first_pass["input_ids"].equal(second_pass["input_ids"])
-    torch.testing.assert_close(first_pass["input_ids"][0], torch.from_numpy(dm.split_tokens("validation")[:128].astype(np.int64)))
+    torch.testing.assert_close(
+        first_pass["input_ids"][0],
+        torch.from_numpy(dm.split_tokens("validation")[:128].astype(np.int64)),
+    )
     capped = PackedWindows(dm.split_tokens("validation"), 128, max_windows=10)
-    assert len(capped) == 10 and capped.starts[-1] == (len(dm.split_tokens("validation")) - 1) // 128 - 1
+    assert (
+        len(capped) == 10
+        and capped.starts[-1] == (len(dm.split_tokens("validation")) - 1) // 128 - 1
+    )
 
 
 def test_ddp_ranks_get_disjoint_windows(bundled_byte):
     windows = PackedWindows(bundled_byte.split_tokens("train"), 128)
     # drop_last: without it the sampler pads an odd count by repeating one window
-    per_rank = [set(DistributedSampler(windows, num_replicas=2, rank=r, shuffle=True, seed=3, drop_last=True)) for r in range(2)]
+    per_rank = [
+        set(
+            DistributedSampler(
+                windows, num_replicas=2, rank=r, shuffle=True, seed=3, drop_last=True
+            )
+        )
+        for r in range(2)
+    ]
     assert per_rank[0] and not per_rank[0] & per_rank[1]
     assert len(per_rank[0] | per_rank[1]) >= len(windows) - 1
     starts = [{int(windows.starts[i]) for i in indices} for indices in per_rank]
@@ -299,7 +398,9 @@ def ordered_batches(tokens, offsets, rank=0, world_size=1, num_workers=0, n=16, 
 
 
 def test_ordered_stream_continues_rows_and_marks_document_starts():
-    docs = [np.arange(1, 1 + length) for length in (47, 37, 120, 64, 90)]  # 47 + EOS puts doc 2 on a chunk start
+    docs = [
+        np.arange(1, 1 + length) for length in (47, 37, 120, 64, 90)
+    ]  # 47 + EOS puts doc 2 on a chunk start
     eos = 999
     tokens = np.concatenate([np.append(d, eos) for d in docs]).astype(np.uint16)
     offsets = np.concatenate([[0], np.cumsum([len(d) + 1 for d in docs])])
@@ -310,21 +411,38 @@ def test_ordered_stream_continues_rows_and_marks_document_starts():
         torch.testing.assert_close(batches[t + 1]["input_ids"][:, 0], batches[t]["targets"][:, -1])
     for r in range(3):
         row = torch.cat([b["input_ids"][r] for b in batches])
-        torch.testing.assert_close(row, torch.from_numpy(tokens[r * row_length: r * row_length + len(row)].astype(np.int64)))
+        torch.testing.assert_close(
+            row,
+            torch.from_numpy(tokens[r * row_length : r * row_length + len(row)].astype(np.int64)),
+        )
         for t, b in enumerate(batches):
             first_token = r * row_length + t * 16
             assert bool(b["reset"][r]) == (t == 0 or first_token in set(offsets[:-1].tolist()))
-    assert any(bool(b["reset"].any()) for b in batches[1:])  # a document start lands on some chunk start
+    assert any(
+        bool(b["reset"].any()) for b in batches[1:]
+    )  # a document start lands on some chunk start
     # two loader workers reassemble the same order
     with_workers = ordered_batches(tokens, offsets, num_workers=2)
-    assert all(a["input_ids"].equal(b["input_ids"]) and a["reset"].equal(b["reset"]) for a, b in zip(batches, with_workers))
+    assert all(
+        a["input_ids"].equal(b["input_ids"]) and a["reset"].equal(b["reset"])
+        for a, b in zip(batches, with_workers)
+    )
     # two ranks own disjoint rows
-    rank_rows = [ordered_batches(tokens, offsets, rank=k, world_size=2)[0]["input_ids"][:, 0].tolist() for k in range(2)]
+    rank_rows = [
+        ordered_batches(tokens, offsets, rank=k, world_size=2)[0]["input_ids"][:, 0].tolist()
+        for k in range(2)
+    ]
     assert rank_rows[0] != rank_rows[1]
 
 
 def test_datamodule_ordered_mode_on_synthetic(tmp_path):
-    dm = LongDocDataModule(small_synthetic(tmp_path), {"name": "byte"}, context_length=64, batch_size=2, sampling="ordered")
+    dm = LongDocDataModule(
+        small_synthetic(tmp_path),
+        {"name": "byte"},
+        context_length=64,
+        batch_size=2,
+        sampling="ordered",
+    )
     train = iter(dm.train_dataloader())
     first, second = next(train), next(train)
     assert set(first) == {"input_ids", "targets", "reset"} and first["reset"].all()

@@ -1,10 +1,11 @@
 """Hybrid stacks: each layer is exactly its part's layer, and the presets build."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import compose_config, model_config
+
 from longctx import build_model
 from longctx.errors import ConfigError
 
@@ -36,15 +37,20 @@ def receptive_field(model, n: int = 40) -> torch.Tensor:
     return field
 
 
-@pytest.mark.parametrize("part,other", [
-    ("sliding_window", "linear"),
-    ("linear", "local"),
-    ("local", "sliding_window"),
-    ("rwkv", "full"),  # RWKV also replaces the MLP with its channel mixing
-    ("full", "rwkv"),
-])
+@pytest.mark.parametrize(
+    "part,other",
+    [
+        ("sliding_window", "linear"),
+        ("linear", "local"),
+        ("local", "sliding_window"),
+        ("rwkv", "full"),  # RWKV also replaces the MLP with its channel mixing
+        ("full", "rwkv"),
+    ],
+)
 def test_each_layer_type_has_its_parts_receptive_field_and_output(part, other):
-    hybrid = one_layer("hybrid", {"pattern": [part, other], "backends": {part: PARTS[part], other: PARTS[other]}})
+    hybrid = one_layer(
+        "hybrid", {"pattern": [part, other], "backends": {part: PARTS[part], other: PARTS[other]}}
+    )
     pure = one_layer(part, PARTS[part])
     ids = torch.randint(0, 29, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -61,13 +67,24 @@ def two_layers(attention: str, options: dict, seed: int = 0):
 # (layer 0, layer 1, layer 1's options): parts whose layer depends on the layer index.
 LATER_PARTS = [
     ("full", "rwkv", {}),  # RWKV-4's decay, bonus and token-shift ramps run over the layers
-    ("linear", "longformer",  # layer_windows: layer 1 uses window 6, not layer 0's 3
-     {"window": 4, "dilation": 2, "dilated_heads": 2, "global_tokens": 2, "layer_windows": [3, 6]}),
+    (
+        "linear",
+        "longformer",  # layer_windows: layer 1 uses window 6, not layer 0's 3
+        {
+            "window": 4,
+            "dilation": 2,
+            "dilated_heads": 2,
+            "global_tokens": 2,
+            "layer_windows": [3, 6],
+        },
+    ),
     ("rwkv", "sparse_strided", {"stride": 4, "layout": "layers"}),  # odd layers use A2 only
 ]
 
 
-@pytest.mark.parametrize("first,second,options", LATER_PARTS, ids=[f"{a}-{b}" for a, b, _ in LATER_PARTS])
+@pytest.mark.parametrize(
+    "first,second,options", LATER_PARTS, ids=[f"{a}-{b}" for a, b, _ in LATER_PARTS]
+)
 def test_a_later_layer_is_that_layer_of_its_part_alone(first, second, options):
     """Layer 1 of hybrid [first, second] is layer 1 of a pure `second` model: the part gets the
     global layer index and n_layer, so per-layer options and inits are the pure model's. The
@@ -97,13 +114,16 @@ def test_rwkv_channel_mixing_replaces_the_mlp_only_in_rwkv_layers():
     assert type(model.blocks[1].mixer).__name__ == "SoftmaxAttention"
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"pattern": []}, "non-empty pattern"),
-    ({"pattern": ["hybrid"]}, "cannot contain itself"),
-    ({"pattern": ["linear"], "backends": {"full": {}}}, "never uses"),
-    ({"pattern": ["nope"]}, "valid choices"),
-    ({"pattern": ["sliding_window"], "backends": {"sliding_window": {"window": 0}}}, "window"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"pattern": []}, "non-empty pattern"),
+        ({"pattern": ["hybrid"]}, "cannot contain itself"),
+        ({"pattern": ["linear"], "backends": {"full": {}}}, "never uses"),
+        ({"pattern": ["nope"]}, "valid choices"),
+        ({"pattern": ["sliding_window"], "backends": {"sliding_window": {"window": 0}}}, "window"),
+    ],
+)
 def test_bad_hybrids_fail_at_build_time(options, message):
     with pytest.raises(ConfigError, match=message):
         build_model(model_config("hybrid", options), 29)

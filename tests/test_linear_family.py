@@ -6,6 +6,7 @@ not multiples of them, the recurrent (streaming) forms, and continuations from a
 Then causality under extreme inputs, finiteness at N = 16384, constant streaming state, the
 one-layer receptive field, bf16 against fp32, and the config errors.
 """
+
 from __future__ import annotations
 
 import copy
@@ -14,9 +15,9 @@ import math
 
 import pytest
 import torch
+from conftest import model_config
 from omegaconf import open_dict
 
-from conftest import model_config
 from longctx import build_model
 from longctx.attention import aft, linear, rwkv, wkv
 from longctx.attention.aft import aft_blocked, aft_one_query
@@ -38,7 +39,7 @@ SMALL_OPTIONS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _composed(name: str, overrides: tuple[str, ...]):
     return model_config(name, {}, *overrides)
 
@@ -136,7 +137,10 @@ def test_linear_chunked_and_recurrent_equal_the_loop(feature, segments, monkeypa
     state_ref = torch.cat((s_ref, z_ref[..., None]), -1)
     inputs = (q, k, v, s0)
     grads_ref = _grads((ref, state_ref), inputs)
-    forms = {f"chunk {c}": (lambda c=c: chunked_linear_attention(q, k, v, s0, c, feature)) for c in CHUNKS}
+    forms = {
+        f"chunk {c}": (lambda c=c: chunked_linear_attention(q, k, v, s0, c, feature))
+        for c in CHUNKS
+    }
     forms["recurrent"] = lambda: recurrent_linear_attention(q, k, v, s0, feature)
     for name, form in forms.items():
         out, state = form()
@@ -246,7 +250,9 @@ def test_aft_streaming_forms_continue_from_a_prefix_state(band):
     for t in (0, 4, 12, n - 1):
         lo = 0 if band is None else max(0, t - band + 1)
         prefix = aft._prefix_after(empty, k[..., :lo, :], v[..., :lo, :])
-        out = aft_one_query(k[..., lo : t + 1, :], v[..., lo : t + 1, :], table_bias(table, lo), prefix)
+        out = aft_one_query(
+            k[..., lo : t + 1, :], v[..., lo : t + 1, :], table_bias(table, lo), prefix
+        )
         torch.testing.assert_close(out[..., 0, :], ref[..., t, :], **FP64)
         grads = _grads(out[..., 0, :], (k, v, table))
         _assert_all_close(grads, _grads(dense()[..., t, :], (k, v, table)), **FP64)
@@ -300,10 +306,14 @@ def test_past_outputs_ignore_the_future_bitwise_under_extreme_inputs(decay):
             k2[..., t + 1 :, :] = 60.0 * torch.sign(torch.randn(n - t - 1, d))  # huge future keys
             v2[..., t + 1 :, :] += 1e4
             changed = kernel(k2, v2)
-            assert torch.equal(changed[..., : t + 1, :], base[..., : t + 1, :]), f"{name}: leak into <= {t}"
+            assert torch.equal(changed[..., : t + 1, :], base[..., : t + 1, :]), (
+                f"{name}: leak into <= {t}"
+            )
             kg, vg = k.clone().requires_grad_(), v.clone().requires_grad_()
             dk, dv = torch.autograd.grad(kernel(kg, vg)[..., t, :].sum(), (kg, vg))
-            assert dk[..., t + 1 :, :].abs().max() == 0 and dv[..., t + 1 :, :].abs().max() == 0, name
+            assert dk[..., t + 1 :, :].abs().max() == 0 and dv[..., t + 1 :, :].abs().max() == 0, (
+                name
+            )
             assert torch.isfinite(dk).all() and torch.isfinite(dv).all(), name
 
 
@@ -319,7 +329,9 @@ def test_long_sequences_stay_finite_forward_and_backward():
                 continue  # the per-token loop and the O(N^2) form are checked at length 50
             out = kernel(k, v)
             dk, dv = torch.autograd.grad(out.sum(), (k, v))
-            assert torch.isfinite(out).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all(), name
+            assert (
+                torch.isfinite(out).all() and torch.isfinite(dk).all() and torch.isfinite(dv).all()
+            ), name
 
 
 # ----------------------------------------------------------------------------- model level
@@ -547,4 +559,6 @@ def test_kernels_agree_on_cuda():
     v = _randn(1, 2, n, d, dtype=torch.float32, seed=2, grad=False)
     on_gpu = _kernels(n, d, 5.0, 0.5, "cuda")
     for name, kernel in _kernels(n, d, 5.0, 0.5).items():
-        torch.testing.assert_close(on_gpu[name](k.cuda(), v.cuda()).cpu(), kernel(k, v), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            on_gpu[name](k.cuda(), v.cuda()).cpu(), kernel(k, v), rtol=1e-4, atol=1e-4
+        )

@@ -1,13 +1,14 @@
 """memory_compressed: the fast layers against dense references, receptive fields, streaming state."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
+from conftest import model_config
 from torch.nn import functional as F
 
-from conftest import model_config
 from longctx import build_model
 from longctx.attention import ModelDims, build_backend
 from longctx.attention.masked import reference_attention
@@ -27,10 +28,14 @@ def _dims(position: str = "rope", n_layer: int = 1) -> ModelDims:
     return ModelDims(n_layer=n_layer, n_head=4, d_model=32, context_length=1024, position=position)
 
 
-def _mixer(compression: int, position: str = "rope", dtype=torch.float64, seed: int = 0) -> MemoryCompressedAttention:
+def _mixer(
+    compression: int, position: str = "rope", dtype=torch.float64, seed: int = 0
+) -> MemoryCompressedAttention:
     torch.manual_seed(seed)
-    backend = build_backend({"name": "memory_compressed", "compression": compression, "alternate": False},
-                            _dims(position))
+    backend = build_backend(
+        {"name": "memory_compressed", "compression": compression, "alternate": False},
+        _dims(position),
+    )
     mixer = backend.mixer(0).to(dtype)
     # The default init is mean pooling, a special case that would hide a wrong tap order.
     with torch.no_grad():
@@ -54,18 +59,28 @@ def dense_reference(mixer: MemoryCompressedAttention, x, slot_visible=lambda end
     def compress(t, conv):
         if n_slots == 0:  # F.conv1d refuses an input shorter than its kernel
             return t[:, :, :0]
-        channels_first = t.transpose(1, 2).reshape(batch, n, d_model).transpose(1, 2)[:, :, : n_slots * k]
+        channels_first = (
+            t.transpose(1, 2).reshape(batch, n, d_model).transpose(1, 2)[:, :, : n_slots * k]
+        )
         return split(F.conv1d(channels_first, conv.weight, conv.bias, stride=k).transpose(1, 2))
 
     slot_k, slot_v = compress(keys, mixer.compress_k), compress(values, mixer.compress_v)
     pos = torch.arange(n)
     slot_end = torch.arange(n_slots) * k + k - 1
     if mixer.rotary is not None:
-        q, keys, slot_k = mixer.rotary(q, pos), mixer.rotary(keys, pos), mixer.rotary(slot_k, slot_end)
+        q, keys, slot_k = (
+            mixer.rotary(q, pos),
+            mixer.rotary(keys, pos),
+            mixer.rotary(slot_k, slot_end),
+        )
     i = pos[:, None]
-    allowed = torch.cat((slot_visible(slot_end[None, :], i), (pos[None, :] // k == i // k) & (pos[None, :] <= i)), 1)
+    allowed = torch.cat(
+        (slot_visible(slot_end[None, :], i), (pos[None, :] // k == i // k) & (pos[None, :] <= i)), 1
+    )
     key_pos = torch.cat((slot_end, pos))
-    scores = torch.cat((q @ slot_k.transpose(-1, -2), q @ keys.transpose(-1, -2)), -1) / math.sqrt(head_dim)
+    scores = torch.cat((q @ slot_k.transpose(-1, -2), q @ keys.transpose(-1, -2)), -1) / math.sqrt(
+        head_dim
+    )
     if mixer.slopes is not None:
         scores = scores + alibi_bias(mixer.slopes, pos, key_pos).to(scores.dtype)
     weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1)
@@ -74,7 +89,9 @@ def dense_reference(mixer: MemoryCompressedAttention, x, slot_visible=lambda end
 
 
 @pytest.mark.parametrize("position", ["rope", "alibi", "none"])
-@pytest.mark.parametrize("compression,n", [(3, 1), (3, 2), (3, 3), (3, 10), (3, 37), (4, 23), (5, 40)])
+@pytest.mark.parametrize(
+    "compression,n", [(3, 1), (3, 2), (3, 3), (3, 10), (3, 37), (4, 23), (5, 40)]
+)
 def test_forward_and_input_gradient_equal_the_dense_reference(compression, n, position):
     mixer = _mixer(compression, position)
     x = torch.randn(2, n, 32, dtype=torch.float64, requires_grad=True)
@@ -173,9 +190,13 @@ def test_layers_alternate_local_and_compressed():
     for alternate, expected in ((True, "LMLML"), (False, "MMMMM")):
         cfg = model_config("memory_compressed", {"alternate": alternate}, "model.n_layer=5")
         model = build_model(cfg, VOCAB)
-        kinds = "".join("M" if isinstance(b.mixer, MemoryCompressedAttention) else "L" for b in model.blocks)
+        kinds = "".join(
+            "M" if isinstance(b.mixer, MemoryCompressedAttention) else "L" for b in model.blocks
+        )
         assert kinds == expected
-        local = [b.mixer.core for b in model.blocks if not isinstance(b.mixer, MemoryCompressedAttention)]
+        local = [
+            b.mixer.core for b in model.blocks if not isinstance(b.mixer, MemoryCompressedAttention)
+        ]
         assert all(isinstance(core, BlockLocalCore) and core.block_size == 256 for core in local)
 
 
@@ -204,11 +225,14 @@ def test_compressed_attention_needs_no_complete_block():
     torch.testing.assert_close(o, reference, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"compression": 1}, "compression"),
-    ({"block_size": 0}, "block_size"),
-    ({"alternate": "yes"}, "alternate"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"compression": 1}, "compression"),
+        ({"block_size": 0}, "block_size"),
+        ({"alternate": "yes"}, "alternate"),
+    ],
+)
 def test_impossible_options_are_refused_at_build_time(options, message):
     with pytest.raises(ConfigError, match=message):
         build_model(model_config("memory_compressed", options), VOCAB)
@@ -217,11 +241,14 @@ def test_impossible_options_are_refused_at_build_time(options, message):
 @pytest.mark.parametrize("alternate", [True, False])
 def test_attention_flops_count_the_allowed_pairs(alternate):
     n, k, b = 50, 3, 8
-    backend = build_backend({"name": "memory_compressed", "compression": k, "block_size": b,
-                             "alternate": alternate}, _dims(n_layer=3))
+    backend = build_backend(
+        {"name": "memory_compressed", "compression": k, "block_size": b, "alternate": alternate},
+        _dims(n_layer=3),
+    )
     i = torch.arange(n)[:, None]
-    compressed = ((torch.arange(n)[None] // k == i // k) & (torch.arange(n)[None] <= i)).sum() \
-        + ((torch.arange(n // k)[None] * k + k - 1) <= i).sum()
+    compressed = ((torch.arange(n)[None] // k == i // k) & (torch.arange(n)[None] <= i)).sum() + (
+        (torch.arange(n // k)[None] * k + k - 1) <= i
+    ).sum()
     local = ((torch.arange(n)[None] // b == i // b) & (torch.arange(n)[None] <= i)).sum()
     pairs = (2 * local + compressed) / 3 if alternate else compressed
     assert backend.attention_flops(n) == pytest.approx(float(4 * pairs * 32))
@@ -244,4 +271,6 @@ def test_mix_takes_the_projections_as_they_come(layer):
     mixer = backend.mixer(layer).double()
     x = torch.randn(2, 48, 32, dtype=torch.float64)
     o = mixer.mix(*(t.detach() for t in mixer.project(x)))
-    torch.testing.assert_close(mixer.out(o.transpose(1, 2).reshape(2, 48, 32)), mixer(x), rtol=0, atol=0)
+    torch.testing.assert_close(
+        mixer.out(o.transpose(1, 2).reshape(2, 48, 32)), mixer(x), rtol=0, atol=0
+    )

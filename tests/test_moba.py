@@ -10,14 +10,15 @@ bf16 tolerance: outputs and gradients within 3e-2 absolute + 3e-2 relative of th
 the same bf16 inputs (measured max error about 1e-2 for values of order 1: probabilities are cast
 to bf16 for the value matmuls inside the kernel, statistics and the merge stay fp32).
 """
+
 from __future__ import annotations
 
 from fractions import Fraction
 
 import pytest
 import torch
-
 from conftest import model_config
+
 from longctx import build_model
 from longctx.attention import ModelDims, build_backend, moba, moba_kernel
 from longctx.attention.masked import masked_attention
@@ -32,10 +33,15 @@ KERNELS = sorted(moba_kernel.KERNELS)
 
 def _qkv(batch=2, heads=3, n=45, dim=8, dtype=torch.float64, seed=0, grad=False):
     g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(batch, heads, n, dim, generator=g, dtype=dtype).requires_grad_(grad) for _ in range(3))
+    return tuple(
+        torch.randn(batch, heads, n, dim, generator=g, dtype=dtype).requires_grad_(grad)
+        for _ in range(3)
+    )
 
 
-def naive_selection(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, q_start: int = 0):
+def naive_selection(
+    q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, q_start: int = 0
+):
     """The spec's gate in exact rational arithmetic, one query at a time: q . mean key of each
     complete earlier block, the top_k scores, ties to the earlier block; ascending, padded with -1."""
     batch, heads, n, dim = q.shape
@@ -44,8 +50,14 @@ def naive_selection(q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: in
     for b in range(batch):
         for h in range(heads):
             keys = [[Fraction(x) for x in row] for row in k[b, h].tolist()]
-            means = [[sum(keys[j][d] for j in range(m * block_size, (m + 1) * block_size)) / block_size
-                      for d in range(dim)] for m in range(k.shape[2] // block_size)]
+            means = [
+                [
+                    sum(keys[j][d] for j in range(m * block_size, (m + 1) * block_size))
+                    / block_size
+                    for d in range(dim)
+                ]
+                for m in range(k.shape[2] // block_size)
+            ]
             for t in range(n):
                 query = [Fraction(x) for x in q[b, h, t].tolist()]
                 c = (q_start + t) // block_size
@@ -60,14 +72,18 @@ def selection_mask(selected: torch.Tensor, block_size: int, n: int) -> torch.Ten
     pos = torch.arange(n)
     block = pos // block_size
     allowed = (block[None, :] == block[:, None]) & (pos[None, :] <= pos[:, None])
-    chosen = (selected[..., None] == block).any(-2)  # [B, H, n, n]: key's block is among the query's
+    chosen = (selected[..., None] == block).any(
+        -2
+    )  # [B, H, n, n]: key's block is among the query's
     return allowed | chosen
 
 
 def dense_reference(q, k, v, selected, block_size, slopes=None):
     pos = torch.arange(q.shape[2])
     allowed = selection_mask(selected, block_size, q.shape[2])
-    return masked_attention(q, k, v, allowed, pos, pos, None if slopes is None else slopes.to(q.dtype))
+    return masked_attention(
+        q, k, v, allowed, pos, pos, None if slopes is None else slopes.to(q.dtype)
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,13 +102,17 @@ def test_selection_equals_the_naive_gate(inputs, monkeypatch):
     monkeypatch.setattr(moba, "GATE_CHUNK_ENTRIES", 7)  # a few queries per gate chunk
     assert torch.equal(select_blocks(q, block_key_sums(k, 5), 0, 5, 3), expected)
     # Queries given from a later block boundary, as streaming does, select the same blocks.
-    assert torch.equal(select_blocks(q[:, :, 20:], block_key_sums(k, 5), 20, 5, 3), expected[:, :, 20:])
+    assert torch.equal(
+        select_blocks(q[:, :, 20:], block_key_sums(k, 5), 20, 5, 3), expected[:, :, 20:]
+    )
 
 
 def test_block_key_sums_are_the_same_whichever_call_computes_them():
     _, k, _ = _qkv(n=4 * 13, dtype=torch.float32)
     whole = block_key_sums(k, 13)
-    one_by_one = torch.cat([block_key_sums(k[:, :, m * 13:(m + 1) * 13], 13) for m in range(4)], dim=2)
+    one_by_one = torch.cat(
+        [block_key_sums(k[:, :, m * 13 : (m + 1) * 13], 13) for m in range(4)], dim=2
+    )
     assert torch.equal(whole, one_by_one)
     torch.testing.assert_close(whole, k.double().view(2, 3, 4, 13, 8).sum(3), rtol=1e-6, atol=1e-6)
 
@@ -103,7 +123,7 @@ def test_selection_never_reads_the_current_or_later_blocks():
     base = select_blocks(q, block_key_sums(k, 5), 0, 5, 3)
     for t in (4, 5, 6, 22, 44):
         changed = k.clone()
-        changed[:, :, t + 1:] *= -100.0
+        changed[:, :, t + 1 :] *= -100.0
         after = select_blocks(q, block_key_sums(changed, 5), 0, 5, 3)
         assert torch.equal(after[:, :, : t + 1], base[:, :, : t + 1])
 
@@ -114,19 +134,27 @@ def test_selection_never_reads_the_current_or_later_blocks():
 
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("alibi", [False, True], ids=["rope", "alibi"])
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["fp64", "fp32"])
-@pytest.mark.parametrize("tile,wave", [(256, 1 << 16), (4, 1 << 16), (3, 50)], ids=["one-tile", "tiles", "waves"])
+@pytest.mark.parametrize(
+    "dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)], ids=["fp64", "fp32"]
+)
+@pytest.mark.parametrize(
+    "tile,wave", [(256, 1 << 16), (4, 1 << 16), (3, 50)], ids=["one-tile", "tiles", "waves"]
+)
 def test_engine_equals_dense_reference(kernel, alibi, dtype, tol, tile, wave, monkeypatch):
     """Outputs and dq, dk, dv: no gradient reaches the gate (the reference holds the mask fixed)."""
     monkeypatch.setattr(moba_kernel, "WAVE_PAIRS", wave)
     q, k, v = _qkv(n=45, dtype=dtype, grad=True)
     slopes = alibi_slopes(3).to(dtype) if alibi else None
     selected = select_blocks(q, block_key_sums(k.detach(), 6), 0, 6, 3)
-    out = block_sparse_attention(q, k, v, selected, 6, slopes, kernel=kernel, tile=tile, max_rows=40)
+    out = block_sparse_attention(
+        q, k, v, selected, 6, slopes, kernel=kernel, tile=tile, max_rows=40
+    )
     ref = dense_reference(q, k, v, selected, 6, slopes)
     torch.testing.assert_close(out, ref, rtol=tol, atol=tol)
     grad = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)):
+    for got, want in zip(
+        torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(ref, (q, k, v), grad)
+    ):
         torch.testing.assert_close(got, want, rtol=tol, atol=tol)
 
 
@@ -136,7 +164,9 @@ def test_engine_handles_more_slots_than_earlier_blocks_and_top_k_zero(kernel):
     for top_k in (0, 5):  # 0: own block only; 5 > the 2 complete blocks: every earlier block
         selected = select_blocks(q, block_key_sums(k.detach(), 5), 0, 5, top_k)
         out = block_sparse_attention(q, k, v, selected, 5, kernel=kernel)
-        torch.testing.assert_close(out, dense_reference(q, k, v, selected, 5), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(
+            out, dense_reference(q, k, v, selected, 5), rtol=1e-10, atol=1e-10
+        )
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
@@ -162,10 +192,14 @@ def test_engine_matches_reference_from_a_block_boundary(kernel):
     q, k, v = _qkv(n=45, grad=True)
     selected = select_blocks(q, block_key_sums(k.detach(), 6), 0, 6, 3)
     full = dense_reference(q, k, v, selected, 6)[:, :, 12:]
-    part = block_sparse_attention(q[:, :, 12:], k, v, selected[:, :, 12:], 6, q_start=12, kernel=kernel)
+    part = block_sparse_attention(
+        q[:, :, 12:], k, v, selected[:, :, 12:], 6, q_start=12, kernel=kernel
+    )
     torch.testing.assert_close(part, full, rtol=1e-10, atol=1e-10)
     grad = torch.randn_like(part)
-    for got, want in zip(torch.autograd.grad(part, (q, k, v), grad), torch.autograd.grad(full, (q, k, v), grad)):
+    for got, want in zip(
+        torch.autograd.grad(part, (q, k, v), grad), torch.autograd.grad(full, (q, k, v), grad)
+    ):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
@@ -183,9 +217,11 @@ def test_future_keys_never_change_earlier_outputs(alibi):
     base = core(q, k, v, slopes)
     for t in (0, 3, 4, 5, 9, 21, 41):
         k2, v2 = k.clone(), v.clone()
-        k2[:, :, t + 1:] = 50.0 * torch.randn_like(k2[:, :, t + 1:])
-        v2[:, :, t + 1:] = 50.0 * torch.randn_like(v2[:, :, t + 1:])
-        assert torch.equal(core(q, k2, v2, slopes)[:, :, : t + 1], base[:, :, : t + 1]), f"leak into <= {t}"
+        k2[:, :, t + 1 :] = 50.0 * torch.randn_like(k2[:, :, t + 1 :])
+        v2[:, :, t + 1 :] = 50.0 * torch.randn_like(v2[:, :, t + 1 :])
+        assert torch.equal(core(q, k2, v2, slopes)[:, :, : t + 1], base[:, :, : t + 1]), (
+            f"leak into <= {t}"
+        )
 
 
 @pytest.mark.parametrize("t", [4, 5, 6, 23])
@@ -194,12 +230,14 @@ def test_no_gradient_reaches_the_future(t):
     q, k, v = _qkv(n=43, grad=True)
     core(q, k, v, None)[:, :, t].sum().backward()
     for x in (q, k, v):
-        assert x.grad[:, :, t + 1:].abs().max() == 0
+        assert x.grad[:, :, t + 1 :].abs().max() == 0
     assert k.grad[:, :, : t + 1].abs().sum() > 0
 
 
 def _one_layer(position="rope"):
-    cfg = model_config("moba", {"block_size": 4, "top_k": 1}, "model.n_layer=1", f"model.position={position}")
+    cfg = model_config(
+        "moba", {"block_size": 4, "top_k": 1}, "model.n_layer=1", f"model.position={position}"
+    )
     torch.manual_seed(0)
     return build_model(cfg, VOCAB).double().eval()
 
@@ -207,7 +245,9 @@ def _one_layer(position="rope"):
 def _capture_qk(model, ids):
     """q, k of the single layer's core as it sees them (after RoPE)."""
     seen = {}
-    handle = model.blocks[0].mixer.core.register_forward_hook(lambda m, args, out: seen.update(q=args[0], k=args[1]))
+    handle = model.blocks[0].mixer.core.register_forward_hook(
+        lambda m, args, out: seen.update(q=args[0], k=args[1])
+    )
     with torch.no_grad():
         logits = model(ids)
     handle.remove()
@@ -238,7 +278,9 @@ def test_one_layer_receptive_field_follows_the_selection():
                 assert not torch.equal(after[0, i], logits[0, i])
                 checked["selected"] += 1
             elif torch.equal(selected_after[:, i], selected[:, i]):
-                assert torch.equal(after[0, i], logits[0, i]), f"token {j} in an unselected block reached {i}"
+                assert torch.equal(after[0, i], logits[0, i]), (
+                    f"token {j} in an unselected block reached {i}"
+                )
                 checked["unselected"] += 1
     assert min(checked.values()) > 0, checked
 
@@ -253,7 +295,9 @@ def _stream(core, q, k, v, slopes, chunks):
         if start >= q.shape[2]:
             break
         end = start + size
-        out, new_state = core.step(q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], state, start, slopes)
+        out, new_state = core.step(
+            q[:, :, start:end], k[:, :, start:end], v[:, :, start:end], state, start, slopes
+        )
         assert new_state is not state
         outputs.append(out)
         state, start = new_state, end
@@ -312,11 +356,14 @@ def _backend(context_length=64, d_model=32, **options):
     return build_backend({"name": "moba", **options}, dims)
 
 
-@pytest.mark.parametrize("options,message", [
-    ({"block_size": 0}, "block_size must be >= 1"),
-    ({"top_k": -1}, "top_k must be >= 0"),
-    ({"block_size": 128}, "longer than context_length=64"),
-])
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"block_size": 0}, "block_size must be >= 1"),
+        ({"top_k": -1}, "top_k must be >= 0"),
+        ({"block_size": 128}, "longer than context_length=64"),
+    ],
+)
 def test_config_errors_say_what_to_change(options, message):
     with pytest.raises(ConfigError, match=message):
         _backend(**options)
@@ -333,7 +380,11 @@ def test_attention_flops_count_the_pairs_computed(n, block_size, top_k):
     any selection, plus 2 per channel for each gate dot product (query x complete earlier block)."""
     backend = _backend(d_model=32, block_size=block_size, top_k=top_k)
     q, k, _ = _qkv(batch=1, heads=1, n=n)
-    pairs = int(selection_mask(select_blocks(q, block_key_sums(k, block_size), 0, block_size, top_k), block_size, n).sum())
+    pairs = int(
+        selection_mask(
+            select_blocks(q, block_key_sums(k, block_size), 0, block_size, top_k), block_size, n
+        ).sum()
+    )
     gate = sum(i // block_size for i in range(n))
     assert backend.attention_flops(n) == (4 * pairs + 2 * gate) * 32
 
@@ -354,7 +405,9 @@ def test_cuda_engine_equals_cpu(alibi):
     cuda = [t.detach().cuda().requires_grad_() for t in (q, k, v)]
     cuda_selected = select_blocks(cuda[0], block_key_sums(cuda[1].detach(), 32), 0, 32, 3)
     assert torch.equal(cuda_selected.cpu(), selected)
-    out_cuda = block_sparse_attention(*cuda, cuda_selected, 32, None if slopes is None else slopes.cuda())
+    out_cuda = block_sparse_attention(
+        *cuda, cuda_selected, 32, None if slopes is None else slopes.cuda()
+    )
     torch.testing.assert_close(out_cuda.cpu(), out, rtol=1e-4, atol=1e-4)
     for got, want in zip(torch.autograd.grad(out_cuda, cuda, grad.cuda()), grads):
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)

@@ -1,5 +1,6 @@
 """The perplexity protocol: every target scored once, values equal to independent computations,
 bits per byte over the UTF-8 bytes of the scored text, loss by position from the same windows."""
+
 from __future__ import annotations
 
 import math
@@ -7,15 +8,20 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import model_config
+from test_eval import InductionLM
 from tokenizers import Tokenizer as HFTokenizerModel
 from tokenizers import decoders, models, pre_tokenizers, trainers
 from torch.nn import functional as F
 
-from conftest import model_config
-from test_eval import InductionLM
 from longctx import build_model
 from longctx.data.tokenizer import EOS_TOKEN, ByteTokenizer, HFTokenizer
-from longctx.eval.perplexity import perplexity_by_context_length, resolve_stride, score_windows, window_plan
+from longctx.eval.perplexity import (
+    perplexity_by_context_length,
+    resolve_stride,
+    score_windows,
+    window_plan,
+)
 from longctx.eval.position_loss import log_bins
 from longctx.eval.scoring import Scorer
 from longctx.eval.token_bytes import byte_counter
@@ -52,13 +58,14 @@ def test_strides_resolve_to_tokens():
 
 def test_perplexity_equals_a_plain_forward_over_the_same_windows(model):
     tokens = torch.randint(0, 256, (500,), generator=torch.Generator().manual_seed(1))
-    (row,), _ = perplexity_by_context_length(Scorer(model), tokens, [32], byte_counter(ByteTokenizer()),
-                                             max_scored=10**6, batch_size=3)
+    (row,), _ = perplexity_by_context_length(
+        Scorer(model), tokens, [32], byte_counter(ByteTokenizer()), max_scored=10**6, batch_size=3
+    )
     nll = []
     with torch.no_grad():
         for b in range(0, len(tokens) - 32, 32):
-            logits = model(tokens[None, b:b + 32])
-            nll.append(F.cross_entropy(logits[0], tokens[b + 1:b + 33], reduction="sum"))
+            logits = model(tokens[None, b : b + 32])
+            nll.append(F.cross_entropy(logits[0], tokens[b + 1 : b + 33], reduction="sum"))
     expected = torch.stack(nll).sum().item() / (32 * len(nll))
     assert row.protocol == "windows" and row.tokens == 32 * len(nll)
     assert row.loss == pytest.approx(expected, rel=1e-6)
@@ -68,11 +75,21 @@ def test_perplexity_equals_a_plain_forward_over_the_same_windows(model):
 def test_stride_one_gives_every_later_token_a_full_window(model):
     """Independent form: tokens 1..L from the first window, then token t from the L tokens before it."""
     tokens, length = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(2)), 8
-    row, _, _ = score_windows(Scorer(model), tokens, length, 1, 10**6, 4, byte_counter(ByteTokenizer()))
+    row, _, _ = score_windows(
+        Scorer(model), tokens, length, 1, 10**6, 4, byte_counter(ByteTokenizer())
+    )
     with torch.no_grad():
-        nll = list(F.cross_entropy(model(tokens[None, :length])[0], tokens[1:length + 1], reduction="none"))
+        nll = list(
+            F.cross_entropy(
+                model(tokens[None, :length])[0], tokens[1 : length + 1], reduction="none"
+            )
+        )
         for t in range(length + 1, len(tokens)):
-            nll.append(F.cross_entropy(model(tokens[None, t - length:t])[0, -1:], tokens[t:t + 1])[None][0])
+            nll.append(
+                F.cross_entropy(model(tokens[None, t - length : t])[0, -1:], tokens[t : t + 1])[
+                    None
+                ][0]
+            )
     assert row.protocol == "sliding" and row.tokens == len(tokens) - 1
     assert row.loss == pytest.approx(torch.stack(nll).mean().item(), rel=1e-6)
 
@@ -81,8 +98,12 @@ def tiny_bpe() -> HFTokenizer:
     model = HFTokenizerModel(models.BPE())
     model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     model.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS_TOKEN],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     model.train_from_iterator([TEXT], trainer=trainer)
     return HFTokenizer(model, name="bpe", eos_token=EOS_TOKEN)
 
@@ -93,17 +114,29 @@ def test_bits_per_byte_counts_the_utf8_bytes_of_the_scored_text(tokenizer):
     sliding windows start inside multi-byte characters and a per-window decode would miscount."""
     ids, length, stride = tokenizer.encode(TEXT), 16, 5
     # The last window ends the stream, and the stream ends on a character boundary.
-    n = next(n for n in range(len(ids) - 1, length, -1) if (n - 1 - length) % stride == 0
-             and tokenizer.decode(ids[:n]) + tokenizer.decode(ids[n:]) == TEXT)
+    n = next(
+        n
+        for n in range(len(ids) - 1, length, -1)
+        if (n - 1 - length) % stride == 0
+        and tokenizer.decode(ids[:n]) + tokenizer.decode(ids[n:]) == TEXT
+    )
     plan = window_plan(n, length, stride, 10**6)
     assert plan[-1][0] + length + 1 == n
     if isinstance(tokenizer, ByteTokenizer):
-        assert any(tokenizer.decode(ids[:k]) + tokenizer.decode(ids[k:]) != TEXT for k in (b + 1 + f for b, f in plan))
+        assert any(
+            tokenizer.decode(ids[:k]) + tokenizer.decode(ids[k:]) != TEXT
+            for k in (b + 1 + f for b, f in plan)
+        )
     scorer = Scorer(InductionLM(vocab_size=tokenizer.vocab_size))
-    row, _, _ = score_windows(scorer, torch.tensor(ids[:n]), length, stride, 10**6, 8, byte_counter(tokenizer))
+    row, _, _ = score_windows(
+        scorer, torch.tensor(ids[:n]), length, stride, 10**6, 8, byte_counter(tokenizer)
+    )
     assert row.tokens == n - 1
-    assert row.bytes == len(tokenizer.decode(ids[1:n]).encode("utf-8")) == len(TEXT.encode("utf-8")) - 1 - len(
-        tokenizer.decode(ids[n:]).encode("utf-8"))
+    assert (
+        row.bytes
+        == len(tokenizer.decode(ids[1:n]).encode("utf-8"))
+        == len(TEXT.encode("utf-8")) - 1 - len(tokenizer.decode(ids[n:]).encode("utf-8"))
+    )
 
 
 def test_eos_is_not_text():
@@ -113,16 +146,34 @@ def test_eos_is_not_text():
 
 def test_loss_by_position_matches_per_window_forwards(model):
     tokens, length = torch.randint(0, 256, (200,), generator=torch.Generator().manual_seed(3)), 16
-    _, positions = perplexity_by_context_length(Scorer(model), tokens, [length], byte_counter(ByteTokenizer()),
-                                                max_scored=10**6, batch_size=5)
-    assert [(p["position_start"], p["position_end"]) for p in positions] == [(0, 1), (1, 2), (2, 4), (4, 8), (8, 16)]
+    _, positions = perplexity_by_context_length(
+        Scorer(model),
+        tokens,
+        [length],
+        byte_counter(ByteTokenizer()),
+        max_scored=10**6,
+        batch_size=5,
+    )
+    assert [(p["position_start"], p["position_end"]) for p in positions] == [
+        (0, 1),
+        (1, 2),
+        (2, 4),
+        (4, 8),
+        (8, 16),
+    ]
     with torch.no_grad():
-        per_position = torch.stack([
-            F.cross_entropy(model(tokens[None, b:b + length])[0], tokens[b + 1:b + length + 1], reduction="none")
-            for b in range(0, len(tokens) - length, length)
-        ])
+        per_position = torch.stack(
+            [
+                F.cross_entropy(
+                    model(tokens[None, b : b + length])[0],
+                    tokens[b + 1 : b + length + 1],
+                    reduction="none",
+                )
+                for b in range(0, len(tokens) - length, length)
+            ]
+        )
     for p in positions:
-        expected = per_position[:, p["position_start"]:p["position_end"]]
+        expected = per_position[:, p["position_start"] : p["position_end"]]
         assert p["tokens"] == expected.numel()
         assert p["loss"] == pytest.approx(expected.mean().item(), rel=1e-6)
 
@@ -135,18 +186,28 @@ def test_log_bins_cover_every_position_once():
 
 
 def test_lengths_beyond_the_stream_or_the_backend_are_skipped_with_a_reason(model):
-    rows, _ = perplexity_by_context_length(Scorer(model), torch.zeros(50, dtype=torch.long), [64],
-                                           byte_counter(ByteTokenizer()), strides=[None, 0.5])
+    rows, _ = perplexity_by_context_length(
+        Scorer(model),
+        torch.zeros(50, dtype=torch.long),
+        [64],
+        byte_counter(ByteTokenizer()),
+        strides=[None, 0.5],
+    )
     assert [r.protocol for r in rows] == ["windows", "sliding"]
     assert all(r.ppl is None and "fewer than one window" in r.skipped for r in rows)
-    limited = build_model(model_config("full", None, "model.position=learned", "context_length=32"), 257).eval()
-    (row,), _ = perplexity_by_context_length(Scorer(limited), torch.zeros(500, dtype=torch.long), [64],
-                                             byte_counter(ByteTokenizer()))
+    limited = build_model(
+        model_config("full", None, "model.position=learned", "context_length=32"), 257
+    ).eval()
+    (row,), _ = perplexity_by_context_length(
+        Scorer(limited), torch.zeros(500, dtype=torch.long), [64], byte_counter(ByteTokenizer())
+    )
     assert row.ppl is None and row.skipped
 
 
 def test_scored_tokens_are_capped_by_max_tokens(model):
     tokens = torch.randint(0, 256, (1000,), generator=torch.Generator().manual_seed(4))
-    (row,), _ = perplexity_by_context_length(Scorer(model), tokens, [16], byte_counter(ByteTokenizer()), max_scored=100)
+    (row,), _ = perplexity_by_context_length(
+        Scorer(model), tokens, [16], byte_counter(ByteTokenizer()), max_scored=100
+    )
     assert 100 <= row.tokens < 116
     assert np.isfinite(row.loss)

@@ -5,6 +5,7 @@ lost, as after a preemption); resuming redoes it from last.ckpt at step K. Dropo
 the RNG must be restored too; the packed case needs the position inside the shuffled epoch,
 the ordered case (Transformer-XL) the memory carried across batches.
 """
+
 from __future__ import annotations
 
 import csv
@@ -18,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, compose_config
 from hydra.core.hydra_config import HydraConfig
 
-from conftest import ROOT, compose_config
 from longctx.attention import available_backends
 from longctx.train.run import build_datamodule, resolve_ckpt_path, train
 
@@ -82,9 +83,17 @@ def train_in_process(out: Path, overrides: list[str]) -> None:
 
 def start_killed_run(out: Path, overrides: list[str]) -> tuple[subprocess.Popen, Path]:
     marker = out.parent / f"{out.name}.parked"
-    code = KILLED_CHILD.format(park_step=K + 1, marker=str(marker), args=[*overrides, f"hydra.run.dir={out}"])
+    code = KILLED_CHILD.format(
+        park_step=K + 1, marker=str(marker), args=[*overrides, f"hydra.run.dir={out}"]
+    )
     env = {**os.environ, "WANDB_MODE": "offline"}
-    child = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    child = subprocess.Popen(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     return child, marker
 
 
@@ -108,7 +117,11 @@ def load(path: Path) -> dict:
 
 def logged_losses(out: Path) -> dict[int, float]:
     with open(out / "csv" / "metrics.csv") as handle:
-        return {int(row["step"]): float(row["train/loss"]) for row in csv.DictReader(handle) if row.get("train/loss")}
+        return {
+            int(row["step"]): float(row["train/loss"])
+            for row in csv.DictReader(handle)
+            if row.get("train/loss")
+        }
 
 
 def assert_tensors_match(a, b, what: str) -> None:
@@ -147,13 +160,18 @@ def test_killed_run_resumes_exactly(case, tmp_path, data_cache):
     overrides = run_overrides(data_cache, case)
     killed, uninterrupted = tmp_path / "killed", tmp_path / "uninterrupted"
     child, marker = start_killed_run(killed, overrides)
-    train_in_process(uninterrupted, overrides)  # meanwhile: the child spends most of its time importing
+    train_in_process(
+        uninterrupted, overrides
+    )  # meanwhile: the child spends most of its time importing
     kill_when_parked(child, marker)
 
     assert load(killed / "checkpoints" / "last.ckpt")["global_step"] == K
     train_in_process(killed, [*overrides, "ckpt_path=last"])
 
-    resumed, reference = load(killed / "checkpoints" / "last.ckpt"), load(uninterrupted / "checkpoints" / "last.ckpt")
+    resumed, reference = (
+        load(killed / "checkpoints" / "last.ckpt"),
+        load(uninterrupted / "checkpoints" / "last.ckpt"),
+    )
     assert resumed["global_step"] == reference["global_step"] == 2 * K
     assert_tensors_match(resumed["state_dict"], reference["state_dict"], "weights")
     assert_tensors_match(resumed["optimizer_states"], reference["optimizer_states"], "optimizer")

@@ -12,18 +12,19 @@ bf16 tolerance: outputs and gradients within 5e-2 absolute + 2e-2 relative of th
 on the same bf16 inputs (measured max error about 2.5e-2 for values up to ~6, i.e. a few bf16
 ulps: probabilities are cast to bf16 for the value matmuls, statistics stay fp32).
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import model_config
+
 from longctx import build_model
 from longctx.attention import ModelDims, build_backend, sparse_engine
 from longctx.attention.masked import pattern_mask, reference_attention
 from longctx.attention.sparse_core import SparseCore
-from longctx.attention.sparse_patterns import component_parts
 from longctx.attention.sparse_flex import FLEX_BLOCK, block_layout, flex_pattern_attention
+from longctx.attention.sparse_patterns import component_parts
 from longctx.errors import ConfigError
 
 N_HEAD, N_LAYER, HEAD_DIM = 4, 2, 16
@@ -37,9 +38,24 @@ CONFIGS = [
     ("local", {"block_size": 6, "look_back": 1}),
     ("local", {"block_size": 5, "look_back": 0}),
     ("dilated", {"window": 4, "dilation": 3}),
-    ("longformer", {"window": 4, "dilation": 2, "dilated_heads": 2, "global_tokens": 3, "layer_windows": [3, 5]}),
-    ("longformer", {"window": 3, "dilation": 3, "dilated_heads": 4, "global_tokens": 0, "layer_windows": None}),
-    ("longformer", {"window": 4, "dilation": 2, "dilated_heads": 0, "global_tokens": 2, "layer_windows": None}),
+    (
+        "longformer",
+        {
+            "window": 4,
+            "dilation": 2,
+            "dilated_heads": 2,
+            "global_tokens": 3,
+            "layer_windows": [3, 5],
+        },
+    ),
+    (
+        "longformer",
+        {"window": 3, "dilation": 3, "dilated_heads": 4, "global_tokens": 0, "layer_windows": None},
+    ),
+    (
+        "longformer",
+        {"window": 4, "dilation": 2, "dilated_heads": 0, "global_tokens": 2, "layer_windows": None},
+    ),
     ("sparse_strided", {"stride": 5, "layout": "heads"}),
     ("sparse_strided", {"stride": 5, "layout": "union"}),
     ("sparse_strided", {"stride": 4, "layout": "layers"}),
@@ -52,7 +68,9 @@ CONFIGS = [
 IDS = [f"{name}-" + "-".join(f"{k}={v}" for k, v in options.items()) for name, options in CONFIGS]
 
 
-def spec_allowed(name: str, o: dict, h: int, i: int, j: int, layer: int = 0, n_head: int = N_HEAD) -> bool:
+def spec_allowed(
+    name: str, o: dict, h: int, i: int, j: int, layer: int = 0, n_head: int = N_HEAD
+) -> bool:
     """ATTENTION_SPEC.md, "Softmax over a sparse pattern", for one (head, query, key)."""
     if j > i:
         return False
@@ -86,12 +104,21 @@ def spec_allowed(name: str, o: dict, h: int, i: int, j: int, layer: int = 0, n_h
 
 
 def spec_mask(name, options, n, layer=0, n_head=N_HEAD) -> torch.Tensor:
-    return torch.tensor([[[spec_allowed(name, options, h, i, j, layer, n_head) for j in range(n)] for i in range(n)]
-                         for h in range(n_head)])
+    return torch.tensor(
+        [
+            [
+                [spec_allowed(name, options, h, i, j, layer, n_head) for j in range(n)]
+                for i in range(n)
+            ]
+            for h in range(n_head)
+        ]
+    )
 
 
 def _dims(context_length: int = 256, n_layer: int = N_LAYER) -> ModelDims:
-    return ModelDims(n_layer=n_layer, n_head=N_HEAD, d_model=N_HEAD * HEAD_DIM, context_length=context_length)
+    return ModelDims(
+        n_layer=n_layer, n_head=N_HEAD, d_model=N_HEAD * HEAD_DIM, context_length=context_length
+    )
 
 
 def _backend(name, options, **dims):
@@ -137,7 +164,9 @@ def test_engine_equals_dense_reference(name, options, alibi):
         for n, layer in ((SEQ, 0), (37, 1)):
             engine, reference = _engine_vs_reference(name, options, dtype, alibi, n, layer)
             for label, got, want in zip(("out", "dq", "dk", "dv"), engine, reference):
-                torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"{label} {dtype} n={n}")
+                torch.testing.assert_close(
+                    got, want, rtol=tol, atol=tol, msg=f"{label} {dtype} n={n}"
+                )
 
 
 @pytest.fixture
@@ -152,15 +181,21 @@ def one_query_block_per_chunk(monkeypatch):
 
 
 @pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
-def test_engine_equals_dense_reference_one_query_block_per_chunk(name, options, one_query_block_per_chunk):
+def test_engine_equals_dense_reference_one_query_block_per_chunk(
+    name, options, one_query_block_per_chunk
+):
     pattern = _backend(name, options).pattern(0)
     parts = [part for _, _, c in pattern.groups for part in component_parts(c, SEQ)]
-    assert all(chunk.end - chunk.first == 1 for part in parts for chunk in getattr(part, "chunks", ()))
+    assert all(
+        chunk.end - chunk.first == 1 for part in parts for chunk in getattr(part, "chunks", ())
+    )
     for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-5)):
         for alibi in (False, True):
             engine, reference = _engine_vs_reference(name, options, dtype, alibi, SEQ, 0)
             for label, got, want in zip(("out", "dq", "dk", "dv"), engine, reference):
-                torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=f"{label} {dtype} alibi={alibi}")
+                torch.testing.assert_close(
+                    got, want, rtol=tol, atol=tol, msg=f"{label} {dtype} alibi={alibi}"
+                )
 
 
 def test_long_windows_take_the_in_place_key_path(one_query_block_per_chunk):
@@ -176,12 +211,16 @@ def test_engine_bf16_is_close_to_fp32_reference(name, options):
     q, k, v = _qkv(SEQ, torch.bfloat16)
     grad = torch.randn(q.shape, generator=torch.Generator().manual_seed(7)).bfloat16()
     results = []
-    for dtype, attend in ((torch.bfloat16, pattern.attend),
-                          (torch.float32, lambda *a: reference_attention(*a[:3], pattern.allowed))):
+    for dtype, attend in (
+        (torch.bfloat16, pattern.attend),
+        (torch.float32, lambda *a: reference_attention(*a[:3], pattern.allowed)),
+    ):
         leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
         out = attend(*leaves, None)
         assert out.dtype == dtype
-        results.append([t.float() for t in (out, *torch.autograd.grad(out, leaves, grad.to(dtype)))])
+        results.append(
+            [t.float() for t in (out, *torch.autograd.grad(out, leaves, grad.to(dtype)))]
+        )
     for label, got, want in zip(("out", "dq", "dk", "dv"), *results):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=5e-2, msg=label)
 
@@ -193,7 +232,7 @@ def test_core_gradient_to_the_future_is_exactly_zero(name, options):
     out = pattern.attend(q, k, v, None)
     for i in (0, 5, 6, 15, 16, 31, 32, SEQ - 2):
         dq, dk, dv = torch.autograd.grad(out[:, :, i].sum(), (q, k, v), retain_graph=True)
-        assert dk[:, :, i + 1:].abs().max() == 0 and dv[:, :, i + 1:].abs().max() == 0, i
+        assert dk[:, :, i + 1 :].abs().max() == 0 and dv[:, :, i + 1 :].abs().max() == 0, i
         others = torch.ones(SEQ, dtype=torch.bool)
         others[i] = False
         assert dq[:, :, others].abs().max() == 0, i
@@ -230,13 +269,18 @@ def test_one_layer_receptive_field_is_the_spec_pattern(name, options):
     assert torch.equal(changed, spec_mask(name, options, SEQ).any(0))
 
 
-@pytest.mark.parametrize(("name", "options"), [c for c in CONFIGS if c[1].get("layout") == "layers"]
-                         + [CONFIGS[5]], ids=lambda c: str(c))
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [c for c in CONFIGS if c[1].get("layout") == "layers"] + [CONFIGS[5]],
+    ids=lambda c: str(c),
+)
 def test_second_layer_mixer_receptive_field(name, options):
     """Layer 1 of a 2-layer model (A2 for layout=layers, the second window for longformer)."""
     model = build_model(model_config(name, options), VOCAB).double().eval()
     mixer = model.blocks[1].mixer
-    x = torch.randn(1, SEQ, N_HEAD * HEAD_DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(
+        1, SEQ, N_HEAD * HEAD_DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(4)
+    )
     with torch.no_grad():
         changed = _changed_outputs(mixer, x, SEQ)
     assert torch.equal(changed, spec_mask(name, options, SEQ, layer=1).any(0))
@@ -252,7 +296,9 @@ def test_streaming_cache_holds_exactly_the_reachable_keys(name, options):
         cache, start = core.init_cache(1, N_HEAD, HEAD_DIM, q), 0
         for size in (1, 7, 5, 13, 1, 9, 17):
             stop = start + size
-            out, cache = core.step(q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], cache, start, None)
+            out, cache = core.step(
+                q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop], cache, start, None
+            )
             want = spec_mask(name, options, stop + reach, layer)[:, stop:, :stop].any(0).any(0)
             assert torch.equal(cache["pos"], torch.nonzero(want).flatten()), (layer, stop)
             assert cache["k"].shape[2] == len(cache["pos"])
@@ -267,14 +313,18 @@ EXTRA_STREAMING = [c for c in CONFIGS if c[1].get("layout") in ("union", "layers
 def test_chunked_step_equals_forward_for_other_layouts(name, options, position):
     """The common test covers the shared table; this covers the other layouts and ALiBi."""
     torch.manual_seed(0)
-    model = build_model(model_config(name, options, f"model.position={position}"), VOCAB).double().eval()
+    model = (
+        build_model(model_config(name, options, f"model.position={position}"), VOCAB)
+        .double()
+        .eval()
+    )
     ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         reference = model(ids)
         for chunks in ([7] * 8, [5, 1, 13, 30, 4]):
             state, outputs, start = model.init_state(2), [], 0
             for size in chunks:
-                logits, state = model.step(ids[:, start:start + size], state)
+                logits, state = model.step(ids[:, start : start + size], state)
                 outputs.append(logits)
                 start += size
             torch.testing.assert_close(torch.cat(outputs, 1), reference, rtol=1e-9, atol=1e-9)
@@ -285,7 +335,9 @@ def test_attention_flops_count_at_least_the_allowed_pairs(name, options):
     """FLOPs = 4 x head_dim x computed pairs per head: never below the pattern's own pairs."""
     backend = _backend(name, options)
     n = 97
-    allowed = sum(spec_mask(name, options, n, layer).sum().item() for layer in range(N_LAYER)) / N_LAYER
+    allowed = (
+        sum(spec_mask(name, options, n, layer).sum().item() for layer in range(N_LAYER)) / N_LAYER
+    )
     assert backend.attention_flops(n) >= 4 * HEAD_DIM * allowed
 
 
@@ -294,14 +346,27 @@ def test_window_flops_grow_linearly():
     for n in (4096, 16384):
         exact = sum(min(i + 1, 512) for i in range(n)) * N_HEAD
         # one tile of waste on each side of the band at most
-        assert exact * 4 * HEAD_DIM <= backend.attention_flops(n) <= (exact + n * N_HEAD * 128) * 4 * HEAD_DIM
+        assert (
+            exact * 4 * HEAD_DIM
+            <= backend.attention_flops(n)
+            <= (exact + n * N_HEAD * 128) * 4 * HEAD_DIM
+        )
 
 
 FLEX_CONFIGS = [
     ("sliding_window", {"window": 130}),
     ("local", {"block_size": 200, "look_back": 1}),
     ("dilated", {"window": 40, "dilation": 3}),
-    ("longformer", {"window": 70, "dilation": 2, "dilated_heads": 2, "global_tokens": 5, "layer_windows": None}),
+    (
+        "longformer",
+        {
+            "window": 70,
+            "dilation": 2,
+            "dilated_heads": 2,
+            "global_tokens": 5,
+            "layer_windows": None,
+        },
+    ),
     ("sparse_strided", {"stride": 100, "layout": "heads"}),
     ("sparse_fixed", {"stride": 100, "summary": 20, "layout": "union"}),
     ("blockwise", {"block_size": 150, "shifts": [0, 1]}),
@@ -315,7 +380,9 @@ def test_flex_block_layout_covers_the_pattern(name, options):
     pattern = _backend(name, options, context_length=n).pattern(0)
     pos = torch.arange(n)
     tiles = -(-n // FLEX_BLOCK)
-    mask = torch.nn.functional.pad(pattern_mask(pattern.allowed, N_HEAD, pos, pos), (0, tiles * FLEX_BLOCK - n) * 2)
+    mask = torch.nn.functional.pad(
+        pattern_mask(pattern.allowed, N_HEAD, pos, pos), (0, tiles * FLEX_BLOCK - n) * 2
+    )
     needed = mask.view(N_HEAD, tiles, FLEX_BLOCK, tiles, FLEX_BLOCK).any(-1).any(-2)
     layout = block_layout(pattern, n, torch.device("cpu"))
     assert not (needed & ~layout).any()
@@ -333,8 +400,10 @@ def test_cuda_flex_equals_reference(name, options, alibi):
     slopes = None if not alibi else _slopes(True).float().cuda()
     grad = torch.randn_like(q)
     results = []
-    for attend in (lambda *a: SparseCore(pattern)(*a, slopes),
-                   lambda *a: reference_attention(*a, pattern.allowed, slopes)):
+    for attend in (
+        lambda *a: SparseCore(pattern)(*a, slopes),
+        lambda *a: reference_attention(*a, pattern.allowed, slopes),
+    ):
         leaves = [t.clone().requires_grad_() for t in (q, k, v)]
         out = attend(*leaves)
         results.append((out, *torch.autograd.grad(out, leaves, grad)))
@@ -343,7 +412,9 @@ def test_cuda_flex_equals_reference(name, options, alibi):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("name", "options"), [FLEX_CONFIGS[3], FLEX_CONFIGS[5]], ids=lambda c: str(c))
+@pytest.mark.parametrize(
+    ("name", "options"), [FLEX_CONFIGS[3], FLEX_CONFIGS[5]], ids=lambda c: str(c)
+)
 def test_compiled_flex_forward_on_cpu_equals_reference(name, options):
     """The CUDA code path (BlockMask from the layout, mask_mod, ALiBi score_mod) run by the
     compiled CPU FlexAttention forward; minutes of compilation, hence slow."""
@@ -353,7 +424,9 @@ def test_compiled_flex_forward_on_cpu_equals_reference(name, options):
     slopes = _slopes(True).float()
     with torch.no_grad():
         got = flex_pattern_attention(q, k, v, pattern, slopes)
-        torch.testing.assert_close(got, reference_attention(q, k, v, pattern.allowed, slopes), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            got, reference_attention(q, k, v, pattern.allowed, slopes), rtol=1e-5, atol=1e-5
+        )
 
 
 INVALID = [

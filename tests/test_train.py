@@ -1,4 +1,5 @@
 """End to end on CPU: a short fit of `tiny`, checkpoint and resume, eval outputs, wandb offline."""
+
 from __future__ import annotations
 
 import csv
@@ -7,9 +8,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, compose_config
 from hydra.core.hydra_config import HydraConfig
 
-from conftest import ROOT, compose_config
 from longctx.eval.outputs import RESULTS_SCHEMA_VERSION, ROW_FIELDS
 from longctx.train.module import LanguageModelTask
 from longctx.train.run import train
@@ -51,7 +52,9 @@ def test_eval_outputs_follow_the_schema(trained_run):
     results = json.loads((out / "results.json").read_text())
     assert results["schema_version"] == RESULTS_SCHEMA_VERSION
     assert results["attention"] == "full" and results["train_context_length"] == 32
-    rows = {row["context_length"]: row for row in results["perplexity"] if row["protocol"] == "windows"}
+    rows = {
+        row["context_length"]: row for row in results["perplexity"] if row["protocol"] == "windows"
+    }
     assert set(rows) == {16, 32}
     for length in (16, 32):
         row = rows[length]
@@ -74,7 +77,14 @@ def test_resume_continues_the_step_count(trained_run):
     out, _ = trained_run
     before = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["global_step"]
     assert before == 4
-    train(run_config(out, "ckpt_path=last", "trainer.max_steps=6", "eval_after_fit=false", "logger=csv"))
+    train(
+        run_config(
+            out, "ckpt_path=last", "trainer.max_steps=6", "eval_after_fit=false", "logger=csv"
+        )
+    )
     after = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
     assert after["global_step"] == 6
-    assert LanguageModelTask.load_from_checkpoint(out / "checkpoints" / "last.ckpt").model.vocab_size == 257
+    assert (
+        LanguageModelTask.load_from_checkpoint(out / "checkpoints" / "last.ckpt").model.vocab_size
+        == 257
+    )

@@ -1,12 +1,13 @@
 """transformer_xl: relative shift, a dense per-pair reference, receptive field, memory semantics."""
+
 from __future__ import annotations
 
 import math
 
 import pytest
 import torch
-
 from conftest import model_config
+
 from longctx import build_model
 from longctx.attention import ModelDims, backend_class, build_backend, transformer_xl
 from longctx.attention.transformer_xl import (
@@ -20,10 +21,14 @@ from longctx.errors import ConfigError
 VOCAB = 37
 
 
-def _mixer(segment_length: int, mem_len: int, dtype=torch.float64, seed: int = 0) -> TransformerXLAttention:
+def _mixer(
+    segment_length: int, mem_len: int, dtype=torch.float64, seed: int = 0
+) -> TransformerXLAttention:
     torch.manual_seed(seed)
     dims = ModelDims(n_layer=1, n_head=4, d_model=32, context_length=1024)
-    backend = build_backend({"name": "transformer_xl", "segment_length": segment_length, "mem_len": mem_len}, dims)
+    backend = build_backend(
+        {"name": "transformer_xl", "segment_length": segment_length, "mem_len": mem_len}, dims
+    )
     return backend.mixer(0).to(dtype)
 
 
@@ -72,7 +77,9 @@ def test_relative_shift_equals_an_explicit_gather():
                 assert shifted[:, :, r, j].equal(raw[:, :, r, klen - 1 - distance])
 
 
-@pytest.mark.parametrize("seg,mem,n", [(5, 7, 23), (5, 3, 23), (8, 0, 19), (4, 4, 4), (6, 30, 25), (7, 5, 3)])
+@pytest.mark.parametrize(
+    "seg,mem,n", [(5, 7, 23), (5, 3, 23), (8, 0, 19), (4, 4, 4), (6, 30, 25), (7, 5, 3)]
+)
 def test_forward_and_input_gradient_equal_the_dense_reference(seg, mem, n):
     mixer = _mixer(seg, mem)
     x = torch.randn(2, n, 32, dtype=torch.float64, requires_grad=True)
@@ -90,7 +97,9 @@ def test_forward_and_input_gradient_equal_the_dense_reference(seg, mem, n):
 def test_grouped_segments_equal_the_dense_reference(segments_per_group, monkeypatch):
     """mix scores a few segments at a time on long inputs: groups (and a short last one) change nothing."""
     mixer = _mixer(4, 6)
-    monkeypatch.setattr(transformer_xl, "SCORES_PER_GROUP", segments_per_group * 2 * 4 * 4 * (6 + 4))
+    monkeypatch.setattr(
+        transformer_xl, "SCORES_PER_GROUP", segments_per_group * 2 * 4 * 4 * (6 + 4)
+    )
     x = torch.randn(2, 19, 32, dtype=torch.float64, requires_grad=True)
     fast = mixer(x)
     (grad_fast,) = torch.autograd.grad(fast.sum(), x)
@@ -111,7 +120,7 @@ def test_streaming_any_chunks_equals_forward_with_gradients(seg, mem):
     for chunks in ([seg] * (29 // seg) + [29 % seg], [3, 1, 9, 16]):
         state, outputs, start = mixer.init_state(2), [], 0
         for size in chunks:
-            y, state = mixer.step(x[:, start:start + size], state, start)
+            y, state = mixer.step(x[:, start : start + size], state, start)
             outputs.append(y)
             start += size
         streamed = torch.cat(outputs, 1)
@@ -190,7 +199,7 @@ def test_without_memory_segments_are_independent():
     ids = _ids(27)
     with torch.no_grad():
         whole = model(ids)
-        alone = torch.cat([model(ids[:, s:s + 8]) for s in range(0, 27, 8)], 1)
+        alone = torch.cat([model(ids[:, s : s + 8]) for s in range(0, 27, 8)], 1)
     torch.testing.assert_close(whole, alone, rtol=1e-12, atol=1e-12)
 
 
@@ -219,7 +228,9 @@ def test_loss_by_segment_offset():
     ids = _ids(23)
     losses = loss_by_segment_offset(model, ids)
     logits = model(ids[:, :-1])
-    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    per_token = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), ids[:, 1:], reduction="none"
+    )
     expected = torch.stack([per_token[:, r::4].mean() for r in range(4)])
     torch.testing.assert_close(losses.double(), expected, rtol=1e-6, atol=1e-6)
     with memory_length(model, 0):
@@ -245,12 +256,15 @@ def test_step_refuses_a_state_from_another_position():
         mixer.step(torch.randn(1, 2, 32, dtype=torch.float64), state, 5)
 
 
-@pytest.mark.parametrize("options,overrides,message", [
-    ({}, ["model.position=alibi"], "model.position=rope"),
-    ({}, ["model.position=learned"], "model.position=rope"),
-    ({"segment_length": 0}, [], "segment_length"),
-    ({"mem_len": -1}, [], "mem_len"),
-])
+@pytest.mark.parametrize(
+    "options,overrides,message",
+    [
+        ({}, ["model.position=alibi"], "model.position=rope"),
+        ({}, ["model.position=learned"], "model.position=rope"),
+        ({"segment_length": 0}, [], "segment_length"),
+        ({"mem_len": -1}, [], "mem_len"),
+    ],
+)
 def test_impossible_settings_are_refused_at_build_time(options, overrides, message):
     with pytest.raises(ConfigError, match=message):
         build_model(model_config("transformer_xl", options, *overrides), VOCAB)
@@ -267,7 +281,9 @@ def test_attention_flops_count_the_work():
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
     pairs = ((j <= i) & (i - j <= mem + i % seg)).sum()
     # The position term covers each query's whole row: the segment's memory and the segment.
-    rows = sum(min(mem, s) + min(seg, n - s) for s in range(0, n, seg) for _ in range(min(seg, n - s)))
+    rows = sum(
+        min(mem, s) + min(seg, n - s) for s in range(0, n, seg) for _ in range(min(seg, n - s))
+    )
     assert backend.attention_flops(n) == pytest.approx(float(4 * pairs * d + 2 * rows * d))
 
 
@@ -284,4 +300,6 @@ def test_mix_takes_the_projections_as_they_come():
     mixer = _mixer(8, 8)
     x = torch.randn(2, 32, 32, dtype=torch.float64)
     o = mixer.mix(*(t.detach() for t in mixer.project(x)))
-    torch.testing.assert_close(mixer.out(o.transpose(1, 2).reshape(2, 32, 32)), mixer(x), rtol=0, atol=0)
+    torch.testing.assert_close(
+        mixer.out(o.transpose(1, 2).reshape(2, 32, 32)), mixer(x), rtol=0, atol=0
+    )

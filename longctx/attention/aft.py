@@ -29,14 +29,14 @@ through rounding, and every exponential has a non-positive argument. The stabili
 matmul terms are bounds (block key max + row bias max), so a block's terms lose precision only
 if w varies by more than ~80 within one row of a block (fp32 underflow).
 """
+
 from __future__ import annotations
 
-from abc import abstractmethod
-
 import math
+from abc import abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -117,7 +117,9 @@ def aft_blocked(
     dtype = compute_dtype(v.dtype)
     with torch.autocast(k.device.type, enabled=False):
         prefix = tuple(s.to(dtype) for s in prefix)
-        y = _aft_blocked(k.to(dtype), v.to(dtype), bias, band, block, min(base, block), prefix, first)
+        y = _aft_blocked(
+            k.to(dtype), v.to(dtype), bias, band, block, min(base, block), prefix, first
+        )
     return y.to(v.dtype)
 
 
@@ -151,7 +153,10 @@ def _aft_blocked(k, v, bias, band, c, base, prefix, first):
         far = _band_windows(ek, ekv, summaries[2], reach, blocks, step)
     recompute = torch.is_grad_enabled() and len(blocks) > CHECKPOINT_AFTER * step
     run = partial(checkpoint, _segment, use_reentrant=False) if recompute else _segment
-    outputs = [run(*query, pre, windows, bias, band, base) for query, pre, windows in zip(queries, olders, far)]
+    outputs = [
+        run(*query, pre, windows, bias, band, base)
+        for query, pre, windows in zip(queries, olders, far)
+    ]
     y = torch.cat(outputs, 2) if len(outputs) > 1 else outputs[0]
     start = first - first_block * c
     return y[:, :, start : start + length - first]
@@ -179,8 +184,12 @@ def _band_windows(ek, ekv, mu, reach, blocks, step):
     first_block = int(blocks[0])
     pieces = []
     for x, fill in ((ek, 0.0), (ekv, 0.0), (mu, EMPTY)):
-        x = F.pad(x, (0, 0) * (x.dim() - 3) + (reach, 0), value=fill)  # key block J at index J + reach
-        pieces.append(x[:, :, first_block:].split(step, 2))  # piece i: key blocks from first + i step - reach
+        x = F.pad(
+            x, (0, 0) * (x.dim() - 3) + (reach, 0), value=fill
+        )  # key block J at index J + reach
+        pieces.append(
+            x[:, :, first_block:].split(step, 2)
+        )  # piece i: key blocks from first + i step - reach
     for i, lo in enumerate(range(0, len(blocks), step)):
         seg = blocks[lo : lo + step]
         need = len(seg) + reach - 1  # blocks I - reach .. I - 1 of the segment's query blocks I
@@ -414,7 +423,9 @@ class FullAFT(BlockedAFT):
         last = length - 1  # padding rows of the last block pass the end
 
         def bias(rows: Tensor, cols: Tensor) -> Tensor:
-            return (u[rows.clamp(max=last)] @ v[cols.clamp(max=last)].transpose(-1, -2)).unsqueeze(0)
+            return (u[rows.clamp(max=last)] @ v[cols.clamp(max=last)].transpose(-1, -2)).unsqueeze(
+                0
+            )
 
         return bias
 
@@ -453,7 +464,9 @@ class _AFTBackend(Backend):
     def _positive(self, **values: int) -> None:
         for key, value in values.items():
             if value < 1:
-                raise ConfigError(f"attention.{key} must be >= 1 for attention={self.name}, got {value}")
+                raise ConfigError(
+                    f"attention.{key} must be >= 1 for attention={self.name}, got {value}"
+                )
 
 
 @register

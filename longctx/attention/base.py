@@ -11,13 +11,15 @@ A *mixer* is a causal sequence layer with two forms that must agree:
 States are nested tuples/lists/dicts of tensors; `step` returns a new state and never
 mutates the one it was given, so a caller may branch from a saved state.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
 
 from torch import Tensor, nn
 
@@ -133,7 +135,7 @@ class Backend(ABC):
         self.validate()
 
     @classmethod
-    def from_config(cls, attn_cfg: Mapping, dims: ModelDims) -> "Backend":
+    def from_config(cls, attn_cfg: Mapping, dims: ModelDims) -> Backend:
         fields = {f.name for f in dataclasses.fields(cls.Options)}
         given = {k: v for k, v in dict(attn_cfg).items() if k != "name"}
         unknown = sorted(set(given) - fields)

@@ -1,4 +1,5 @@
 """Full causal softmax attention (Vaswani et al. 2017): the baseline every backend is compared to."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -35,7 +36,10 @@ class CausalCore(AttentionCore):
         q_pos = torch.arange(start, start + q.shape[-2], device=q.device)
         k_pos = torch.arange(keys.shape[-2], device=q.device)
         allowed = (k_pos[None, :] <= q_pos[:, None])[None]
-        return masked_attention(q, keys, values, allowed, q_pos, k_pos, slopes), {"k": keys, "v": values}
+        return masked_attention(q, keys, values, allowed, q_pos, k_pos, slopes), {
+            "k": keys,
+            "v": values,
+        }
 
 
 @register

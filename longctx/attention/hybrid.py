@@ -5,6 +5,7 @@ part is built through the registry as if it were selected alone, so a hybrid lay
 its part's layer (validation, streaming state and MLP replacement included) and its state is
 the per-layer composition of its parts' states.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -26,15 +27,22 @@ class HybridAttention(Backend):
     def validate(self) -> None:
         pattern = list(self.options.pattern)
         if not pattern:
-            raise ConfigError("attention=hybrid needs a non-empty pattern, e.g. pattern=[linear,sliding_window]")
+            raise ConfigError(
+                "attention=hybrid needs a non-empty pattern, e.g. pattern=[linear,sliding_window]"
+            )
         if self.name in pattern:
-            raise ConfigError("attention=hybrid cannot contain itself; list concrete backends in pattern")
+            raise ConfigError(
+                "attention=hybrid cannot contain itself; list concrete backends in pattern"
+            )
         unused = sorted(set(self.options.backends) - set(pattern))
         if unused:
-            raise ConfigError(f"attention.backends sets options for {unused}, which pattern {pattern} never uses")
+            raise ConfigError(
+                f"attention.backends sets options for {unused}, which pattern {pattern} never uses"
+            )
         self.parts = {
-            name: backend_class(name).from_config({"name": name, **dict(self.options.backends.get(name) or {})},
-                                                  self.dims)
+            name: backend_class(name).from_config(
+                {"name": name, **dict(self.options.backends.get(name) or {})}, self.dims
+            )
             for name in dict.fromkeys(pattern)
         }
 
@@ -61,4 +69,6 @@ class HybridAttention(Backend):
     def attention_flops(self, seq_len: int) -> float:
         """Mean over the layers of the model (the MFU counter multiplies by n_layer)."""
         layers = range(self.dims.n_layer)
-        return sum(self.part(layer).attention_flops(seq_len) for layer in layers) / self.dims.n_layer
+        return (
+            sum(self.part(layer).attention_flops(seq_len) for layer in layers) / self.dims.n_layer
+        )

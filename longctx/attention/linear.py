@@ -16,6 +16,7 @@ full-size elementwise intermediate is made. Accumulation is fp32 (fp64 for fp64 
 the input dtype. Streaming single tokens use the recurrent form (`recurrent_linear_attention`);
 longer steps use the chunk form from the carried state.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -131,7 +132,11 @@ def _segment_backward(saved, out: Tensor, d_out: Tensor, d_state: Tensor, chunk:
     dq = torch.bmm(d_scores, kc).baddbmm_(doc, s_excl.view(g * nc, dk, e).transpose(1, 2))
     dk_ = torch.bmm(d_scores.transpose(1, 2), qc).baddbmm_(vc, r.transpose(1, 2))
     dv_ = torch.bmm(scores.transpose(1, 2), doc).baddbmm_(kc, r)
-    grads = (dq.view(g, n_pad, dk)[:, :n], dk_.view(g, n_pad, dk)[:, :n], dv_.view(g, n_pad, e)[:, :n, :dv])
+    grads = (
+        dq.view(g, n_pad, dk)[:, :n],
+        dk_.view(g, n_pad, dk)[:, :n],
+        dv_.view(g, n_pad, e)[:, :n, :dv],
+    )
     return grads, d_s0
 
 
@@ -168,7 +173,9 @@ class _ChunkedLinearAttention(torch.autograd.Function):
         for i in reversed(range(n_segments)):
             part = slice(i * segment, (i + 1) * segment)
             tensors = saved[6 * i : 6 * i + 6]
-            (dq, dk_, dv[:, part]), d_state = _segment_backward(tensors, out[:, part], d_out[:, part], d_state, chunk)
+            (dq, dk_, dv[:, part]), d_state = _segment_backward(
+                tensors, out[:, part], d_out[:, part], d_state, chunk
+            )
             m = dq.shape[1]
             torch.mul(dq, slope(tensors[0][:, :m]), out=dxq[:, part])
             torch.mul(dk_, slope(tensors[1][:, :m]), out=dxk[:, part])
@@ -229,7 +236,9 @@ class LinearAttention(HeadMixer):
     def init_state(self, batch_size: int) -> State:
         weight = self.out.weight
         dtype = compute_dtype(weight.dtype)
-        return weight.new_zeros(batch_size, self.n_head, self.head_dim, self.head_dim + 1, dtype=dtype)
+        return weight.new_zeros(
+            batch_size, self.n_head, self.head_dim, self.head_dim + 1, dtype=dtype
+        )
 
     def step(self, x: Tensor, state: State, start: int) -> tuple[Tensor, State]:
         q, k, v = self.project(x, start)

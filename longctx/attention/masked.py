@@ -4,9 +4,10 @@
 use it over their small caches. `reference_attention` materialises the full N×N mask from a
 pattern's predicate; only tests use it (it is O(N²) by construction).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

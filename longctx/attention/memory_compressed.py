@@ -20,6 +20,7 @@ of the keys. Streaming keeps the pending block's raw keys and values plus every 
 Local layer (alternate: true, even layers): causal attention inside blocks of block_size, the
 `local` pattern with look_back 0: floor(j/b) == floor(i/b), j <= i.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -64,10 +65,14 @@ class BlockLocalCore(AttentionCore):
             o = F.scaled_dot_product_attention(blocks(q), blocks(k), blocks(v), is_causal=True)
         else:
             pos = torch.arange(b, device=q.device)
-            bias = alibi_bias(slopes, pos, pos).masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+            bias = alibi_bias(slopes, pos, pos).masked_fill(
+                pos[None, :] > pos[:, None], float("-inf")
+            )
             bias = bias[:, None].expand(heads, n_blocks, b, b).reshape(heads * n_blocks, b, b)
             # 4-D, like the inputs: a 3-D mask sends CPU SDPA to its unfused math path.
-            o = F.scaled_dot_product_attention(blocks(q), blocks(k), blocks(v), attn_mask=bias[None].to(q.dtype))
+            o = F.scaled_dot_product_attention(
+                blocks(q), blocks(k), blocks(v), attn_mask=bias[None].to(q.dtype)
+            )
         return o.reshape(batch, heads, n_blocks * b, head_dim)[:, :, :n]
 
     def init_cache(self, batch: int, heads: int, head_dim: int, like: Tensor) -> State:
@@ -128,8 +133,16 @@ def compressed_attention(
         i, j = q_pos[:, None], raw_pos[None, :]
         own_block = (j // compression == i // compression) & (j <= i)
         allowed = torch.cat((slot_end[None, :] <= i, own_block), dim=1)
-        attend = partial(_chunk_attention, c + 1, allowed, q_pos, torch.cat((slot_end, raw_pos)), slopes)
-        chunk_inputs = (q_chunks[c], raw_k_chunks[c], raw_v_chunks[c], *slot_k_pieces[: c + 1], *slot_v_pieces[: c + 1])
+        attend = partial(
+            _chunk_attention, c + 1, allowed, q_pos, torch.cat((slot_end, raw_pos)), slopes
+        )
+        chunk_inputs = (
+            q_chunks[c],
+            raw_k_chunks[c],
+            raw_v_chunks[c],
+            *slot_k_pieces[: c + 1],
+            *slot_v_pieces[: c + 1],
+        )
         if torch.is_grad_enabled():
             # Recomputed in backward: keeping every chunk's concatenated keys for SDPA's backward
             # would cost O(N²/(k·QUERY_CHUNK)) memory; this costs one more forward of the chunk.
@@ -153,10 +166,14 @@ class _OwnGradient(torch.autograd.Function):
         return grad.clone()
 
 
-def _chunk_attention(n_slot_pieces, allowed, q_pos, k_pos, slopes, queries, raw_k, raw_v, *slot_pieces):
+def _chunk_attention(
+    n_slot_pieces, allowed, q_pos, k_pos, slopes, queries, raw_k, raw_v, *slot_pieces
+):
     """One query chunk over [its visible slots ; its raw keys]; slot_pieces: k pieces, then v pieces."""
     keys = torch.cat([_OwnGradient.apply(t) for t in (*slot_pieces[:n_slot_pieces], raw_k)], dim=2)
-    values = torch.cat([_OwnGradient.apply(t) for t in (*slot_pieces[n_slot_pieces:], raw_v)], dim=2)
+    values = torch.cat(
+        [_OwnGradient.apply(t) for t in (*slot_pieces[n_slot_pieces:], raw_v)], dim=2
+    )
     # A 4-D mask keeps SDPA on its fused CPU kernel (a 3-D one falls back to the math path).
     return masked_attention(queries, keys, values, allowed[None, None], q_pos, k_pos, slopes)
 
@@ -184,7 +201,9 @@ class MemoryCompressedAttention(HeadMixer):
         for conv in (self.compress_k, self.compress_v):
             with torch.no_grad():
                 conv.weight.zero_()
-                conv.weight[torch.arange(conv.in_channels), torch.arange(conv.in_channels)] = 1 / self.compression
+                conv.weight[torch.arange(conv.in_channels), torch.arange(conv.in_channels)] = (
+                    1 / self.compression
+                )
                 if conv.bias is not None:
                     conv.bias.zero_()
 
@@ -209,8 +228,12 @@ class MemoryCompressedAttention(HeadMixer):
         d_model = heads * head_dim
 
         def conv(t: Tensor, layer: nn.Conv1d) -> Tensor:
-            blocks = t.transpose(1, 2).reshape(batch, n // self.compression, self.compression, d_model)
-            blocks = blocks.transpose(2, 3).reshape(batch, -1, d_model * self.compression)  # (channel, tap)
+            blocks = t.transpose(1, 2).reshape(
+                batch, n // self.compression, self.compression, d_model
+            )
+            blocks = blocks.transpose(2, 3).reshape(
+                batch, -1, d_model * self.compression
+            )  # (channel, tap)
             slots = F.linear(blocks, layer.weight.reshape(d_model, -1), layer.bias)
             return slots.view(batch, -1, heads, head_dim).transpose(1, 2)
 
@@ -224,10 +247,14 @@ class MemoryCompressedAttention(HeadMixer):
         Blocks are aligned to absolute positions, so `start` must be a multiple of compression.
         """
         if start % self.compression:
-            raise ValueError(f"project needs a block-aligned start, got {start} with compression {self.compression}")
+            raise ValueError(
+                f"project needs a block-aligned start, got {start} with compression {self.compression}"
+            )
         q, k, v = self._tokens(x)
         complete = (x.shape[1] // self.compression) * self.compression
-        slot_k, slot_v = self._compress(k[:, :, :complete], v[:, :, :complete], start // self.compression)
+        slot_k, slot_v = self._compress(
+            k[:, :, :complete], v[:, :, :complete], start // self.compression
+        )
         return self._rotate(q, start), self._rotate(k, start), v, slot_k, slot_v
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor, slot_k: Tensor, slot_v: Tensor) -> Tensor:
@@ -245,14 +272,27 @@ class MemoryCompressedAttention(HeadMixer):
         raw_k = torch.cat((state["k"], k), dim=2)
         raw_v = torch.cat((state["v"], v), dim=2)
         complete = (raw_k.shape[2] // self.compression) * self.compression
-        new_k, new_v = self._compress(raw_k[:, :, :complete], raw_v[:, :, :complete], raw_start // self.compression)
+        new_k, new_v = self._compress(
+            raw_k[:, :, :complete], raw_v[:, :, :complete], raw_start // self.compression
+        )
         slot_k = torch.cat((state["slot_k"], new_k), dim=2)
         slot_v = torch.cat((state["slot_v"], new_v), dim=2)
         o = compressed_attention(
-            self._rotate(q, start), self._rotate(raw_k, raw_start), raw_v, slot_k, slot_v,
-            start, self.compression, self.slopes,
+            self._rotate(q, start),
+            self._rotate(raw_k, raw_start),
+            raw_v,
+            slot_k,
+            slot_v,
+            start,
+            self.compression,
+            self.slopes,
         )
-        state = {"k": raw_k[:, :, complete:], "v": raw_v[:, :, complete:], "slot_k": slot_k, "slot_v": slot_v}
+        state = {
+            "k": raw_k[:, :, complete:],
+            "v": raw_v[:, :, complete:],
+            "slot_k": slot_k,
+            "slot_v": slot_v,
+        }
         return self.merge_heads(o), state
 
 
@@ -279,7 +319,9 @@ class MemoryCompressed(Backend):
                 f"attention.compression must be an integer >= 2 (positions per compressed slot), got {o.compression!r}"
             )
         if not isinstance(o.block_size, int) or o.block_size < 1:
-            raise ConfigError(f"attention.block_size must be a positive integer, got {o.block_size!r}")
+            raise ConfigError(
+                f"attention.block_size must be a positive integer, got {o.block_size!r}"
+            )
         if not isinstance(o.alternate, bool):
             raise ConfigError(f"attention.alternate must be true or false, got {o.alternate!r}")
 

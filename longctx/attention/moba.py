@@ -25,6 +25,7 @@ key block: cost grows with top_k * block_size per query, not with N^2). Streamin
 every past position (complete blocks and the raw current block) plus the key sum of each complete
 block: the state grows with n.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -90,7 +91,9 @@ def _first_identical_block(key_sums: Tensor) -> Tensor:
     `forward` and `step` could disagree. Identical blocks therefore share the score of the first.
     """
     bits = key_sums.contiguous().view(torch.int64)
-    mix = torch.randint(-(1 << 62), 1 << 62, (bits.shape[-1],), generator=torch.Generator().manual_seed(0))
+    mix = torch.randint(
+        -(1 << 62), 1 << 62, (bits.shape[-1],), generator=torch.Generator().manual_seed(0)
+    )
     fingerprint = (bits * mix.to(bits.device)).sum(-1)  # wraps around: a hash of the exact bits
     first = (fingerprint[..., None, :] == fingerprint[..., :, None]).to(torch.uint8).argmax(-1)
     same = (key_sums.gather(2, first[..., None].expand_as(key_sums)) == key_sums).all(-1)
@@ -117,7 +120,9 @@ def select_blocks(q: Tensor, key_sums: Tensor, q_start: int, block_size: int, to
         cols = min(complete, (q_start + last - 1) // block_size)
         if cols == 0:
             continue
-        scores = q[:, :, first:last].detach().to(torch.float64) @ key_sums[:, :, :cols].transpose(-1, -2)
+        scores = q[:, :, first:last].detach().to(torch.float64) @ key_sums[:, :, :cols].transpose(
+            -1, -2
+        )
         scores = scores.gather(-1, first_identical[:, :, None, :cols].expand_as(scores))
         candidate = torch.arange(cols, device=q.device)[None, :] < query_block[:, None]
         scores.masked_fill_(~candidate, float("-inf"))
@@ -146,7 +151,9 @@ class MobaCore(AttentionCore):
         keys = torch.cat((cache["k"], k), dim=2)
         values = torch.cat((cache["v"], v), dim=2)
         done, complete = cache["key_sums"].shape[2], keys.shape[2] // b
-        key_sums = torch.cat((cache["key_sums"], block_key_sums(keys[:, :, done * b: complete * b], b)), dim=2)
+        key_sums = torch.cat(
+            (cache["key_sums"], block_key_sums(keys[:, :, done * b : complete * b], b)), dim=2
+        )
         selected = select_blocks(q, key_sums, start, b, self.top_k)
         # The engine starts at a block boundary: the current block's earlier positions get zero
         # placeholder queries with no selected block, whose outputs are dropped.
@@ -154,9 +161,15 @@ class MobaCore(AttentionCore):
         placeholders = q.new_zeros(*q.shape[:2], start - q_start, q.shape[3])
         no_blocks = selected.new_full((*selected.shape[:2], start - q_start, selected.shape[3]), -1)
         out = block_sparse_attention(
-            torch.cat((placeholders, q), dim=2), keys, values, torch.cat((no_blocks, selected), dim=2), b, slopes, q_start
+            torch.cat((placeholders, q), dim=2),
+            keys,
+            values,
+            torch.cat((no_blocks, selected), dim=2),
+            b,
+            slopes,
+            q_start,
         )
-        return out[:, :, start - q_start:], {"k": keys, "v": values, "key_sums": key_sums}
+        return out[:, :, start - q_start :], {"k": keys, "v": values, "key_sums": key_sums}
 
 
 @register
@@ -171,7 +184,9 @@ class MobaAttention(Backend):
     def validate(self) -> None:
         b, top_k = self.options.block_size, self.options.top_k
         if b < 1:
-            raise ConfigError(f"attention.block_size must be >= 1, got {b}; e.g. attention.block_size=256")
+            raise ConfigError(
+                f"attention.block_size must be >= 1, got {b}; e.g. attention.block_size=256"
+            )
         if top_k < 0:
             raise ConfigError(f"attention.top_k must be >= 0 (0 = own block only), got {top_k}")
         if b > self.dims.context_length:

@@ -24,6 +24,7 @@ Kernels: on CPU the fused flash-attention kernel behind `F.scaled_dot_product_at
 through its aten op because the public API does not return the log-sum-exp the merge needs; on
 other devices a plain matmul/softmax form (tested on CPU against the same reference).
 """
+
 from __future__ import annotations
 
 import math
@@ -84,12 +85,17 @@ class Matmul:
 
     @staticmethod
     def _scores(q, k, bias, causal, scale):
-        s = torch.matmul(q, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32)) * scale
+        s = (
+            torch.matmul(q, k.transpose(-1, -2)).to(torch.promote_types(q.dtype, torch.float32))
+            * scale
+        )
         if bias is not None:
             s = s + bias
         if causal:
             n = s.shape[-1]
-            s = s.masked_fill(torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1), float("-inf"))
+            s = s.masked_fill(
+                torch.ones(n, n, dtype=torch.bool, device=s.device).triu(1), float("-inf")
+            )
         return s
 
     @classmethod
@@ -146,7 +152,9 @@ class PairLayout:
         n_groups = heads * n_key_blocks
         valid = selected >= 0
         group_of_pair = torch.arange(heads, device=device)[:, None, None] * n_key_blocks + selected
-        group_of_pair = torch.where(valid, group_of_pair, n_groups).reshape(-1)  # empty slots sort last
+        group_of_pair = torch.where(valid, group_of_pair, n_groups).reshape(
+            -1
+        )  # empty slots sort last
         # Stable: a group's pairs stay in query order.
         pair_order = torch.argsort(group_of_pair, stable=True)[: int(valid.sum())]
         sorted_groups = group_of_pair[pair_order]
@@ -207,9 +215,14 @@ class _Geometry:
         self.slots = slots
         self.scale = 1.0 / math.sqrt(self.dim)
         # ALiBi biases in at least fp32 (the kernels accept an fp32 bias with bf16 inputs).
-        self.slopes = None if slopes is None else slopes.to(torch.promote_types(q.dtype, torch.float32))
+        self.slopes = (
+            None if slopes is None else slopes.to(torch.promote_types(q.dtype, torch.float32))
+        )
         heads_per_wave = max(1, WAVE_PAIRS // max(1, self.n * slots))
-        self.waves = [(g0, min(self.groups, g0 + heads_per_wave)) for g0 in range(0, self.groups, heads_per_wave)]
+        self.waves = [
+            (g0, min(self.groups, g0 + heads_per_wave))
+            for g0 in range(0, self.groups, heads_per_wave)
+        ]
 
     def key_blocks(self, x: Tensor) -> Tensor:
         """[B, H, Nk, D] -> contiguous [G, n_key_blocks, b, D] (zero padded; no copy if already so)."""
@@ -225,12 +238,16 @@ class _Geometry:
         """Per query [G * n(, D)] -> [G * n_own_blocks, 1, b(, D)], padded with `value`."""
         x = x.view(self.groups, self.n, *x.shape[1:])
         if self.query_pad:
-            x = F.pad(x, (0, 0, 0, self.query_pad) if x.dim() == 3 else (0, self.query_pad), value=value)
+            x = F.pad(
+                x, (0, 0, 0, self.query_pad) if x.dim() == 3 else (0, self.query_pad), value=value
+            )
         return x.reshape(self.groups * self.n_own_blocks, 1, self.block_size, *x.shape[2:])
 
     def own_key_blocks(self, blocks: Tensor) -> Tensor:
         """[G, n_key_blocks, b, D] -> the query blocks' own [G * n_own_blocks, 1, b, D]."""
-        return blocks[:, self.first_own_block:].reshape(self.groups * self.n_own_blocks, 1, self.block_size, self.dim)
+        return blocks[:, self.first_own_block :].reshape(
+            self.groups * self.n_own_blocks, 1, self.block_size, self.dim
+        )
 
     def per_query(self, x: Tensor) -> Tensor:
         """[G * n_own_blocks, 1, b(, D)] -> [G * n(, D)]: drops the query padding."""
@@ -244,7 +261,9 @@ class _Geometry:
         local = torch.arange(self.block_size, device=self.slopes.device)
         distance = (local[:, None] - local[None, :]).to(self.slopes.dtype)
         per_group = (-self.slopes[:, None, None] * distance).repeat(self.batch, 1, 1)
-        blocks = per_group[:, None].expand(self.groups, self.n_own_blocks, self.block_size, self.block_size)
+        blocks = per_group[:, None].expand(
+            self.groups, self.n_own_blocks, self.block_size, self.block_size
+        )
         return blocks.reshape(self.groups * self.n_own_blocks, 1, self.block_size, self.block_size)
 
     def pair_bias(self, query_index: Tensor, call: _Call) -> Tensor | None:
@@ -254,7 +273,9 @@ class _Geometry:
         q_pos = (self.q_start + query_index % self.n).view(len(call.groups), 1, call.rows, 1)
         key_block = call.groups % self.n_key_blocks
         head = call.groups // self.n_key_blocks % self.heads
-        k_pos = key_block[:, None] * self.block_size + torch.arange(self.block_size, device=q_pos.device)
+        k_pos = key_block[:, None] * self.block_size + torch.arange(
+            self.block_size, device=q_pos.device
+        )
         distance = (q_pos - k_pos[:, None, None, :]).to(self.slopes.dtype)
         return -self.slopes[head][:, None, None, None] * distance
 
@@ -266,7 +287,15 @@ class _CallOperands:
     tiles sharing the group's key block (expanded, no copy) to give the kernel more parallel units.
     """
 
-    def __init__(self, geo: _Geometry, call: _Call, layout: PairLayout, kb: Tensor, vb: Tensor, heads: int = 1):
+    def __init__(
+        self,
+        geo: _Geometry,
+        call: _Call,
+        layout: PairLayout,
+        kb: Tensor,
+        vb: Tensor,
+        heads: int = 1,
+    ):
         n_groups = len(call.groups)
         self.shape = (n_groups, heads, call.rows // heads)
         self.query_index = layout.query_of_row[call.row_slice]
@@ -296,7 +325,9 @@ def _wave_forward(geo, layout, kernel, q_flat, kb_flat, vb_flat, row_out, row_ls
 def _row_buffer(layouts: list[PairLayout], like: Tensor, *shape: int, dtype: torch.dtype) -> Tensor:
     """One buffer for the pair rows of every wave (the widest wave plus the empty-slot row): a
     fresh buffer per wave costs its page faults again each time, about as much as its copies."""
-    return like.new_empty(max((layout.n_rows for layout in layouts), default=0) + 1, *shape, dtype=dtype)
+    return like.new_empty(
+        max((layout.n_rows for layout in layouts), default=0) + 1, *shape, dtype=dtype
+    )
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -310,13 +341,21 @@ class _BlockSparseAttention(torch.autograd.Function):
         q_flat = q.reshape(geo.groups * geo.n, geo.dim).contiguous()
 
         own_out, own_lse = kernel.attend(
-            geo.query_blocks(q_flat), geo.own_key_blocks(kb), geo.own_key_blocks(vb), geo.own_bias(), True, geo.scale
+            geo.query_blocks(q_flat),
+            geo.own_key_blocks(kb),
+            geo.own_key_blocks(vb),
+            geo.own_bias(),
+            True,
+            geo.scale,
         )
         # The merged result overwrites the own-block part wave by wave (each wave reads only its
         # own queries before writing them).
         out, lse = geo.per_query(own_out), geo.per_query(own_lse)
 
-        layouts = [PairLayout(selected[g0:g1], g0, geo.n_key_blocks, tile, max_rows) for g0, g1 in geo.waves]
+        layouts = [
+            PairLayout(selected[g0:g1], g0, geo.n_key_blocks, tile, max_rows)
+            for g0, g1 in geo.waves
+        ]
         row_out = _row_buffer(layouts, q_flat, geo.dim, dtype=q_flat.dtype)
         row_lse = _row_buffer(layouts, q_flat, dtype=lse.dtype)
         # One slot's rows of a wave, gathered into the same buffer each time (fresh 4 MB gathers
@@ -350,13 +389,23 @@ class _BlockSparseAttention(torch.autograd.Function):
         geo, layouts, kernel = ctx.geo, ctx.layouts, ctx.kernel
         acc = torch.promote_types(q_flat.dtype, torch.float32)
         do_flat = grad_out.reshape(geo.groups * geo.n, geo.dim).contiguous()
-        kb_flat, vb_flat = kb.view(-1, geo.block_size, geo.dim), vb.view(-1, geo.block_size, geo.dim)
+        kb_flat, vb_flat = (
+            kb.view(-1, geo.block_size, geo.dim),
+            vb.view(-1, geo.block_size, geo.dim),
+        )
 
         # Each part's backward sees the MERGED output and lse: exact gradients of the one softmax.
         own = geo.first_own_block
         dq_own, dk_own, dv_own = kernel.attend_backward(
-            geo.query_blocks(do_flat), geo.query_blocks(q_flat), geo.own_key_blocks(kb), geo.own_key_blocks(vb),
-            geo.query_blocks(out), geo.query_blocks(lse, value=float("inf")), geo.own_bias(), True, geo.scale,
+            geo.query_blocks(do_flat),
+            geo.query_blocks(q_flat),
+            geo.own_key_blocks(kb),
+            geo.own_key_blocks(vb),
+            geo.query_blocks(out),
+            geo.query_blocks(lse, value=float("inf")),
+            geo.own_bias(),
+            True,
+            geo.scale,
         )
         dq = geo.per_query(dq_own).to(acc)
         if own == 0:
@@ -366,15 +415,27 @@ class _BlockSparseAttention(torch.autograd.Function):
             dv = torch.zeros_like(dk)
             dk[:, own:], dv[:, own:] = dk_own.view_as(dk[:, own:]), dv_own.view_as(dv[:, own:])
 
-        dk_flat, dv_flat = dk.view(-1, geo.block_size, geo.dim), dv.view(-1, geo.block_size, geo.dim)
+        dk_flat, dv_flat = (
+            dk.view(-1, geo.block_size, geo.dim),
+            dv.view(-1, geo.block_size, geo.dim),
+        )
         for layout in layouts:
-            row_lse = lse.index_select(0, layout.query_of_row).masked_fill(layout.is_padding, float("inf"))
+            row_lse = lse.index_select(0, layout.query_of_row).masked_fill(
+                layout.is_padding, float("inf")
+            )
             for call in layout.calls:
                 heads = kernel.backward_heads(len(call.groups), call.rows // layout.tile)
                 ops = _CallOperands(geo, call, layout, kb_flat, vb_flat, heads)
                 dq_call, dk_call, dv_call = kernel.attend_backward(
-                    ops.gather(do_flat), ops.gather(q_flat), ops.k, ops.v, ops.gather(out),
-                    row_lse[call.row_slice].view(ops.shape), ops.bias, False, geo.scale,
+                    ops.gather(do_flat),
+                    ops.gather(q_flat),
+                    ops.k,
+                    ops.v,
+                    ops.gather(out),
+                    row_lse[call.row_slice].view(ops.shape),
+                    ops.bias,
+                    False,
+                    geo.scale,
                 )
                 # Straight into the queries' gradients: padding rows have zero probability, so
                 # their (query 0) rows add exact zeros.
@@ -411,6 +472,10 @@ def block_sparse_attention(
     if q_start % block_size:
         raise ValueError(f"q_start={q_start} must be a multiple of block_size={block_size}")
     if k.shape[2] != q_start + q.shape[2]:
-        raise ValueError(f"keys cover {k.shape[2]} positions, expected q_start + n = {q_start + q.shape[2]}")
+        raise ValueError(
+            f"keys cover {k.shape[2]} positions, expected q_start + n = {q_start + q.shape[2]}"
+        )
     kernel = kernel or default_kernel(q.device)
-    return _BlockSparseAttention.apply(q, k, v, selected, block_size, slopes, q_start, kernel, tile, max_rows)
+    return _BlockSparseAttention.apply(
+        q, k, v, selected, block_size, slopes, q_start, kernel, tile, max_rows
+    )

@@ -1,7 +1,8 @@
 """Backends by name. Every module in `longctx.attention` registers its backends on import."""
+
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from longctx.attention.base import Backend, ModelDims
 from longctx.errors import ConfigError

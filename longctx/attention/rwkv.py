@@ -15,6 +15,7 @@ i.e. 5 d numbers whatever the length. Order is implicit, so model.position is ig
 Decays, bonus and shift mixes are initialised as in the RWKV-4 reference (ramps over channels
 and layers).
 """
+
 from __future__ import annotations
 
 import math

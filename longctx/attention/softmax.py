@@ -5,6 +5,7 @@ and the model's positional scheme (RoPE rotates q and k at absolute positions; A
 head slopes to the core). An `AttentionCore` decides which keys each query sees and how to
 compute that fast; its `step` keeps whatever cache its pattern needs for streaming.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod

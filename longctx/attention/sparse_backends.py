@@ -4,6 +4,7 @@ sliding_window, local, dilated, longformer, sparse_strided, sparse_fixed, blockw
 patterns themselves (predicate, layout, cache policy) are declared in sparse_patterns.py and
 run by one engine (sparse_core.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ LAYOUTS = ("heads", "union", "layers")
 def _int_option(backend: SparseBackend, key: str, minimum: int = 1) -> None:
     value = getattr(backend.options, key)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ConfigError(f"attention={backend.name} needs an integer {key} >= {minimum}, got {value!r}")
+        raise ConfigError(
+            f"attention={backend.name} needs an integer {key} >= {minimum}, got {value!r}"
+        )
 
 
 def _at_most_context(backend: SparseBackend, key: str, value: int | None = None) -> None:
@@ -44,8 +47,9 @@ def _at_most_context(backend: SparseBackend, key: str, value: int | None = None)
         )
 
 
-def _sparse_transformer_layer(backend: SparseBackend, layer: int, first: Component, second: Component,
-                              union: Component) -> LayerPattern:
+def _sparse_transformer_layer(
+    backend: SparseBackend, layer: int, first: Component, second: Component, union: Component
+) -> LayerPattern:
     """layout heads: first half of the heads A1, the rest A2; union: A1 ∪ A2; layers: even A1, odd A2."""
     n_head, layout = backend.dims.n_head, backend.options.layout
     if layout == "union":
@@ -58,7 +62,9 @@ def _sparse_transformer_layer(backend: SparseBackend, layer: int, first: Compone
 def _check_layout(backend: SparseBackend) -> None:
     layout = backend.options.layout
     if layout not in LAYOUTS:
-        raise ConfigError(f"attention={backend.name} layout={layout!r} is unknown; choose one of {list(LAYOUTS)}")
+        raise ConfigError(
+            f"attention={backend.name} layout={layout!r} is unknown; choose one of {list(LAYOUTS)}"
+        )
     if layout == "heads":
         backend.require_even_heads("layout=heads (first half of the heads A1, the rest A2)")
 
@@ -98,7 +104,9 @@ class LocalAttention(SparseBackend):
         _at_most_context(self, "block_size")
 
     def pattern(self, layer: int) -> LayerPattern:
-        return LayerPattern.uniform(self.dims.n_head, LocalBlocks(self.options.block_size, self.options.look_back))
+        return LayerPattern.uniform(
+            self.dims.n_head, LocalBlocks(self.options.block_size, self.options.look_back)
+        )
 
 
 @register
@@ -118,7 +126,9 @@ class DilatedWindow(SparseBackend):
         _at_most_context(self, "window")
 
     def pattern(self, layer: int) -> LayerPattern:
-        return LayerPattern.uniform(self.dims.n_head, Window(self.options.window, self.options.dilation))
+        return LayerPattern.uniform(
+            self.dims.n_head, Window(self.options.window, self.options.dilation)
+        )
 
 
 @register
@@ -158,7 +168,9 @@ class Longformer(SparseBackend):
                     f"{dims.n_layer}; give one window per layer (or null to use attention.window everywhere)"
                 )
             if any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in windows):
-                raise ConfigError(f"attention=longformer layer_windows must be integers >= 1, got {list(windows)}")
+                raise ConfigError(
+                    f"attention=longformer layer_windows must be integers >= 1, got {list(windows)}"
+                )
             for window in windows:
                 _at_most_context(self, "layer_windows", window)
         else:
@@ -174,7 +186,9 @@ class Longformer(SparseBackend):
             return LayerPattern.uniform(n_head, plain)
         if n_dilated == n_head:
             return LayerPattern.uniform(n_head, dilated)
-        return LayerPattern(n_head, ((0, n_head - n_dilated, plain), (n_head - n_dilated, n_head, dilated)))
+        return LayerPattern(
+            n_head, ((0, n_head - n_dilated, plain), (n_head - n_dilated, n_head, dilated))
+        )
 
 
 @register
@@ -195,7 +209,9 @@ class SparseStrided(SparseBackend):
 
     def pattern(self, layer: int) -> LayerPattern:
         stride = self.options.stride
-        return _sparse_transformer_layer(self, layer, Window(stride + 1), ResidueClass(stride), StridedUnion(stride))
+        return _sparse_transformer_layer(
+            self, layer, Window(stride + 1), ResidueClass(stride), StridedUnion(stride)
+        )
 
 
 @register
@@ -223,8 +239,13 @@ class SparseFixed(SparseBackend):
 
     def pattern(self, layer: int) -> LayerPattern:
         stride, summary = self.options.stride, self.options.summary
-        return _sparse_transformer_layer(self, layer, LocalBlocks(stride), SummaryColumns(stride, summary),
-                                         FixedUnion(stride, summary))
+        return _sparse_transformer_layer(
+            self,
+            layer,
+            LocalBlocks(stride),
+            SummaryColumns(stride, summary),
+            FixedUnion(stride, summary),
+        )
 
 
 @register
@@ -244,7 +265,9 @@ class Blockwise(SparseBackend):
     def validate(self) -> None:
         _int_option(self, "block_size")
         shifts, n_head = self.options.shifts, self.dims.n_head
-        if not shifts or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in shifts):
+        if not shifts or any(
+            not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in shifts
+        ):
             raise ConfigError(
                 f"attention=blockwise shifts must be a non-empty list of integers >= 0, got {list(shifts)}"
             )
@@ -257,5 +280,7 @@ class Blockwise(SparseBackend):
 
     def pattern(self, layer: int) -> LayerPattern:
         block = self.options.block_size
-        groups = [LocalBlocks(block) if s == 0 else ShiftedBlock(block, s) for s in self.options.shifts]
+        groups = [
+            LocalBlocks(block) if s == 0 else ShiftedBlock(block, s) for s in self.options.shifts
+        ]
         return LayerPattern.split(self.dims.n_head, groups)

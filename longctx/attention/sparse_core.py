@@ -5,6 +5,7 @@ engine elsewhere (FlexAttention has no CPU backward), and a streaming cache that
 the keys the pattern can still reach. `SparseBackend` turns "which pattern in layer l" into
 mixers and FLOP counts.
 """
+
 from __future__ import annotations
 
 from abc import abstractmethod
@@ -42,7 +43,9 @@ class SparseCore(AttentionCore):
         for offset in range(0, q.shape[-2], STEP_QUERIES):
             piece = slice(offset, offset + STEP_QUERIES)
             q_piece = q[:, :, piece]
-            q_pos = torch.arange(start + offset, start + offset + q_piece.shape[-2], device=q.device)
+            q_pos = torch.arange(
+                start + offset, start + offset + q_piece.shape[-2], device=q.device
+            )
             keys = torch.cat((cache["k"], k[:, :, piece]), 2)
             values = torch.cat((cache["v"], v[:, :, piece]), 2)
             k_pos = torch.cat((cache["pos"], q_pos))
@@ -71,5 +74,7 @@ class SparseBackend(Backend):
         the layers when they differ (the MFU counter multiplies by n_layer).
         """
         layers = range(self.dims.n_layer)
-        pairs = sum(self.pattern(layer).computed_pairs(seq_len) for layer in layers) / self.dims.n_layer
+        pairs = (
+            sum(self.pattern(layer).computed_pairs(seq_len) for layer in layers) / self.dims.n_layer
+        )
         return 4.0 * self.dims.head_dim * pairs

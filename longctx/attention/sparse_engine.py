@@ -15,11 +15,12 @@ and additive masks for the partially allowed tiles only (built once per length, 
 batch, heads, layers and equal tiles). The backward recomputes the probabilities from the saved
 log-sum-exp (FlashAttention-style) instead of saving them.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -53,7 +54,7 @@ class Chunk:
     span: int | None
     empty_rows: bool
 
-    def to(self, device: torch.device) -> "Chunk":
+    def to(self, device: torch.device) -> Chunk:
         masks = tuple((lo, hi, bias.to(device)) for lo, hi, bias in self.masks)
         return Chunk(self.first, self.end, self.width, masks, self.span, self.empty_rows)
 
@@ -75,11 +76,18 @@ class BlockLayout:
     q_identity: bool
     k_identity: bool
 
-    def to(self, device: torch.device) -> "BlockLayout":
+    def to(self, device: torch.device) -> BlockLayout:
         if self.q_pos.device == device:
             return self
-        return BlockLayout(self.block, self.q_pos.to(device), self.k_pos.to(device), self.table.to(device),
-                           tuple(chunk.to(device) for chunk in self.chunks), self.q_identity, self.k_identity)
+        return BlockLayout(
+            self.block,
+            self.q_pos.to(device),
+            self.k_pos.to(device),
+            self.table.to(device),
+            tuple(chunk.to(device) for chunk in self.chunks),
+            self.q_identity,
+            self.k_identity,
+        )
 
 
 @dataclass(frozen=True, eq=False)
@@ -110,7 +118,12 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def make_layout(
-    q_pos: Tensor, k_pos: Tensor, first: Tensor, last: Tensor, block: int, allowed: PositionPredicate
+    q_pos: Tensor,
+    k_pos: Tensor,
+    first: Tensor,
+    last: Tensor,
+    block: int,
+    allowed: PositionPredicate,
 ) -> BlockLayout:
     """Build a part where query block r reads key blocks first[r]..last[r] (none when last < first)."""
     n_kblocks = len(k_pos) // block
@@ -120,18 +133,39 @@ def make_layout(
     table = (first[:, None] + torch.arange(width)).clamp(0, n_kblocks - 1)
     chunks, shared = [], {}
     for start, end, chunk_width in _group_rows(counts.tolist(), block):
-        i = q_pos[start * block:end * block].view(end - start, 1, block)
-        j = k_pos.view(-1, block)[table[start:end, :chunk_width]].view(end - start, chunk_width, block, 1)
+        i = q_pos[start * block : end * block].view(end - start, 1, block)
+        j = k_pos.view(-1, block)[table[start:end, :chunk_width]].view(
+            end - start, chunk_width, block, 1
+        )
         blocked = ~(allowed(i[:, None], j) & (j <= i[:, None]) & (j >= 0))
-        blocked = (blocked | unused[start:end, :chunk_width, None, None]).view(end - start, -1, block)
+        blocked = (blocked | unused[start:end, :chunk_width, None, None]).view(
+            end - start, -1, block
+        )
         partial = blocked.view(end - start, chunk_width, -1).any(-1).any(0).tolist()
-        masks = tuple((lo, hi, _additive_mask(blocked[:, lo:hi], shared)) for lo, hi in _runs(partial, block))
+        masks = tuple(
+            (lo, hi, _additive_mask(blocked[:, lo:hi], shared)) for lo, hi in _runs(partial, block)
+        )
         blocks = table[start, :chunk_width]
         consecutive = end - start == 1 and bool((blocks.diff() == 1).all())
-        chunks.append(Chunk(start, end, chunk_width, masks, int(blocks[0]) if consecutive else None,
-                            empty_rows=bool(blocked.all(1).any())))
-    return BlockLayout(block, q_pos, k_pos, table, tuple(chunks),
-                       q_identity=_is_natural(q_pos), k_identity=_is_natural(k_pos))
+        chunks.append(
+            Chunk(
+                start,
+                end,
+                chunk_width,
+                masks,
+                int(blocks[0]) if consecutive else None,
+                empty_rows=bool(blocked.all(1).any()),
+            )
+        )
+    return BlockLayout(
+        block,
+        q_pos,
+        k_pos,
+        table,
+        tuple(chunks),
+        q_identity=_is_natural(q_pos),
+        k_identity=_is_natural(k_pos),
+    )
 
 
 def _additive_mask(blocked: Tensor, shared: dict) -> Tensor:
@@ -184,7 +218,9 @@ def _gather_slots(x: Tensor, pos: Tensor, identity: bool) -> Tensor:
 def _scatter_slots(x: Tensor, pos: Tensor, n: int, identity: bool) -> Tensor:
     """The inverse of _gather_slots: slots [BH, M, ...] back to positions [BH, n, ...] (absent = 0)."""
     if identity:  # the slots hold a prefix of the positions (all, or fewer for global keys)
-        return x[:, :n] if x.shape[1] >= n else F.pad(x, (0, 0) * (x.dim() - 2) + (0, n - x.shape[1]))
+        return (
+            x[:, :n] if x.shape[1] >= n else F.pad(x, (0, 0) * (x.dim() - 2) + (0, n - x.shape[1]))
+        )
     slot = torch.full((n,), -1, dtype=torch.long, device=pos.device)
     valid = pos >= 0
     slot[pos[valid]] = torch.arange(len(pos), device=pos.device)[valid]
@@ -210,8 +246,10 @@ def _tile(blocks: Tensor, layout: BlockLayout, chunk: Chunk) -> Tensor:
     """The chunk's keys (or values) [BH, c, width*block, D] from blocks [BH, n_blocks, block, D]."""
     rows, (heads, _, block, dim) = chunk.end - chunk.first, blocks.shape
     if chunk.span is not None:
-        return blocks[:, chunk.span:chunk.span + chunk.width].view(heads, 1, chunk.width * block, dim)
-    index = layout.table[chunk.first:chunk.end, :chunk.width].flatten()
+        return blocks[:, chunk.span : chunk.span + chunk.width].view(
+            heads, 1, chunk.width * block, dim
+        )
+    index = layout.table[chunk.first : chunk.end, : chunk.width].flatten()
     return blocks.index_select(1, index).view(heads, rows, chunk.width * block, dim)
 
 
@@ -224,24 +262,29 @@ def _scaled_matmul(a: Tensor, b: Tensor, scale: float) -> Tensor:
     return torch.baddbmm(ignored, a3, b3, beta=0.0, alpha=scale).view(*a.shape[:-1], b.shape[-1])
 
 
-def _accumulate(grad: Tensor, a: Tensor, b: Tensor, layout: BlockLayout, chunk: Chunk, alpha: float = 1.0) -> None:
+def _accumulate(
+    grad: Tensor, a: Tensor, b: Tensor, layout: BlockLayout, chunk: Chunk, alpha: float = 1.0
+) -> None:
     """grad [BH, n_blocks, block*D] += alpha * a @ b over the chunk's key blocks, for tiles
     a [BH, c, width*block, m] and b [BH, c, m, D]."""
     if chunk.span is not None and a.dtype == grad.dtype:
         # Consecutive key blocks of one query block: the product accumulates in place (measured
         # faster than a product tile plus an add, and no tile is allocated).
-        keys = grad[:, chunk.span:chunk.span + chunk.width].view(grad.shape[0], -1, b.shape[-1])
+        keys = grad[:, chunk.span : chunk.span + chunk.width].view(grad.shape[0], -1, b.shape[-1])
         keys.baddbmm_(a.flatten(0, 1), b.flatten(0, 1), alpha=alpha)
         return
     tile = torch.matmul(a, b).reshape(grad.shape[0], -1, grad.shape[-1]).to(grad.dtype)
     if chunk.span is not None:
-        grad[:, chunk.span:chunk.span + chunk.width].add_(tile, alpha=alpha)
+        grad[:, chunk.span : chunk.span + chunk.width].add_(tile, alpha=alpha)
     else:
-        grad.index_add_(1, layout.table[chunk.first:chunk.end, :chunk.width].flatten(), tile, alpha=alpha)
+        grad.index_add_(
+            1, layout.table[chunk.first : chunk.end, : chunk.width].flatten(), tile, alpha=alpha
+        )
 
 
-def _tile_scores(q: Tensor, ks: Tensor, q_scale: float, slopes2: Tensor | None, layout: BlockLayout,
-                 chunk: Chunk):
+def _tile_scores(
+    q: Tensor, ks: Tensor, q_scale: float, slopes2: Tensor | None, layout: BlockLayout, chunk: Chunk
+):
     """Key-major masked scores in log2 units [BH, c, width*block, block] (accumulation dtype), and the keys.
 
     `q_scale` is 1/sqrt(D), times log2(e) for fp32/fp64 (base-2 exponentials are about 3x
@@ -254,8 +297,8 @@ def _tile_scores(q: Tensor, ks: Tensor, q_scale: float, slopes2: Tensor | None, 
     if q.dtype != acc:
         scores.mul_(LOG2E)
     if slopes2 is not None:  # ALiBi: -slope_h * (i - j) on original positions
-        i = layout.q_pos[chunk.first * block:chunk.end * block].view(rows, 1, block)
-        table = layout.table[chunk.first:chunk.end, :chunk.width]
+        i = layout.q_pos[chunk.first * block : chunk.end * block].view(rows, 1, block)
+        table = layout.table[chunk.first : chunk.end, : chunk.width]
         j = layout.k_pos.view(-1, block)[table].view(rows, chunk.width * block, 1)
         scores.addcmul_(slopes2, (i - j).to(acc), value=-1.0)
     for lo, hi, bias in chunk.masks:  # fully allowed tiles need no mask
@@ -265,7 +308,9 @@ def _tile_scores(q: Tensor, ks: Tensor, q_scale: float, slopes2: Tensor | None, 
 
 def _rows(x: Tensor, block: int, chunk: Chunk) -> Tensor:
     """The chunk's query rows of x [BH, M, ...] as [BH, c, block, ...]."""
-    return x[:, chunk.first * block:chunk.end * block].unflatten(1, (chunk.end - chunk.first, block))
+    return x[:, chunk.first * block : chunk.end * block].unflatten(
+        1, (chunk.end - chunk.first, block)
+    )
 
 
 class _BlockSparseAttention(torch.autograd.Function):
@@ -284,9 +329,15 @@ class _BlockSparseAttention(torch.autograd.Function):
         # Contiguous copies when needed: q, k, v usually arrive as strided views of a fused
         # projection, and tiles cut from those made every product 10-20x slower (measured: local
         # at 16K fp32, 8.5 s against 0.6 s).
-        qs = _gather_slots(q.reshape(batch * heads, n, dim).contiguous(), layout.q_pos, layout.q_identity)
-        ks, vs = (_key_blocks(t.reshape(batch * heads, n, dim).contiguous(), layout) for t in (k, v))
-        slopes2 = None if slopes is None else (slopes.to(acc) * LOG2E).repeat(batch).view(-1, 1, 1, 1)
+        qs = _gather_slots(
+            q.reshape(batch * heads, n, dim).contiguous(), layout.q_pos, layout.q_identity
+        )
+        ks, vs = (
+            _key_blocks(t.reshape(batch * heads, n, dim).contiguous(), layout) for t in (k, v)
+        )
+        slopes2 = (
+            None if slopes is None else (slopes.to(acc) * LOG2E).repeat(batch).view(-1, 1, 1, 1)
+        )
         # Natural order writes straight into the returned tensor (which must not be a view of a
         # tensor saved for backward); other orders go through slots and are scattered back once.
         output = qs.new_empty(batch * heads, n, dim)
@@ -301,9 +352,13 @@ class _BlockSparseAttention(torch.autograd.Function):
             probs = scores.sub_(peak).exp2_()
             total = probs.sum(-2, keepdim=True)
             tile = torch.matmul(probs.transpose(-1, -2).to(vb.dtype), vb).to(acc)
-            tile.div_((total.masked_fill(total == 0, 1.0) if chunk.empty_rows else total).transpose(-1, -2))
+            tile.div_(
+                (total.masked_fill(total == 0, 1.0) if chunk.empty_rows else total).transpose(
+                    -1, -2
+                )
+            )
             rows = slice(chunk.first * block, min(chunk.end * block, out.shape[1]))
-            out[:, rows] = tile.flatten(1, 2)[:, :rows.stop - rows.start]
+            out[:, rows] = tile.flatten(1, 2)[:, : rows.stop - rows.start]
             _rows(lse2, block, chunk).copy_((peak + total.log2()).squeeze(-2))
         if not layout.q_identity:
             output.copy_(_scatter_slots(out, layout.q_pos, n, identity=False))
@@ -311,7 +366,9 @@ class _BlockSparseAttention(torch.autograd.Function):
         ctx.save_for_backward(qs, ks, vs, output, lse2, slopes2)
         ctx.layout, ctx.q_scale = layout, q_scale
         ctx.set_materialize_grads(False)
-        return output, _scatter_slots(lse2 * LN2, layout.q_pos, n, layout.q_identity).view(batch, heads, n)
+        return output, _scatter_slots(lse2 * LN2, layout.q_pos, n, layout.q_identity).view(
+            batch, heads, n
+        )
 
     @staticmethod
     def backward(ctx, grad_out: Tensor | None, grad_lse: Tensor | None):
@@ -321,9 +378,14 @@ class _BlockSparseAttention(torch.autograd.Function):
         if grad_out is None:
             grad_out = torch.zeros_like(output)
         out = _gather_slots(output.view(batch * heads, n, dim), layout.q_pos, layout.q_identity)
-        gos = _gather_slots(grad_out.reshape(batch * heads, n, dim), layout.q_pos, layout.q_identity)
-        dlse = None if grad_lse is None else _gather_slots(grad_lse.reshape(batch * heads, n), layout.q_pos,
-                                                            layout.q_identity)
+        gos = _gather_slots(
+            grad_out.reshape(batch * heads, n, dim), layout.q_pos, layout.q_identity
+        )
+        dlse = (
+            None
+            if grad_lse is None
+            else _gather_slots(grad_lse.reshape(batch * heads, n), layout.q_pos, layout.q_identity)
+        )
         # Queries with no allowed key (lse = -inf): +inf makes their probabilities exactly 0.
         lse2 = lse2.masked_fill(lse2 == float("-inf"), float("inf"))
         dq = torch.empty_like(qs, dtype=acc)
@@ -348,9 +410,18 @@ class _BlockSparseAttention(torch.autograd.Function):
             _rows(dq, block, chunk).copy_(_scaled_matmul(dscores.transpose(-1, -2), kb, dim**-0.5))
             _accumulate(dk, dscores, _rows(qs, block, chunk), layout, chunk, alpha=dim**-0.5)
         dq = _scatter_slots(dq, layout.q_pos, n, layout.q_identity)
-        dk, dv = (_scatter_slots(t.view(t.shape[0], -1, dim), layout.k_pos, n, layout.k_identity) for t in (dk, dv))
+        dk, dv = (
+            _scatter_slots(t.view(t.shape[0], -1, dim), layout.k_pos, n, layout.k_identity)
+            for t in (dk, dv)
+        )
         shape = (batch, heads, n, dim)
-        return dq.to(qs.dtype).view(shape), dk.to(qs.dtype).view(shape), dv.to(qs.dtype).view(shape), None, None
+        return (
+            dq.to(qs.dtype).view(shape),
+            dk.to(qs.dtype).view(shape),
+            dv.to(qs.dtype).view(shape),
+            None,
+            None,
+        )
 
 
 def _self_attention(q: Tensor, k: Tensor, v: Tensor, part: SelfPart) -> tuple[Tensor, Tensor]:
@@ -361,7 +432,9 @@ def _self_attention(q: Tensor, k: Tensor, v: Tensor, part: SelfPart) -> tuple[Te
     return v, logits.masked_fill(~rows, float("-inf"))
 
 
-def attend_parts(q: Tensor, k: Tensor, v: Tensor, parts: tuple[Part, ...], slopes: Tensor | None) -> Tensor:
+def attend_parts(
+    q: Tensor, k: Tensor, v: Tensor, parts: tuple[Part, ...], slopes: Tensor | None
+) -> Tensor:
     """Softmax attention of q, k, v [B, H, N, D] over the union of disjoint parts."""
     results = []
     for part in parts:
@@ -373,5 +446,7 @@ def attend_parts(q: Tensor, k: Tensor, v: Tensor, parts: tuple[Part, ...], slope
         return results[0][0]
     # Exact merge of softmaxes over disjoint key sets: weights exp(lse_p - lse).
     lse = torch.logsumexp(torch.stack([r[1] for r in results]), 0)
-    merged = sum(torch.exp(part_lse - lse)[..., None] * out.to(lse.dtype) for out, part_lse in results)
+    merged = sum(
+        torch.exp(part_lse - lse)[..., None] * out.to(lse.dtype) for out, part_lse in results
+    )
     return merged.to(q.dtype)

@@ -4,6 +4,7 @@ The BlockMask is built at block level (an [H, N/128, N/128] layout from each hea
 bound and global prefix), never from an N x N mask; the exact predicate runs as mask_mod
 inside the partially allowed tiles, ALiBi as score_mod. Only used when q.is_cuda.
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,8 +52,9 @@ def _block_mask(pattern, n: int, device: torch.device):
     def mask_mod(batch, head, q_idx, kv_idx):
         return pattern.allowed(head, q_idx, kv_idx) & (kv_idx <= q_idx)
 
-    return BlockMask.from_kv_blocks(counts[None], indices[None], BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod,
-                                    seq_lengths=(n, n))
+    return BlockMask.from_kv_blocks(
+        counts[None], indices[None], BLOCK_SIZE=FLEX_BLOCK, mask_mod=mask_mod, seq_lengths=(n, n)
+    )
 
 
 def _alibi(slopes: Tensor):
@@ -62,7 +64,9 @@ def _alibi(slopes: Tensor):
     return score_mod
 
 
-def flex_pattern_attention(q: Tensor, k: Tensor, v: Tensor, pattern, slopes: Tensor | None) -> Tensor:
+def flex_pattern_attention(
+    q: Tensor, k: Tensor, v: Tensor, pattern, slopes: Tensor | None
+) -> Tensor:
     """Attention of q, k, v [B, H, N, D] on CUDA under `pattern` (a sparse_patterns.LayerPattern)."""
     from torch.nn.attention.flex_attention import flex_attention
 

@@ -10,9 +10,10 @@ whole family:
 - `summary_layout`: the keys are the Sparse Transformer "fixed" summary columns, in order;
 - `prefix_layout`: the keys are the first positions (Longformer global tokens).
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -44,8 +45,9 @@ def _row_ends(n: int, block: int) -> tuple[Tensor, Tensor]:
     return starts, (starts + block - 1).clamp(max=n - 1)
 
 
-def band_layout(n: int, block: int, first_key: KeyBound, last_key: KeyBound,
-                allowed: PositionPredicate) -> BlockLayout:
+def band_layout(
+    n: int, block: int, first_key: KeyBound, last_key: KeyBound, allowed: PositionPredicate
+) -> BlockLayout:
     """Natural order; query block r reads the key blocks from first_key(first row) to last_key(last row).
 
     Both bounds must be non-decreasing in the query position, so the block's first and last
@@ -59,8 +61,9 @@ def band_layout(n: int, block: int, first_key: KeyBound, last_key: KeyBound,
     return make_layout(pos, pos, first, last, block, allowed)
 
 
-def residue_layout(n: int, block: int, stride: int, window: int | None,
-                   allowed: PositionPredicate) -> BlockLayout:
+def residue_layout(
+    n: int, block: int, stride: int, window: int | None, allowed: PositionPredicate
+) -> BlockLayout:
     """Positions regrouped by residue mod `stride`, each class contiguous and padded to whole blocks.
 
     In a class, key i - stride*m sits m slots before query i, so a dilated window of `window`
@@ -70,7 +73,11 @@ def residue_layout(n: int, block: int, stride: int, window: int | None,
     for residue in range(min(stride, n)):
         members = _slots(torch.arange(residue, n, stride), block)
         blocks = torch.arange(len(members) // block)
-        lowest = torch.zeros_like(blocks) if window is None else (blocks * block - (window - 1)).clamp_min(0) // block
+        lowest = (
+            torch.zeros_like(blocks)
+            if window is None
+            else (blocks * block - (window - 1)).clamp_min(0) // block
+        )
         slots.append(members)
         first.append(offset + lowest)
         last.append(offset + blocks)
@@ -79,7 +86,9 @@ def residue_layout(n: int, block: int, stride: int, window: int | None,
     return make_layout(pos, pos, torch.cat(first), torch.cat(last), block, allowed)
 
 
-def summary_layout(n: int, block: int, stride: int, summary: int, allowed: PositionPredicate) -> BlockLayout:
+def summary_layout(
+    n: int, block: int, stride: int, summary: int, allowed: PositionPredicate
+) -> BlockLayout:
     """Natural queries; keys are the positions j with j mod stride >= stride - summary, in order.
 
     Query block r reads the summary blocks up to the last summary position <= its last row.
@@ -87,10 +96,18 @@ def summary_layout(n: int, block: int, stride: int, summary: int, allowed: Posit
     positions = torch.arange(n)
     members = positions[positions % stride >= stride - summary]
     starts, ends = _row_ends(n, block)
-    reachable = torch.searchsorted(members, ends, right=True)  # summary keys <= the block's last row
+    reachable = torch.searchsorted(
+        members, ends, right=True
+    )  # summary keys <= the block's last row
     last = torch.where(reachable > 0, (reachable - 1) // block, -1)
-    return make_layout(_slots(positions, block), _slots(members, block), torch.zeros_like(last), last,
-                       block, allowed)
+    return make_layout(
+        _slots(positions, block),
+        _slots(members, block),
+        torch.zeros_like(last),
+        last,
+        block,
+        allowed,
+    )
 
 
 def prefix_layout(n: int, block: int, count: int, allowed: PositionPredicate) -> BlockLayout:
@@ -98,5 +115,11 @@ def prefix_layout(n: int, block: int, count: int, allowed: PositionPredicate) ->
     members = torch.arange(min(count, n))
     starts, _ = _row_ends(n, block)
     last = torch.full_like(starts, (len(members) - 1) // block)
-    return make_layout(_slots(torch.arange(n), block), _slots(members, block), torch.zeros_like(last), last,
-                       block, allowed)
+    return make_layout(
+        _slots(torch.arange(n), block),
+        _slots(members, block),
+        torch.zeros_like(last),
+        last,
+        block,
+        allowed,
+    )

@@ -10,11 +10,11 @@ A `Component` is one head group's pattern. It declares:
   global positions every query reads, from which FlexAttention's BlockMask is built.
 A `LayerPattern` assigns components to contiguous head groups of one layer.
 """
+
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
-
 import functools
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -89,7 +89,11 @@ class Window(Component):
         else:
             parts = [residue_layout(n, block, self.dilation, self.window, windowed)]
         if self.globals:
-            parts.append(prefix_layout(n, engine_block(self.globals), self.globals, lambda i, j: j < self.globals))
+            parts.append(
+                prefix_layout(
+                    n, engine_block(self.globals), self.globals, lambda i, j: j < self.globals
+                )
+            )
         return tuple(parts)
 
     def keep(self, j, start):
@@ -110,7 +114,9 @@ class LocalBlocks(Component):
         return i // self.block - j // self.block <= self.look_back
 
     def build_parts(self, n):
-        return (band_layout(n, engine_block(self.block), self.first_key, lambda i: i, self.allowed),)
+        return (
+            band_layout(n, engine_block(self.block), self.first_key, lambda i: i, self.allowed),
+        )
 
     def keep(self, j, start):
         return j >= self.first_key(start)
@@ -200,8 +206,13 @@ class SummaryColumns(Component):
         return self._is_summary(j) | (j == i)
 
     def build_parts(self, n):
-        columns = summary_layout(n, engine_block(self.summary), self.stride, self.summary,
-                                 lambda i, j: self._is_summary(j))
+        columns = summary_layout(
+            n,
+            engine_block(self.summary),
+            self.stride,
+            self.summary,
+            lambda i, j: self._is_summary(j),
+        )
         # A query on a summary column already reads itself in `columns`.
         return columns, SelfPart(lambda i: ~self._is_summary(i))
 
@@ -217,19 +228,27 @@ class FixedUnion(Component):
     summary: int
 
     def allowed(self, i, j):
-        return (i // self.stride == j // self.stride) | (j % self.stride >= self.stride - self.summary)
+        return (i // self.stride == j // self.stride) | (
+            j % self.stride >= self.stride - self.summary
+        )
 
     def build_parts(self, n):
         own_block = LocalBlocks(self.stride).build_parts(n)[0]
 
         def earlier_summary(i, j):  # summaries of the query's own block belong to `own_block`
-            return (j % self.stride >= self.stride - self.summary) & (j // self.stride < i // self.stride)
+            return (j % self.stride >= self.stride - self.summary) & (
+                j // self.stride < i // self.stride
+            )
 
-        columns = summary_layout(n, engine_block(self.summary), self.stride, self.summary, earlier_summary)
+        columns = summary_layout(
+            n, engine_block(self.summary), self.stride, self.summary, earlier_summary
+        )
         return own_block, columns
 
     def keep(self, j, start):
-        return (j % self.stride >= self.stride - self.summary) | (j >= start // self.stride * self.stride)
+        return (j % self.stride >= self.stride - self.summary) | (
+            j >= start // self.stride * self.stride
+        )
 
 
 def _by_head(h: Tensor, groups, values) -> Tensor:
@@ -248,11 +267,11 @@ class LayerPattern:
     groups: tuple[tuple[int, int, Component], ...]
 
     @classmethod
-    def uniform(cls, n_head: int, component: Component) -> "LayerPattern":
+    def uniform(cls, n_head: int, component: Component) -> LayerPattern:
         return cls(n_head, ((0, n_head, component),))
 
     @classmethod
-    def split(cls, n_head: int, components: list[Component]) -> "LayerPattern":
+    def split(cls, n_head: int, components: list[Component]) -> LayerPattern:
         """Heads split evenly, in order, among `components` (n_head divisible by their number)."""
         size = n_head // len(components)
         return cls(n_head, tuple((k * size, (k + 1) * size, c) for k, c in enumerate(components)))

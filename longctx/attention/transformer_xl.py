@@ -14,11 +14,12 @@ The position term is computed against R at distances klen-1 .. 0 for every query
 R is built on the fly, so the weights do not depend on mem_len: evaluation may use a longer
 memory than training (attention.mem_len=... or `memory_length` below).
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -46,7 +47,9 @@ def relative_shift(scores: Tensor) -> Tensor:
 
 def sinusoid(distances: Tensor, d_model: int) -> Tensor:
     """R [n, d_model] = [sin(d w_f), cos(d w_f)], w_f = 10000^(-2f/d_model), in fp64."""
-    inv_freq = 10000.0 ** (-torch.arange(0, d_model, 2, dtype=torch.float64, device=distances.device) / d_model)
+    inv_freq = 10000.0 ** (
+        -torch.arange(0, d_model, 2, dtype=torch.float64, device=distances.device) / d_model
+    )
     angles = distances.to(torch.float64)[:, None] * inv_freq[None, :]
     return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
@@ -88,14 +91,20 @@ class TransformerXLAttention(HeadMixer):
         r = self.position_proj(sinusoid(distances, self.d_model).to(like.dtype))
         return r.view(klen, self.n_head, self.head_dim).transpose(0, 1)
 
-    def attend(self, q: Tensor, keys: Tensor, values: Tensor, allowed: Tensor, relative_keys: Tensor) -> Tensor:
+    def attend(
+        self, q: Tensor, keys: Tensor, values: Tensor, allowed: Tensor, relative_keys: Tensor
+    ) -> Tensor:
         """q [b,H,l,Dh] are the last l of the positions of keys/values [b,H,K,Dh]; allowed [b|1,1,l,K];
         relative_keys = W_R R for distances K-1 .. 0 [H,K,Dh]."""
         scale = self.head_dim**-0.5  # applied to the (small) queries rather than to the scores
         content = ((q + self.content_bias) * scale) @ keys.transpose(-1, -2)
-        position = relative_shift(((q + self.position_bias) * scale) @ relative_keys.transpose(-1, -2))
+        position = relative_shift(
+            ((q + self.position_bias) * scale) @ relative_keys.transpose(-1, -2)
+        )
         scores = (content + position).masked_fill(~allowed, float("-inf"))
-        weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+        weights = torch.softmax(
+            scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)
+        )
         return weights.to(values.dtype) @ values
 
     def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -144,12 +153,25 @@ class TransformerXLAttention(HeadMixer):
         key_pos = torch.cat((memory_pos, query_pos), dim=1)
         exists = key_pos >= -earlier
         allowed = exists[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])  # [S, L, M+L]
-        allowed = allowed[:, None, None].expand(-1, batch, -1, -1, -1).reshape(n_seg * batch, 1, seg, mem + seg)
+        allowed = (
+            allowed[:, None, None]
+            .expand(-1, batch, -1, -1, -1)
+            .reshape(n_seg * batch, 1, seg, mem + seg)
+        )
         relative_keys = self._relative_keys(mem + seg, q)
         # Split (not sliced) into groups: slicing's backward would zero-fill a full-size gradient per group.
         rows = batch * max(1, SCORES_PER_GROUP // (batch * heads * seg * (mem + seg)))
-        groups = zip(*(t.split(rows) for t in (segment_major(segments(q)), windows(k, memory_k),
-                                                windows(v, memory_v), allowed)))
+        groups = zip(
+            *(
+                t.split(rows)
+                for t in (
+                    segment_major(segments(q)),
+                    windows(k, memory_k),
+                    windows(v, memory_v),
+                    allowed,
+                )
+            )
+        )
         o = torch.cat([self.attend(*group, relative_keys) for group in groups])
         o = o.view(n_seg, batch, heads, seg, head_dim).permute(1, 2, 0, 3, 4)
         return o.reshape(batch, heads, n_seg * seg, head_dim)[:, :, :n]
@@ -173,15 +195,22 @@ class TransformerXLAttention(HeadMixer):
             piece = x[:, : self.segment_length - segment.shape[1]]
             segment = torch.cat((segment, piece), dim=1)
             outputs.append(self._attend_piece(piece, memory, segment))
-            x = x[:, piece.shape[1]:]
+            x = x[:, piece.shape[1] :]
             if segment.shape[1] == self.segment_length:
                 memory, segment = self._remember(memory, segment), segment[:, :0]
         if x.shape[1]:  # then whole segments (and a partial last one) at once, as in forward
             q, k, v, chunk_k, chunk_v = self.project(x)
             memory_k, memory_v = self._memory_kv(memory)
-            outputs.append(self._segment_windows(
-                q, k, v, torch.cat((memory_k, chunk_k), dim=2), torch.cat((memory_v, chunk_v), dim=2), memory.shape[1]
-            ))
+            outputs.append(
+                self._segment_windows(
+                    q,
+                    k,
+                    v,
+                    torch.cat((memory_k, chunk_k), dim=2),
+                    torch.cat((memory_v, chunk_v), dim=2),
+                    memory.shape[1],
+                )
+            )
             whole = x.shape[1] - x.shape[1] % self.segment_length
             memory, segment = self._remember(memory, x[:, :whole]), x[:, whole:]
         return self.merge_heads(torch.cat(outputs, dim=2)), {"memory": memory, "segment": segment}
@@ -190,13 +219,16 @@ class TransformerXLAttention(HeadMixer):
         """The memory after whole segments `finished`: the last mem_len inputs (maybe spanning
         several segments), their gradient stopped."""
         memory = torch.cat((memory, finished.detach()), dim=1)
-        return memory[:, max(0, memory.shape[1] - self.mem_len):]
+        return memory[:, max(0, memory.shape[1] - self.mem_len) :]
 
     def _attend_piece(self, piece: Tensor, memory: Tensor, segment: Tensor) -> Tensor:
         """Attention of `piece` (the last positions of `segment`) over [memory ; segment]."""
         d, weight, bias = self.d_model, self.qkv.weight, self.qkv.bias
         q = self._heads(F.linear(piece, weight[:d], None if bias is None else bias[:d]))
-        k, v = (self._heads(t) for t in F.linear(segment, weight[d:], None if bias is None else bias[d:]).chunk(2, -1))
+        k, v = (
+            self._heads(t)
+            for t in F.linear(segment, weight[d:], None if bias is None else bias[d:]).chunk(2, -1)
+        )
         memory_k, memory_v = self._memory_kv(memory)
         keys, values = torch.cat((memory_k, k), dim=2), torch.cat((memory_v, v), dim=2)
         klen, qlen = keys.shape[2], piece.shape[1]
@@ -256,9 +288,13 @@ class TransformerXL(Backend):
     def validate(self) -> None:
         o = self.options
         if not isinstance(o.segment_length, int) or o.segment_length < 1:
-            raise ConfigError(f"attention.segment_length must be a positive integer, got {o.segment_length!r}")
+            raise ConfigError(
+                f"attention.segment_length must be a positive integer, got {o.segment_length!r}"
+            )
         if not isinstance(o.mem_len, int) or o.mem_len < 0:
-            raise ConfigError(f"attention.mem_len must be an integer >= 0 (0 = no memory), got {o.mem_len!r}")
+            raise ConfigError(
+                f"attention.mem_len must be an integer >= 0 (0 = no memory), got {o.mem_len!r}"
+            )
         if self.dims.position in ("alibi", "learned"):
             raise ConfigError(
                 f"attention=transformer_xl brings its own relative position encoding and cannot be "

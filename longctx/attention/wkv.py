@@ -23,6 +23,7 @@ Two forms that agree to rounding:
   of the form (exponent - running max), never e^{+tau w} * e^{-tau w}, so decays up to any
   size stay finite. Memory is O(N D) per tensor (no C x C pairwise tensor).
 """
+
 from __future__ import annotations
 
 import math
@@ -78,7 +79,9 @@ def _push(state: WkvState, k: Tensor, v: Tensor, w: Tensor) -> WkvState:
     return s_old * a + s_new * v, s_old * b + s_new, top
 
 
-def wkv_recurrent(k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: WkvState) -> tuple[Tensor, WkvState]:
+def wkv_recurrent(
+    k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: WkvState
+) -> tuple[Tensor, WkvState]:
     """The reference recurrence over k, v [..., N, D]; w, u broadcast to [..., D]."""
     dtype = compute_dtype(v.dtype)
     a, b, p = (s.to(dtype) for s in state)
@@ -106,7 +109,9 @@ def exclusive_state_scan(init: WkvState, summaries: WkvState, span: Tensor | flo
     while offset < length:
         head = [x[..., :offset, :] for x in parts]
         merged = merge_states(
-            tuple(x[..., :-offset, :] for x in parts), tuple(x[..., offset:, :] for x in parts), offset * span
+            tuple(x[..., :-offset, :] for x in parts),
+            tuple(x[..., offset:, :] for x in parts),
+            offset * span,
         )
         parts = [torch.cat((h, m), -2) for h, m in zip(head, merged)]
         offset *= 2

@@ -1,4 +1,5 @@
 """`python -m longctx.bench [key=value ...]`: the Hydra entry point (settings in conf/bench.yaml)."""
+
 from __future__ import annotations
 
 import logging
@@ -24,9 +25,13 @@ def main(cfg: DictConfig) -> None:
             log.error("sanity: the bench could not measure SDPA: %s", result["bench_row"]["reason"])
             return
         log.info("sanity: %s", result["call"])
-        log.info("sanity: bench %.2f ms, plain timeit %.2f ms (%+.1f%%): %s", result["bench_ms"],
-                 result["timeit_ms"], 100 * result["relative_difference"],
-                 "agree within 20%" if result["agree"] else "DISAGREE by more than 20%")
+        log.info(
+            "sanity: bench %.2f ms, plain timeit %.2f ms (%+.1f%%): %s",
+            result["bench_ms"],
+            result["timeit_ms"],
+            100 * result["relative_difference"],
+            "agree within 20%" if result["agree"] else "DISAGREE by more than 20%",
+        )
     else:
         run_bench(settings, out_dir)
 

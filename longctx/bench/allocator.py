@@ -19,6 +19,7 @@ for reuse instead.
 Which one a ratio is measured under can decide it (a kernel with big temporaries gains the most
 from `retain`), so the setting is stored with every row.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -44,10 +45,14 @@ def _mallopt():
 def check_cpu_allocator(name: str) -> str:
     """`name` if this process can apply it; a ConfigError naming the fix otherwise."""
     if name not in CPU_ALLOCATORS:
-        raise ConfigError(f"cpu_allocator={name!r} is not valid; choose from {list(CPU_ALLOCATORS)}")
+        raise ConfigError(
+            f"cpu_allocator={name!r} is not valid; choose from {list(CPU_ALLOCATORS)}"
+        )
     if name == "retain" and _mallopt() is None:
-        raise ConfigError("cpu_allocator=retain needs glibc's mallopt, which this C library lacks; "
-                          "use cpu_allocator=default")
+        raise ConfigError(
+            "cpu_allocator=retain needs glibc's mallopt, which this C library lacks; "
+            "use cpu_allocator=default"
+        )
     return name
 
 
@@ -56,7 +61,12 @@ def configure_cpu_allocator(name: str) -> None:
     if check_cpu_allocator(name) == "default":
         return
     mallopt = _mallopt()
-    for parameter, value in ((M_MMAP_THRESHOLD, RETAIN_MMAP_THRESHOLD), (M_TRIM_THRESHOLD, RETAIN_TRIM_THRESHOLD)):
+    for parameter, value in (
+        (M_MMAP_THRESHOLD, RETAIN_MMAP_THRESHOLD),
+        (M_TRIM_THRESHOLD, RETAIN_TRIM_THRESHOLD),
+    ):
         if mallopt(ctypes.c_int(parameter), ctypes.c_int(value)) != 1:
-            raise ConfigError(f"cpu_allocator=retain: this C library refused mallopt({parameter}, {value}); "
-                              "use cpu_allocator=default")
+            raise ConfigError(
+                f"cpu_allocator=retain: this C library refused mallopt({parameter}, {value}); "
+                "use cpu_allocator=default"
+            )

@@ -4,13 +4,14 @@ Each anchor makes random inputs of the bench's shapes and returns a function of 
 output is one tensor, so the bench times it exactly like a backend's `mix`. The
 `pip install longctx[anchors]` extra brings two of them; flash-linear-attention is `fla-core`.
 """
+
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -65,7 +66,9 @@ def missing_anchors(names: list[str]) -> dict[str, str]:
 Inputs = tuple[Tensor, ...]
 
 
-def build(name: str, batch: int, heads: int, head_dim: int, seq_len: int, dtype, device) -> tuple[Callable[..., Tensor], Inputs, nn.Module | None]:
+def build(
+    name: str, batch: int, heads: int, head_dim: int, seq_len: int, dtype, device
+) -> tuple[Callable[..., Tensor], Inputs, nn.Module | None]:
     """(function, inputs, module holding its parameters or None) for anchor `name`."""
     return _BUILDERS[name](batch, heads, head_dim, seq_len, dtype, device)
 
@@ -79,7 +82,11 @@ def _local_attention(batch, heads, head_dim, seq_len, dtype, device):
 
     # Our `mix` receives already-rotated q/k, so the anchor's own rotary embedding is turned off.
     attention = LocalAttention(
-        window_size=WINDOW, causal=True, look_backward=1, look_forward=0, autopad=True,
+        window_size=WINDOW,
+        causal=True,
+        look_backward=1,
+        look_forward=0,
+        autopad=True,
         use_rotary_pos_emb=False,
     ).to(device)
     return attention, _qkv((batch, heads, seq_len, head_dim), dtype, device), None
@@ -91,19 +98,26 @@ def _longformer_hf(batch, heads, head_dim, seq_len, dtype, device):
 
     d_model = heads * head_dim
     config = LongformerConfig(
-        hidden_size=d_model, num_attention_heads=heads, attention_window=[WINDOW],
+        hidden_size=d_model,
+        num_attention_heads=heads,
+        attention_window=[WINDOW],
         attention_probs_dropout_prob=0.0,
     )
     if seq_len % WINDOW:  # LongformerModel pads; the layer alone asserts
-        raise ConfigError(f"LongformerSelfAttention needs a length divisible by {WINDOW}, got {seq_len}")
+        raise ConfigError(
+            f"LongformerSelfAttention needs a length divisible by {WINDOW}, got {seq_len}"
+        )
     layer = LongformerSelfAttention(config, layer_id=0).to(device=device, dtype=dtype)
     local_only = torch.zeros(batch, seq_len, device=device)  # 0 = local attention, no global tokens
     no_index = torch.zeros(batch, seq_len, dtype=torch.bool, device=device)
 
     def attend(hidden: Tensor) -> Tensor:
         return layer(
-            hidden, attention_mask=local_only, is_index_masked=no_index,
-            is_index_global_attn=no_index, is_global_attn=False,
+            hidden,
+            attention_mask=local_only,
+            is_index_masked=no_index,
+            is_index_global_attn=no_index,
+            is_global_attn=False,
         )[0]
 
     hidden = torch.randn(batch, seq_len, d_model, dtype=dtype, device=device)
@@ -114,6 +128,7 @@ def _fla_naive_module() -> ModuleType:
     """fla's pure-torch reference; without triton `import fla.ops` fails, so load the file alone."""
     try:
         from fla.ops.linear_attn import naive
+
         return naive
     except ImportError:
         package = Path(importlib.util.find_spec("fla").origin).parent
@@ -130,7 +145,11 @@ def _fla_naive_linear(batch, heads, head_dim, seq_len, dtype, device):
     # fla's layout is [B, T, H, D]; its chunk is 64 and T must be a multiple of it.
     if seq_len % 64:
         raise ConfigError(f"naive_chunk_linear_attn needs a length divisible by 64, got {seq_len}")
-    return naive.naive_chunk_linear_attn, _qkv((batch, seq_len, heads, head_dim), dtype, device), None
+    return (
+        naive.naive_chunk_linear_attn,
+        _qkv((batch, seq_len, heads, head_dim), dtype, device),
+        None,
+    )
 
 
 _BUILDERS = {

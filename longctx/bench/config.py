@@ -1,9 +1,11 @@
 """What to measure: the bench's settings (conf/bench.yaml) and the configurations they expand to."""
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -12,7 +14,12 @@ from longctx.bench.allocator import check_cpu_allocator
 from longctx.bench.anchors import ANCHORS
 from longctx.errors import ConfigError
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+    "fp64": torch.float64,
+}
 # fwd / fwd_bwd: the mixing kernel alone (`mix` on projected inputs; SDPA on q, k, v).
 # decode: single-token `step` after an N-token prefill. layer: the whole mixer (projections
 # included), forward + backward. train_step: a whole model's optimizer step (model_size).
@@ -72,10 +79,17 @@ class Settings:
                     for name, kind in self.subjects:
                         if kind != "backend" and mode not in _NON_BACKEND_MODES[kind]:
                             continue
-                        planned.append(dataclasses.replace(
-                            self.template, subject=name, kind=kind, mode=mode, dtype=dtype,
-                            seq_len=seq_len, options=self._options(name, kind, mode, seq_len),
-                        ))
+                        planned.append(
+                            dataclasses.replace(
+                                self.template,
+                                subject=name,
+                                kind=kind,
+                                mode=mode,
+                                dtype=dtype,
+                                seq_len=seq_len,
+                                options=self._options(name, kind, mode, seq_len),
+                            )
+                        )
         return planned
 
     def _options(self, name: str, kind: str, mode: str, seq_len: int) -> dict[str, Any]:
@@ -104,9 +118,21 @@ def _subjects(backends, anchors, missing_anchors) -> list[tuple[str, str]]:
     if backends == "all":
         names = registered
     else:
-        names = [name for name in _check_choices(backends, registered + [BASELINE], "backends") if name != BASELINE]
-    anchors = [a for a in _check_choices(anchors, ANCHORS, "anchors") if a not in missing_anchors] if anchors else []
-    return [(BASELINE, "baseline")] + [(n, "backend") for n in names] + [(a, "anchor") for a in anchors]
+        names = [
+            name
+            for name in _check_choices(backends, registered + [BASELINE], "backends")
+            if name != BASELINE
+        ]
+    anchors = (
+        [a for a in _check_choices(anchors, ANCHORS, "anchors") if a not in missing_anchors]
+        if anchors
+        else []
+    )
+    return (
+        [(BASELINE, "baseline")]
+        + [(n, "backend") for n in names]
+        + [(a, "anchor") for a in anchors]
+    )
 
 
 def _has_option(name: str, key: str) -> bool:
@@ -141,19 +167,37 @@ def settings_from_config(cfg: Mapping, missing_anchors: Mapping[str, str]) -> Se
     lengths = sorted(int(n) for n in cfg["lengths"])
     if not lengths or lengths[0] < 1:
         raise ConfigError(f"lengths={list(cfg['lengths'])} must be positive sequence lengths")
-    for key in ("batch", "heads", "head_dim", "repeats", "decode_tokens", "prefill_chunk", "rounds"):
+    for key in (
+        "batch",
+        "heads",
+        "head_dim",
+        "repeats",
+        "decode_tokens",
+        "prefill_chunk",
+        "rounds",
+    ):
         if int(cfg[key]) < 1:
             raise ConfigError(f"{key}={cfg[key]} must be at least 1")
     options = _backend_options(cfg["options"])
     subjects = _subjects(cfg["backends"], cfg["anchors"], missing_anchors)
     template = Config(
-        subject="", kind="", mode="", dtype="", seq_len=0,
-        batch=int(cfg["batch"]), heads=int(cfg["heads"]), head_dim=int(cfg["head_dim"]),
-        device=resolve_device(str(cfg["device"])), warmup=int(cfg["warmup"]), repeats=int(cfg["repeats"]),
-        decode_tokens=int(cfg["decode_tokens"]), prefill_chunk=int(cfg["prefill_chunk"]),
+        subject="",
+        kind="",
+        mode="",
+        dtype="",
+        seq_len=0,
+        batch=int(cfg["batch"]),
+        heads=int(cfg["heads"]),
+        head_dim=int(cfg["head_dim"]),
+        device=resolve_device(str(cfg["device"])),
+        warmup=int(cfg["warmup"]),
+        repeats=int(cfg["repeats"]),
+        decode_tokens=int(cfg["decode_tokens"]),
+        prefill_chunk=int(cfg["prefill_chunk"]),
         model_size=str(cfg["model_size"]),
         memory_cap_mib=float(cfg["memory_cap_mib"]) if cfg["memory_cap_mib"] else None,
-        threads=int(cfg["threads"]) if cfg["threads"] else None, seed=int(cfg["seed"]),
+        threads=int(cfg["threads"]) if cfg["threads"] else None,
+        seed=int(cfg["seed"]),
         cpu_allocator=check_cpu_allocator(str(cfg["cpu_allocator"])),
     )
     return Settings(

@@ -1,4 +1,5 @@
 """Where the figures come from: software, hardware, load and code version, stored with them."""
+
 from __future__ import annotations
 
 import os
@@ -26,10 +27,16 @@ def cpu_model() -> str:
 def git_commit() -> str | None:
     """HEAD, with '+dirty' when the working tree differs from it (None outside a checkout)."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
     return commit + ("+dirty" if dirty else "")
@@ -53,8 +60,11 @@ TRANSPARENT_HUGEPAGE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
 def allocator_environment() -> dict[str, str]:
     """Variables that change what cpu_allocator=default means."""
-    return {key: value for key, value in os.environ.items()
-            if key.startswith("MALLOC_") or key in ALLOCATOR_VARIABLES}
+    return {
+        key: value
+        for key, value in os.environ.items()
+        if key.startswith("MALLOC_") or key in ALLOCATOR_VARIABLES
+    }
 
 
 def transparent_hugepage_mode() -> str | None:

@@ -4,6 +4,7 @@ Workers are forked from a forkserver that has imported torch and the backends bu
 computed anything: a fresh process costs milliseconds instead of the ~2 s of a new
 interpreter, and no allocator cache, thread pool or high-water mark carries over.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -43,7 +44,11 @@ class IsolatedRunner:
             return row
         row = base_row(config)
         if timed_out:
-            row.update(status="skipped", reason=f"over the time budget: killed after {timeout_s:g} s", wall_s=timeout_s)
+            row.update(
+                status="skipped",
+                reason=f"over the time budget: killed after {timeout_s:g} s",
+                wall_s=timeout_s,
+            )
         else:  # e.g. the kernel's OOM killer (-9) or a crash in native code (-11)
             row.update(status="error", reason=f"worker died with exit code {process.exitcode}")
         return row

@@ -16,6 +16,7 @@ for it. Memory the C allocator hands back to the OS between calls is faulted aga
 one, so this figure says how much of a row's time depends on `cpu_allocator` (allocator.py
 states what a fault costs).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,9 @@ import os
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -49,7 +51,9 @@ def minor_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
-def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device) -> TimedCalls:
+def time_calls(
+    fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device
+) -> TimedCalls:
     """Seconds (and on the CPU minor page faults) of each of `repeats` calls of `fn` after
     `warmup` untimed calls."""
     for _ in range(warmup):
@@ -101,7 +105,10 @@ def allocator_peak_bytes(fn: Callable[[], Any], device: torch.device) -> int:
         fn()
         synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
-    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with (
+        _stderr_silenced(),
+        profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof,
+    ):
         fn()
     events = [
         event
@@ -137,7 +144,9 @@ class RssGauge:
             self.reset_ok = True
         except OSError:
             self.reset_ok = False  # the peak then includes what the parent process had touched
-        self.baseline_kib = _proc_status_kib("VmRSS") if os.path.exists("/proc/self/status") else None
+        self.baseline_kib = (
+            _proc_status_kib("VmRSS") if os.path.exists("/proc/self/status") else None
+        )
 
     def peak_delta_bytes(self) -> int | None:
         if self.baseline_kib is None or not self.reset_ok:

@@ -7,6 +7,7 @@ shorter length already failed, or when the total budget is spent. From a single 
 prediction is the lower bound N^1 (no mixing costs less than linear), so a series is cut only when
 it surely will not fit; the worker's hard timeout bounds a quadratic surprise.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,7 +23,9 @@ TIME_EXPONENT_RANGE = (1.0, 3.0)  # work never shrinks with N; clamp noise at sm
 MEMORY_EXPONENT_RANGE = (0.0, 3.0)
 
 
-def extrapolate(points: list[tuple[int, float]], seq_len: int, exponent_range: tuple[float, float]) -> float:
+def extrapolate(
+    points: list[tuple[int, float]], seq_len: int, exponent_range: tuple[float, float]
+) -> float:
     """Value at seq_len from the last two (N, value) points on a log-log line."""
     (n1, y1) = points[-1]
     exponent = ONE_POINT_EXPONENT
@@ -72,8 +75,10 @@ class Planner:
         walls = [(row["seq_len"], row["wall_s"]) for row in earlier]
         predicted_s = extrapolate(walls, config.seq_len, TIME_EXPONENT_RANGE)
         if predicted_s > self.config_budget_s:
-            return (f"predicted {predicted_s:.0f} s from N={last['seq_len']} "
-                    f"({last['wall_s']:.1f} s) > config_budget_s={self.config_budget_s:g}")
+            return (
+                f"predicted {predicted_s:.0f} s from N={last['seq_len']} "
+                f"({last['wall_s']:.1f} s) > config_budget_s={self.config_budget_s:g}"
+            )
         if self.memory_cap_mib:
             memory = [(row["seq_len"], row_memory_bytes(row)) for row in earlier]
             predicted_mib = extrapolate(memory, config.seq_len, MEMORY_EXPONENT_RANGE) / MIB

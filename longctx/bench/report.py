@@ -1,4 +1,5 @@
 """The bench's outputs: ratios to SDPA, scaling exponents, and bench.json/.csv/.md/.png."""
+
 from __future__ import annotations
 
 import csv
@@ -14,10 +15,35 @@ from longctx.bench.config import BASELINE
 from longctx.bench.measure import median
 
 CSV_COLUMNS = [
-    "subject", "kind", "label", "mode", "dtype", "seq_len", "batch", "heads", "head_dim", "device",
-    "status", "reason", "time_ms", "time_ms_min", "ratio_vs_sdpa", "tokens_per_s", "gflops_per_s",
-    "memory_mib", "peak_alloc_mib", "peak_rss_mib", "faulted_mib", "state_elements", "state_mib",
-    "prefill_ms", "wall_s", "rounds", "threads", "cpu_allocator", "options",
+    "subject",
+    "kind",
+    "label",
+    "mode",
+    "dtype",
+    "seq_len",
+    "batch",
+    "heads",
+    "head_dim",
+    "device",
+    "status",
+    "reason",
+    "time_ms",
+    "time_ms_min",
+    "ratio_vs_sdpa",
+    "tokens_per_s",
+    "gflops_per_s",
+    "memory_mib",
+    "peak_alloc_mib",
+    "peak_rss_mib",
+    "faulted_mib",
+    "state_elements",
+    "state_mib",
+    "prefill_ms",
+    "wall_s",
+    "rounds",
+    "threads",
+    "cpu_allocator",
+    "options",
 ]
 MEMORY_MEANING = {
     "decode": "streaming state after N tokens",
@@ -48,11 +74,15 @@ def combine_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
         return {**first, "round_times_ms": [], "rounds": 0}
     measured = [row for row in rows if row["status"] == "ok"]
     time_ms = median([row["time_ms"] for row in measured])
-    combined = {**first, "round_times_ms": [row["time_ms"] if row["status"] == "ok" else None for row in rows],
-                "rounds": len(measured), "time_ms": time_ms,
-                "time_ms_min": min(row["time_ms_min"] for row in measured),
-                "times_ms": [t for row in measured for t in row["times_ms"]],
-                "wall_s": sum(row["wall_s"] for row in rows)}
+    combined = {
+        **first,
+        "round_times_ms": [row["time_ms"] if row["status"] == "ok" else None for row in rows],
+        "rounds": len(measured),
+        "time_ms": time_ms,
+        "time_ms_min": min(row["time_ms_min"] for row in measured),
+        "times_ms": [t for row in measured for t in row["times_ms"]],
+        "wall_s": sum(row["wall_s"] for row in rows),
+    }
     for rate in ("tokens_per_s", "gflops_per_s"):  # per second of the combined time
         if first[rate] is not None:
             combined[rate] = first[rate] * first["time_ms"] / time_ms
@@ -69,15 +99,19 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
     as the median over rounds of the two times measured in the same round."""
     baseline = {
         (r["dtype"], r["mode"], r["seq_len"]): r
-        for r in rows if r["subject"] == BASELINE and r["status"] == "ok"
+        for r in rows
+        if r["subject"] == BASELINE and r["status"] == "ok"
     }
     for row in rows:
         reference = baseline.get((row["dtype"], row["mode"], row["seq_len"]))
         row["ratio_vs_sdpa"] = None
         if row["status"] != "ok" or reference is None:
             continue
-        paired = [t / b for t, b in zip(row.get("round_times_ms") or [], reference.get("round_times_ms") or [])
-                  if t is not None and b is not None]
+        paired = [
+            t / b
+            for t, b in zip(row.get("round_times_ms") or [], reference.get("round_times_ms") or [])
+            if t is not None and b is not None
+        ]
         row["ratio_vs_sdpa"] = median(paired) if paired else row["time_ms"] / reference["time_ms"]
 
 
@@ -89,17 +123,31 @@ def fits(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             series[(row["subject"], row["dtype"], row["mode"])].append(row)
     return [
         {
-            "subject": subject, "dtype": dtype, "mode": mode,
+            "subject": subject,
+            "dtype": dtype,
+            "mode": mode,
             "lengths": [r["seq_len"] for r in points],
-            "time_exponent": fit_exponent([r["seq_len"] for r in points], [r["time_ms"] for r in points]),
-            "memory_exponent": fit_exponent([r["seq_len"] for r in points], [r["memory_mib"] for r in points]),
+            "time_exponent": fit_exponent(
+                [r["seq_len"] for r in points], [r["time_ms"] for r in points]
+            ),
+            "memory_exponent": fit_exponent(
+                [r["seq_len"] for r in points], [r["memory_mib"] for r in points]
+            ),
         }
         for (subject, dtype, mode), points in series.items()
     ]
 
 
-def write_json(path: Path, environment: dict, settings: dict, rows: list, fitted: list, notes: list[str]) -> None:
-    document = {"environment": environment, "settings": settings, "rows": rows, "fits": fitted, "notes": notes}
+def write_json(
+    path: Path, environment: dict, settings: dict, rows: list, fitted: list, notes: list[str]
+) -> None:
+    document = {
+        "environment": environment,
+        "settings": settings,
+        "rows": rows,
+        "fits": fitted,
+        "notes": notes,
+    }
     path.write_text(json.dumps(document, indent=2, default=str))
 
 
@@ -151,50 +199,72 @@ def _not_measured(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def _faults_table(rows: list[dict[str, Any]], mode: str, dtype: str, lengths: list[int],
-                  labels: dict[str, str]) -> list[str]:
+def _faults_table(
+    rows: list[dict[str, Any]], mode: str, dtype: str, lengths: list[int], labels: dict[str, str]
+) -> list[str]:
     """MiB page-faulted per call for one panel (CPU rows only; nothing when none was counted)."""
-    faulted = {(r["subject"], r["seq_len"]): r["faulted_mib"] for r in rows
-               if (r["mode"], r["dtype"]) == (mode, dtype) and r["status"] == "ok"
-               and r.get("faulted_mib") is not None}
+    faulted = {
+        (r["subject"], r["seq_len"]): r["faulted_mib"]
+        for r in rows
+        if (r["mode"], r["dtype"]) == (mode, dtype)
+        and r["status"] == "ok"
+        and r.get("faulted_mib") is not None
+    }
     if not faulted:
         return []
-    lines = [f"MiB page-faulted per call ({mode}, {dtype}; minor faults x page size, median of the calls):", "",
-             "| implementation | " + " | ".join(f"N={_length(n)}" for n in lengths) + " |",
-             "|" + "---|" * (len(lengths) + 1)]
+    lines = [
+        f"MiB page-faulted per call ({mode}, {dtype}; minor faults x page size, median of the calls):",
+        "",
+        "| implementation | " + " | ".join(f"N={_length(n)}" for n in lengths) + " |",
+        "|" + "---|" * (len(lengths) + 1),
+    ]
     for subject, label in labels.items():
         cells = [_number(faulted[subject, n]) if (subject, n) in faulted else "" for n in lengths]
         lines.append("| " + " | ".join([label] + cells) + " |")
     return lines + [""]
 
 
-def markdown(rows: list[dict[str, Any]], fitted: list[dict], environment: dict, notes: list[str]) -> str:
+def markdown(
+    rows: list[dict[str, Any]], fitted: list[dict], environment: dict, notes: list[str]
+) -> str:
     """One README-ready table per (mode, dtype): rows = subjects, columns = N."""
     lengths = sorted({r["seq_len"] for r in rows})
     by_key = {(r["subject"], r["dtype"], r["mode"], r["seq_len"]): r for r in rows}
     exponents = {(f["subject"], f["dtype"], f["mode"]): f for f in fitted}
     load = environment.get("load_average_start")
     rounds = max((r.get("rounds") or 0 for r in rows), default=0)
-    timing = (f"median over {rounds} rounds of each round's median; (1.23x) = the median of the rounds' "
-              "time / SDPA's time" if rounds > 1 else "median of the timed runs; (1.23x) = time / SDPA's time")
+    timing = (
+        f"median over {rounds} rounds of each round's median; (1.23x) = the median of the rounds' "
+        "time / SDPA's time"
+        if rounds > 1
+        else "median of the timed runs; (1.23x) = time / SDPA's time"
+    )
     lines = [
         f"Measured on {environment['device_name']}, torch {environment['torch']}, "
         f"{environment['threads']} threads, B={rows[0]['batch']}, H={rows[0]['heads']}, "
         f"Dh={rows[0]['head_dim']}"
         + (f", cpu_allocator={rows[0]['cpu_allocator']}" if rows[0].get("cpu_allocator") else "")
-        + (f", transparent huge pages: {environment['transparent_hugepage']}"
-           if environment.get("transparent_hugepage") else "")
+        + (
+            f", transparent huge pages: {environment['transparent_hugepage']}"
+            if environment.get("transparent_hugepage")
+            else ""
+        )
         + f"; {timing} at the same N, dtype and mode"
-        + (f"; 1-minute load average at the start: {load[0]:.1f}" if load else "") + ".",
+        + (f"; 1-minute load average at the start: {load[0]:.1f}" if load else "")
+        + ".",
         "",
     ]
     panels = sorted({(r["mode"], r["dtype"]) for r in rows})
     for mode, dtype in panels:
         memory = MEMORY_MEANING.get(mode, MEMORY_MEANING["default"])
         lines += [f"### {mode}, {dtype}: time / memory ({memory})", ""]
-        header = ["implementation"] + [f"N={_length(n)}" for n in lengths] + ["time ~N^k", "memory ~N^k"]
+        header = (
+            ["implementation"] + [f"N={_length(n)}" for n in lengths] + ["time ~N^k", "memory ~N^k"]
+        )
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        labels = {r["subject"]: r["label"] for r in rows if (r["mode"], r["dtype"]) == (mode, dtype)}
+        labels = {
+            r["subject"]: r["label"] for r in rows if (r["mode"], r["dtype"]) == (mode, dtype)
+        }
         for subject, label in labels.items():
             fit = exponents.get((subject, dtype, mode), {})
             cells = [_cell(by_key.get((subject, dtype, mode, n))) for n in lengths]
@@ -221,29 +291,46 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
     modes = sorted({r["mode"] for r in rows})
     dtypes = sorted({r["dtype"] for r in rows})
     figure, axes = plt.subplots(
-        len(modes), 2 * len(dtypes), figsize=(4.5 * 2 * len(dtypes), 3.8 * len(modes) + 1), squeeze=False
+        len(modes),
+        2 * len(dtypes),
+        figsize=(4.5 * 2 * len(dtypes), 3.8 * len(modes) + 1),
+        squeeze=False,
     )
     subjects = list(dict.fromkeys(r["subject"] for r in rows))
     colors = plt.get_cmap("tab20")
     for row_index, mode in enumerate(modes):
         for dtype_index, dtype in enumerate(dtypes):
-            time_axis, memory_axis = axes[row_index, 2 * dtype_index], axes[row_index, 2 * dtype_index + 1]
+            time_axis, memory_axis = (
+                axes[row_index, 2 * dtype_index],
+                axes[row_index, 2 * dtype_index + 1],
+            )
             for index, subject in enumerate(subjects):
                 points = sorted(
-                    (r for r in rows if (r["subject"], r["mode"], r["dtype"]) == (subject, mode, dtype)
-                     and r["status"] == "ok"),
+                    (
+                        r
+                        for r in rows
+                        if (r["subject"], r["mode"], r["dtype"]) == (subject, mode, dtype)
+                        and r["status"] == "ok"
+                    ),
                     key=lambda r: r["seq_len"],
                 )
                 if not points:
                     continue
-                style = {"color": colors(index % 20), "marker": "o", "label": subject,
-                         "linestyle": "-" if points[0]["kind"] == "backend" else "--"}
+                style = {
+                    "color": colors(index % 20),
+                    "marker": "o",
+                    "label": subject,
+                    "linestyle": "-" if points[0]["kind"] == "backend" else "--",
+                }
                 lengths = [r["seq_len"] for r in points]
                 time_axis.plot(lengths, [r["time_ms"] for r in points], **style)
                 memory_axis.plot(lengths, [max(r["memory_mib"], 1e-6) for r in points], **style)
             decode = mode == "decode"
             time_axis.set(ylabel="ms per token" if decode else "ms", title=f"{mode}, {dtype}: time")
-            memory_axis.set(ylabel="state MiB" if decode else "allocator peak MiB", title=f"{mode}, {dtype}: memory")
+            memory_axis.set(
+                ylabel="state MiB" if decode else "allocator peak MiB",
+                title=f"{mode}, {dtype}: memory",
+            )
             for axis in (time_axis, memory_axis):
                 axis.set(xscale="log", yscale="log", xlabel="sequence length N")
                 axis.grid(True, which="both", alpha=0.3)
@@ -252,7 +339,9 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
         for handle, label in zip(*axis.get_legend_handles_labels()):
             labels.setdefault(label, handle)
     columns = min(8, max(1, len(labels)))
-    figure.legend(list(labels.values()), list(labels), loc="lower center", ncol=columns, fontsize="small")
+    figure.legend(
+        list(labels.values()), list(labels), loc="lower center", ncol=columns, fontsize="small"
+    )
     legend_rows = math.ceil(len(labels) / columns)
     figure.tight_layout(rect=(0, min(0.3, 0.12 * legend_rows / len(modes)), 1, 1))
     figure.savefig(path, dpi=100)

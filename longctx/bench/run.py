@@ -1,10 +1,12 @@
 """The bench run: plan, measure each configuration in a fresh process, write the outputs."""
+
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from longctx.bench import anchors, report
 from longctx.bench.config import Settings, settings_from_config
@@ -38,7 +40,9 @@ def _timeout_s(settings: Settings) -> float:
 
 def _runner(settings: Settings) -> IsolatedRunner:
     # Importing transformers takes seconds: do it once in the forkserver, not in every worker.
-    preload = [anchors.ANCHORS[name].preload for name, kind in settings.subjects if kind == "anchor"]
+    preload = [
+        anchors.ANCHORS[name].preload for name, kind in settings.subjects if kind == "anchor"
+    ]
     return IsolatedRunner(extra_preload=preload)
 
 
@@ -56,7 +60,9 @@ def measure_all(settings: Settings, runner: IsolatedRunner) -> list[dict[str, An
     so a slow drift of the machine's speed (on a shared VM, 10-20% over minutes) reaches SDPA
     and the backends of one length alike, and each round gives a paired ratio.
     """
-    planner = Planner(settings.config_budget_s, settings.total_budget_s, settings.template.memory_cap_mib)
+    planner = Planner(
+        settings.config_budget_s, settings.total_budget_s, settings.template.memory_cap_mib
+    )
     configs = settings.configs()
     rounds: list[list[dict[str, Any]]] = []  # per configuration, its row of each round
     for index, config in enumerate(configs, 1):
@@ -68,8 +74,12 @@ def measure_all(settings: Settings, runner: IsolatedRunner) -> list[dict[str, An
         planner.record(config, row)
         rounds.append([row])
         log.info("[%d/%d] %s", index, len(configs), _summary(row))
-    later = [(number, config, rows) for number in range(2, settings.rounds + 1)
-             for config, rows in zip(configs, rounds) if rows[0]["status"] == "ok"]
+    later = [
+        (number, config, rows)
+        for number in range(2, settings.rounds + 1)
+        for config, rows in zip(configs, rounds)
+        if rows[0]["status"] == "ok"
+    ]
     for number, config, rows in later:
         spent = planner.budget_spent()
         if spent:

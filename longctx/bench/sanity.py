@@ -1,4 +1,5 @@
 """Is the bench's clock honest? Its SDPA figure next to a plain `timeit` of the same call."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,7 +20,10 @@ def plain_timeit_ms(settings: Settings, seq_len: int, dtype: str) -> float:
     """Median ms of SDPA fwd+bwd (loss = out.sum()) timed by timeit in this process."""
     t = settings.template
     shape = (t.batch, t.heads, seq_len, t.head_dim)
-    q, k, v = (torch.randn(shape, dtype=DTYPES[dtype], device=t.device, requires_grad=True) for _ in range(3))
+    q, k, v = (
+        torch.randn(shape, dtype=DTYPES[dtype], device=t.device, requires_grad=True)
+        for _ in range(3)
+    )
 
     def free_gradients() -> None:
         q.grad = k.grad = v.grad = None
@@ -38,7 +42,12 @@ def plain_timeit_ms(settings: Settings, seq_len: int, dtype: str) -> float:
 def sanity_check(settings: Settings, runner: IsolatedRunner, timeout_s: float) -> dict[str, Any]:
     seq_len, dtype = settings.lengths[0], settings.dtypes[0]
     config = dataclasses.replace(
-        settings.template, subject=BASELINE, kind="baseline", mode="fwd_bwd", dtype=dtype, seq_len=seq_len
+        settings.template,
+        subject=BASELINE,
+        kind="baseline",
+        mode="fwd_bwd",
+        dtype=dtype,
+        seq_len=seq_len,
     )
     row = runner.run(config, timeout_s)
     if row["status"] != "ok":
@@ -47,7 +56,7 @@ def sanity_check(settings: Settings, runner: IsolatedRunner, timeout_s: float) -
     relative = row["time_ms"] / timeit_ms - 1
     return {
         "call": f"F.scaled_dot_product_attention(q, k, v, is_causal=True).sum().backward(), "
-                f"B={config.batch} H={config.heads} N={seq_len} Dh={config.head_dim} {dtype}",
+        f"B={config.batch} H={config.heads} N={seq_len} Dh={config.head_dim} {dtype}",
         "bench_ms": row["time_ms"],
         "timeit_ms": timeit_ms,
         "relative_difference": relative,

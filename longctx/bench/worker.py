@@ -3,6 +3,7 @@
 Failures never escape: a ConfigError (e.g. N above a backend's max_len) or an allocation over
 the memory cap makes a "skipped" row, anything else an "error" row, each with its reason.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -15,7 +16,14 @@ import torch
 from longctx.bench.allocator import configure_cpu_allocator
 from longctx.bench.anchors import ANCHORS
 from longctx.bench.config import Config
-from longctx.bench.measure import MIB, PAGE_BYTES, RssGauge, allocator_peak_bytes, median, time_calls
+from longctx.bench.measure import (
+    MIB,
+    PAGE_BYTES,
+    RssGauge,
+    allocator_peak_bytes,
+    median,
+    time_calls,
+)
 from longctx.bench.workloads import build_workload
 from longctx.errors import ConfigError
 
@@ -25,8 +33,20 @@ ADDRESS_SPACE_SLACK = 2 * 2**30
 OUT_OF_MEMORY = ("can't allocate memory", "out of memory", "cannot allocate memory")
 # Every row has these keys (None where a mode or a failure leaves them unmeasured).
 MEASUREMENTS = (
-    "time_ms", "time_ms_min", "times_ms", "tokens_per_s", "gflops_per_s", "memory_mib", "peak_alloc_mib",
-    "peak_rss_mib", "faulted_mib", "state_elements", "state_mib", "prefill_ms", "parameters", "threads",
+    "time_ms",
+    "time_ms_min",
+    "times_ms",
+    "tokens_per_s",
+    "gflops_per_s",
+    "memory_mib",
+    "peak_alloc_mib",
+    "peak_rss_mib",
+    "faulted_mib",
+    "state_elements",
+    "state_mib",
+    "prefill_ms",
+    "parameters",
+    "threads",
     "wall_s",
 )
 
@@ -41,8 +61,11 @@ def label(config: Config) -> str:
 
 
 def base_row(config: Config) -> dict[str, Any]:
-    row = {key: value for key, value in dataclasses.asdict(config).items()
-           if key not in ("warmup", "repeats", "memory_cap_mib", "threads", "seed", "prefill_chunk")}
+    row = {
+        key: value
+        for key, value in dataclasses.asdict(config).items()
+        if key not in ("warmup", "repeats", "memory_cap_mib", "threads", "seed", "prefill_chunk")
+    }
     row.update(label=label(config), status="ok", reason="")
     row.update(dict.fromkeys(MEASUREMENTS))
     return row
@@ -55,13 +78,17 @@ def _limit_memory(config: Config) -> None:
     cap = int(config.memory_cap_mib * MIB)
     if config.device.startswith("cuda"):
         total = torch.cuda.get_device_properties(torch.device(config.device)).total_memory
-        torch.cuda.set_per_process_memory_fraction(min(1.0, cap / total), torch.device(config.device))
+        torch.cuda.set_per_process_memory_fraction(
+            min(1.0, cap / total), torch.device(config.device)
+        )
         return
     with open("/proc/self/status") as status:
         vm_size = next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmSize:"))
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = vm_size + cap + ADDRESS_SPACE_SLACK
-    resource.setrlimit(resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard))
+    resource.setrlimit(
+        resource.RLIMIT_AS, (limit if hard == resource.RLIM_INFINITY else min(limit, hard), hard)
+    )
 
 
 def _measure(config: Config, row: dict[str, Any], rss: RssGauge) -> None:
@@ -107,9 +134,13 @@ def measure(config: Config, rss: RssGauge | None = None) -> dict[str, Any]:
         message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         if isinstance(error, MemoryError) or any(s in message.lower() for s in OUT_OF_MEMORY):
             reason = f"over memory_cap_mib={config.memory_cap_mib}: {message}"
-            if config.cpu_allocator == "retain" and not config.device.startswith("cuda"):  # CUDA caps device memory
-                reason += (" (cpu_allocator=retain keeps freed memory in the heap, which fragmentation can grow "
-                           "past the cap: raise memory_cap_mib or use cpu_allocator=default)")
+            if config.cpu_allocator == "retain" and not config.device.startswith(
+                "cuda"
+            ):  # CUDA caps device memory
+                reason += (
+                    " (cpu_allocator=retain keeps freed memory in the heap, which fragmentation can grow "
+                    "past the cap: raise memory_cap_mib or use cpu_allocator=default)"
+                )
             row.update(status="skipped", reason=reason)
         else:
             row.update(status="error", reason=f"{type(error).__name__}: {message}")

@@ -3,12 +3,14 @@
 A backend is built from its config defaults (plus any `options` override) for a one-layer model
 with no positional scheme, so every backend sees the same shapes (B, H, N, Dh) as SDPA.
 """
+
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -31,20 +33,27 @@ class Workload:
     call: Callable[[], Any]  # one timed unit: a kernel call, a training step, or one decoded token
     tokens_per_call: int
     flops_per_call: float | None = None  # model FLOPs of one call (None: not counted)
-    info: dict[str, Any] = field(default_factory=dict)  # extra row fields (state size, prefill time)
+    info: dict[str, Any] = field(
+        default_factory=dict
+    )  # extra row fields (state size, prefill time)
 
 
 def dims_for(config: Config) -> ModelDims:
     return ModelDims(
-        n_layer=1, n_head=config.heads, d_model=config.heads * config.head_dim,
-        context_length=config.seq_len, position="none",
+        n_layer=1,
+        n_head=config.heads,
+        d_model=config.heads * config.head_dim,
+        context_length=config.seq_len,
+        position="none",
     )
 
 
 def build_bench_backend(config: Config) -> Backend:
     """The backend at its config defaults; raises ConfigError (e.g. N > max_len) before any work."""
     backend = build_backend({"name": config.subject, **config.options}, dims_for(config))
-    backend.check_sequence_length(config.seq_len + (config.decode_tokens if config.mode == "decode" else 0))
+    backend.check_sequence_length(
+        config.seq_len + (config.decode_tokens if config.mode == "decode" else 0)
+    )
     return backend
 
 
@@ -55,12 +64,16 @@ def _flops(counter: Callable[[], float]) -> float | None:
         return None
 
 
-def _kernel(fn: Callable[..., Tensor], inputs: tuple, params: list[nn.Parameter], mode: str) -> Callable[[], None]:
+def _kernel(
+    fn: Callable[..., Tensor], inputs: tuple, params: list[nn.Parameter], mode: str
+) -> Callable[[], None]:
     """fwd: no autograd. fwd_bwd: out.sum().backward(), gradients freed before each call."""
     if mode == "fwd":
+
         def forward() -> None:
             with torch.no_grad():
                 fn(*inputs)
+
         return forward
 
     inputs = tuple(t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs)
@@ -70,6 +83,7 @@ def _kernel(fn: Callable[..., Tensor], inputs: tuple, params: list[nn.Parameter]
         for leaf in leaves:
             leaf.grad = None  # a fresh gradient each call: no accumulation, honest memory
         fn(*inputs).sum().backward()
+
     return forward_backward
 
 
@@ -97,7 +111,8 @@ def _sdpa_kernel(config: Config) -> Workload:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
     return Workload(
-        _kernel(sdpa, inputs, [], config.mode), config.batch * config.seq_len,
+        _kernel(sdpa, inputs, [], config.mode),
+        config.batch * config.seq_len,
         _kernel_flops(_sdpa_forward_flops(config), config.mode),
     )
 
@@ -126,7 +141,8 @@ def _backend_kernel(config: Config) -> Workload:
     params = [p for p in mixer.parameters() if p.requires_grad]
     flops = _flops(lambda: config.batch * backend.attention_flops(config.seq_len))
     return Workload(
-        _kernel(mixer.mix, inputs, params, config.mode), config.batch * config.seq_len,
+        _kernel(mixer.mix, inputs, params, config.mode),
+        config.batch * config.seq_len,
         _kernel_flops(flops, config.mode),
     )
 
@@ -138,15 +154,27 @@ def _backend_layer(config: Config) -> Workload:
     x = _random(config, config.batch, config.seq_len, config.heads * config.head_dim)
     params = [p for p in mixer.parameters() if p.requires_grad]
     tokens = config.batch * config.seq_len
-    flops = _flops(lambda: 3 * (config.batch * backend.attention_flops(config.seq_len)
-                                + 2 * tokens * matmul_parameters(mixer)))
+    flops = _flops(
+        lambda: (
+            3
+            * (
+                config.batch * backend.attention_flops(config.seq_len)
+                + 2 * tokens * matmul_parameters(mixer)
+            )
+        )
+    )
     return Workload(_kernel(mixer, (x,), params, "fwd_bwd"), tokens, flops)
 
 
 def _anchor_kernel(config: Config) -> Workload:
     fn, inputs, module = anchors.build(
-        config.subject, config.batch, config.heads, config.head_dim, config.seq_len,
-        DTYPES[config.dtype], torch.device(config.device),
+        config.subject,
+        config.batch,
+        config.heads,
+        config.head_dim,
+        config.seq_len,
+        DTYPES[config.dtype],
+        torch.device(config.device),
     )
     params = [p for p in module.parameters() if p.requires_grad] if module is not None else []
     return Workload(_kernel(fn, inputs, params, config.mode), config.batch * config.seq_len)
@@ -155,7 +183,13 @@ def _anchor_kernel(config: Config) -> Workload:
 class _Decoder:
     """Feeds one random token per call through `step`, carrying the state forward."""
 
-    def __init__(self, step: Callable[[Tensor, Any, int], tuple[Tensor, Any]], state: Any, start: int, x: Tensor):
+    def __init__(
+        self,
+        step: Callable[[Tensor, Any, int], tuple[Tensor, Any]],
+        state: Any,
+        start: int,
+        x: Tensor,
+    ):
         self.step, self.state, self.position, self.x = step, state, start, x
 
     @torch.no_grad()
@@ -170,7 +204,7 @@ def _decode(config: Config, step, state, x: Tensor) -> Workload:
     start_s = time.perf_counter()  # the prefill is timed once: context for the per-token figure
     with torch.no_grad():
         for start in range(0, config.seq_len, config.prefill_chunk):
-            _, state = step(x[:, start:start + config.prefill_chunk], state, start)
+            _, state = step(x[:, start : start + config.prefill_chunk], state, start)
     synchronize(x.device)
     prefill_s = time.perf_counter() - start_s
     elements, nbytes = state_size(state)
@@ -188,7 +222,11 @@ def _sdpa_decode(config: Config) -> Workload:
         keys, values = torch.cat((cache[0], qkv), dim=2), torch.cat((cache[1], qkv), dim=2)
         n, total = qkv.shape[2], keys.shape[2]
         # Query t of the chunk sits at position start + t = total - n + t and sees keys 0..that.
-        allowed = None if n == 1 else torch.ones(n, total, dtype=torch.bool, device=x.device).tril(total - n)
+        allowed = (
+            None
+            if n == 1
+            else torch.ones(n, total, dtype=torch.bool, device=x.device).tril(total - n)
+        )
         return F.scaled_dot_product_attention(qkv, keys, values, attn_mask=allowed), (keys, values)
 
     empty = x.new_zeros(config.batch, config.heads, 0, config.head_dim)
@@ -206,7 +244,9 @@ def _train_step(config: Config) -> Workload:
     """A whole model's AdamW step (model_size from conf/model), bf16 as autocast like the trainer."""
     attention = OmegaConf.load(CONF_DIR / "attention" / f"{config.subject}.yaml")
     cfg = {
-        "model": OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{config.model_size}.yaml")),
+        "model": OmegaConf.to_container(
+            OmegaConf.load(CONF_DIR / "model" / f"{config.model_size}.yaml")
+        ),
         "attention": {**OmegaConf.to_container(attention), **config.options},
         "context_length": config.seq_len,
     }
@@ -229,7 +269,9 @@ def _train_step(config: Config) -> Workload:
 
     tokens = config.batch * config.seq_len
     flops = _flops(lambda: tokens * training_flops_per_token(model, config.seq_len))
-    return Workload(train_step, tokens, flops, {"parameters": sum(p.numel() for p in model.parameters())})
+    return Workload(
+        train_step, tokens, flops, {"parameters": sum(p.numel() for p in model.parameters())}
+    )
 
 
 def build_workload(config: Config) -> Workload:

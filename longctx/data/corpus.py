@@ -39,8 +39,16 @@ def corpus_fingerprint(data_cfg) -> str:
     cfg = to_plain_dict(data_cfg)
     content = {k: v for k, v in cfg.items() if k not in NON_CONTENT_KEYS}
     data_files = cfg.get("data_files")
-    patterns = [p for v in data_files.values() for p in ([v] if isinstance(v, str) else v)] if isinstance(data_files, dict) else data_files
-    stats = [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in expand_patterns(patterns)] if patterns else []
+    patterns = (
+        [p for v in data_files.values() for p in ([v] if isinstance(v, str) else v)]
+        if isinstance(data_files, dict)
+        else data_files
+    )
+    stats = (
+        [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in expand_patterns(patterns)]
+        if patterns
+        else []
+    )
     return stable_digest(PROCESSING_VERSION, content, stats)
 
 
@@ -53,23 +61,37 @@ def load_corpus(data_cfg) -> DatasetDict:
         raw = DatasetDict({name: group_wikitext_articles(ds, cfg) for name, ds in raw.items()})
     raw = DatasetDict({name: _drop_empty(ds, name, num_proc) for name, ds in raw.items()})
     if cfg.get("split_fractions"):
-        pool = concatenate_datasets(list(raw.values())) if len(raw) > 1 else next(iter(raw.values()))
+        pool = (
+            concatenate_datasets(list(raw.values())) if len(raw) > 1 else next(iter(raw.values()))
+        )
         if len(pool) == 0:
-            raise ValueError(f"no usable document in corpus {cfg.get('name')!r} ({_describe_source(cfg)})")
-        return split_by_document(pool, cfg["split_fractions"], int(cfg.get("split_seed", 0)), num_proc)
+            raise ValueError(
+                f"no usable document in corpus {cfg.get('name')!r} ({_describe_source(cfg)})"
+            )
+        return split_by_document(
+            pool, cfg["split_fractions"], int(cfg.get("split_seed", 0)), num_proc
+        )
     names = cfg.get("splits") or {s: s for s in SPLITS}
     missing = [names[s] for s in SPLITS if names[s] not in raw]
     if missing:
-        raise ValueError(f"corpus {cfg.get('name')!r} has splits {list(raw)}, not {missing}; set data.splits or data.split_fractions")
+        raise ValueError(
+            f"corpus {cfg.get('name')!r} has splits {list(raw)}, not {missing}; set data.splits or data.split_fractions"
+        )
     corpus = DatasetDict({s: raw[names[s]] for s in SPLITS})
     empty = [s for s, ds in corpus.items() if len(ds) == 0]
     if empty:
-        raise ValueError(f"no usable document in split(s) {empty} of corpus {cfg.get('name')!r} ({_describe_source(cfg)})")
+        raise ValueError(
+            f"no usable document in split(s) {empty} of corpus {cfg.get('name')!r} ({_describe_source(cfg)})"
+        )
     return corpus
 
 
 def _describe_source(cfg: dict) -> str:
-    return f"data_files={cfg['data_files']!r}" if cfg.get("data_files") else f"hub_id={cfg.get('hub_id')!r}"
+    return (
+        f"data_files={cfg['data_files']!r}"
+        if cfg.get("data_files")
+        else f"hub_id={cfg.get('hub_id')!r}"
+    )
 
 
 def _load_source(cfg: dict) -> DatasetDict:
@@ -78,31 +100,55 @@ def _load_source(cfg: dict) -> DatasetDict:
         return DatasetDict({"train": load_synthetic(cfg)})
     text_column, title_column = cfg.get("text_column", "text"), cfg.get("title_column", "title")
     if source == "hub" and not cfg.get("data_files"):
-        loaded = load_dataset(cfg["hub_id"], cfg.get("hub_config"), revision=cfg.get("revision"), cache_dir=hf_cache_dir(cfg), num_proc=worker_processes(cfg.get("num_proc")))
-        return DatasetDict({name: _standard_columns(ds, text_column, title_column) for name, ds in loaded.items()})
+        loaded = load_dataset(
+            cfg["hub_id"],
+            cfg.get("hub_config"),
+            revision=cfg.get("revision"),
+            cache_dir=hf_cache_dir(cfg),
+            num_proc=worker_processes(cfg.get("num_proc")),
+        )
+        return DatasetDict(
+            {name: _standard_columns(ds, text_column, title_column) for name, ds in loaded.items()}
+        )
     if source not in ("files", "hub"):
         raise ValueError(f"unknown data.source {source!r}; expected files, hub or synthetic")
     data_files = cfg.get("data_files")
     if not data_files:
-        raise ValueError(f"corpus {cfg.get('name')!r} needs data.data_files (a glob, a list of globs, or split -> globs)")
+        raise ValueError(
+            f"corpus {cfg.get('name')!r} needs data.data_files (a glob, a list of globs, or split -> globs)"
+        )
     per_split = data_files if isinstance(data_files, dict) else {"train": data_files}
-    return DatasetDict({
-        name: load_document_files(patterns, text_column, title_column, cfg.get("num_proc"), hf_cache_dir(cfg))
-        for name, patterns in per_split.items()
-    })
+    return DatasetDict(
+        {
+            name: load_document_files(
+                patterns, text_column, title_column, cfg.get("num_proc"), hf_cache_dir(cfg)
+            )
+            for name, patterns in per_split.items()
+        }
+    )
 
 
 def _standard_columns(ds: Dataset, text_column: str, title_column: str) -> Dataset:
     if title_column not in ds.column_names:
         ds = ds.add_column(title_column, [""] * len(ds))
-    renames = {old: new for old, new in ((text_column, "text"), (title_column, "title")) if old != new}
+    renames = {
+        old: new for old, new in ((text_column, "text"), (title_column, "title")) if old != new
+    }
     return ds.select_columns([text_column, title_column]).rename_columns(renames)
 
 
 def _drop_empty(ds: Dataset, split: str, num_proc: int | None) -> Dataset:
-    kept = ds.filter(lambda texts: [bool(t and t.strip()) for t in texts], input_columns="text", batched=True, num_proc=num_proc, desc="dropping empty documents")
+    kept = ds.filter(
+        lambda texts: [bool(t and t.strip()) for t in texts],
+        input_columns="text",
+        batched=True,
+        num_proc=num_proc,
+        desc="dropping empty documents",
+    )
     if len(kept) < len(ds):
-        warnings.warn(f"dropped {len(ds) - len(kept)} empty documents from split {split!r}", stacklevel=3)
+        warnings.warn(
+            f"dropped {len(ds) - len(kept)} empty documents from split {split!r}", stacklevel=3
+        )
     return kept
 
 
@@ -122,7 +168,9 @@ def _wikitext_articles(lines: Dataset) -> Iterator[dict]:
 
 def group_wikitext_articles(lines: Dataset, cfg: dict) -> Dataset:
     """WikiText stores one line per row; rebuild whole articles so splits and streams see documents."""
-    return Dataset.from_generator(_wikitext_articles, gen_kwargs={"lines": lines}, cache_dir=hf_cache_dir(cfg))
+    return Dataset.from_generator(
+        _wikitext_articles, gen_kwargs={"lines": lines}, cache_dir=hf_cache_dir(cfg)
+    )
 
 
 def load_synthetic(cfg: dict) -> Dataset:
@@ -130,6 +178,13 @@ def load_synthetic(cfg: dict) -> Dataset:
     distances = tuple(int(d) for d in cfg["distances"])
     # Keys the config leaves out take FactSettings' defaults.
     settings = FactSettings(**{f.name: cfg[f.name] for f in fields(FactSettings) if f.name in cfg})
-    kwargs = {"num_docs": int(cfg["num_docs"]), "distances": distances, "seed": int(cfg["seed"]),
-              "prefix_chars": int(cfg.get("prefix_chars", 200)), "settings": settings}
-    return Dataset.from_generator(generate_synthetic_documents, gen_kwargs=kwargs, cache_dir=hf_cache_dir(cfg))
+    kwargs = {
+        "num_docs": int(cfg["num_docs"]),
+        "distances": distances,
+        "seed": int(cfg["seed"]),
+        "prefix_chars": int(cfg.get("prefix_chars", 200)),
+        "settings": settings,
+    }
+    return Dataset.from_generator(
+        generate_synthetic_documents, gen_kwargs=kwargs, cache_dir=hf_cache_dir(cfg)
+    )

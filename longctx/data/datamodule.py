@@ -12,9 +12,19 @@ from torch.utils.data import DataLoader
 
 from longctx.data.config import to_plain_dict
 from longctx.data.corpus import corpus_fingerprint, load_corpus
-from longctx.data.packing import OrderedStream, PackedWindows, ResumableShardSampler, distributed_rank_and_world
+from longctx.data.packing import (
+    OrderedStream,
+    PackedWindows,
+    ResumableShardSampler,
+    distributed_rank_and_world,
+)
 from longctx.data.splits import SPLITS
-from longctx.data.token_cache import TokenSplit, build_token_cache, load_token_split, token_cache_path
+from longctx.data.token_cache import (
+    TokenSplit,
+    build_token_cache,
+    load_token_split,
+    token_cache_path,
+)
 from longctx.data.tokenizer import Tokenizer, build_tokenizer
 
 SAMPLING_MODES = ("packed", "ordered")
@@ -73,8 +83,16 @@ class LongDocDataModule(L.LightningDataModule):
     training randomness unchanged.
     """
 
-    def __init__(self, data_cfg, tokenizer_cfg, context_length: int, batch_size: int, num_workers: int = 0,
-                 sampling: str = "packed", seed: int = 0):
+    def __init__(
+        self,
+        data_cfg,
+        tokenizer_cfg,
+        context_length: int,
+        batch_size: int,
+        num_workers: int = 0,
+        sampling: str = "packed",
+        seed: int = 0,
+    ):
         super().__init__()
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
@@ -104,7 +122,9 @@ class LongDocDataModule(L.LightningDataModule):
     @cached_property
     def tokenizer(self) -> Tokenizer:
         # Lazy so a cached bpe tokenizer (or byte) never loads the corpus.
-        return build_tokenizer(self.tokenizer_cfg, self._train_texts, self.cache_dir, self.corpus_fingerprint)
+        return build_tokenizer(
+            self.tokenizer_cfg, self._train_texts, self.cache_dir, self.corpus_fingerprint
+        )
 
     @property
     def vocab_size(self) -> int:
@@ -116,7 +136,9 @@ class LongDocDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if not self.token_cache.is_dir():
-            build_token_cache(self._load_corpus(), self.tokenizer, self.token_cache, self.data_cfg.get("num_proc"))
+            build_token_cache(
+                self._load_corpus(), self.tokenizer, self.token_cache, self.data_cfg.get("num_proc")
+            )
 
     def setup(self, stage: str | None = None) -> None:
         if not self.token_cache.is_dir():  # setup called without prepare_data, e.g. from eval
@@ -132,13 +154,21 @@ class LongDocDataModule(L.LightningDataModule):
         # Read here, not in setup(): under DDP the process group exists once fit has started.
         rank, world_size = distributed_rank_and_world()
         if self.sampling == "ordered":
-            stream = self._ordered_stream("train", max_batches=None, rank=rank, world_size=world_size)
+            stream = self._ordered_stream(
+                "train", max_batches=None, rank=rank, world_size=world_size
+            )
             # No persistent workers: each iteration must hand the workers the current start_batch.
-            return ResumableDataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=self._generator())
+            return ResumableDataLoader(
+                stream, batch_size=None, num_workers=self.num_workers, generator=self._generator()
+            )
         windows = PackedWindows(self.split_tokens("train"), self.context_length)
         return ResumableDataLoader(
-            windows, batch_size=self.batch_size, sampler=ResumableShardSampler(windows, world_size, rank, self.seed),
-            drop_last=True, generator=self._generator(), num_workers=self.num_workers,
+            windows,
+            batch_size=self.batch_size,
+            sampler=ResumableShardSampler(windows, world_size, rank, self.seed),
+            drop_last=True,
+            generator=self._generator(),
+            num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
 
@@ -154,14 +184,32 @@ class LongDocDataModule(L.LightningDataModule):
             rank, world_size = distributed_rank_and_world()
             max_batches = max(1, max_windows // self.batch_size) if max_windows else None
             stream = self._ordered_stream(split, max_batches, rank, world_size)
-            return DataLoader(stream, batch_size=None, num_workers=self.num_workers, generator=self._generator())
-        windows = PackedWindows(self.split_tokens(split), self.context_length, max_windows=max_windows)
-        return DataLoader(windows, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers,
-                          generator=self._generator())
+            return DataLoader(
+                stream, batch_size=None, num_workers=self.num_workers, generator=self._generator()
+            )
+        windows = PackedWindows(
+            self.split_tokens(split), self.context_length, max_windows=max_windows
+        )
+        return DataLoader(
+            windows,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            generator=self._generator(),
+        )
 
-    def _ordered_stream(self, split: str, max_batches: int | None, rank: int, world_size: int) -> OrderedStream:
-        return OrderedStream(self.split_tokens(split), self._split(split).doc_offsets, self.context_length,
-                             self.batch_size, max_batches=max_batches, rank=rank, world_size=world_size)
+    def _ordered_stream(
+        self, split: str, max_batches: int | None, rank: int, world_size: int
+    ) -> OrderedStream:
+        return OrderedStream(
+            self.split_tokens(split),
+            self._split(split).doc_offsets,
+            self.context_length,
+            self.batch_size,
+            max_batches=max_batches,
+            rank=rank,
+            world_size=world_size,
+        )
 
     # --- what evaluation and the train loop read ---
 
@@ -178,7 +226,9 @@ class LongDocDataModule(L.LightningDataModule):
         """Per-document token arrays, without the EOS separators."""
         token_split = self._split(split)
         offsets = token_split.doc_offsets
-        return [token_split.tokens[offsets[i]: offsets[i + 1] - 1] for i in range(token_split.num_docs)]
+        return [
+            token_split.tokens[offsets[i] : offsets[i + 1] - 1] for i in range(token_split.num_docs)
+        ]
 
     def split_utf8_bytes(self, split: str) -> int:
         """UTF-8 bytes of the split's document texts (EOS separators excluded), for bits per byte."""
@@ -189,6 +239,8 @@ class LongDocDataModule(L.LightningDataModule):
         tokens = self.split_tokens(split)
         counts = np.zeros(self.vocab_size, dtype=np.int64)
         for begin in range(0, len(tokens), _BINCOUNT_CHUNK):  # chunked: bincount upcasts to int64
-            counts += np.bincount(tokens[begin: begin + _BINCOUNT_CHUNK], minlength=self.vocab_size)
+            counts += np.bincount(
+                tokens[begin : begin + _BINCOUNT_CHUNK], minlength=self.vocab_size
+            )
         probs = counts[counts > 0] / counts.sum()
         return float(-(probs * np.log(probs)).sum())

@@ -32,18 +32,24 @@ class PackedWindows(Dataset):
     def __init__(self, tokens: np.ndarray, context_length: int, max_windows: int | None = None):
         total = (len(tokens) - 1) // context_length
         if total < 1:
-            raise ValueError(f"a stream of {len(tokens)} tokens is shorter than one window of context_length + 1 = {context_length + 1}")
+            raise ValueError(
+                f"a stream of {len(tokens)} tokens is shorter than one window of context_length + 1 = {context_length + 1}"
+            )
         self.tokens = tokens
         self.context_length = context_length
         # Capped evaluation keeps windows spread over the whole split instead of the first few documents.
-        self.starts = np.arange(total) if not max_windows or max_windows >= total else np.linspace(0, total - 1, max_windows).round().astype(np.int64)
+        self.starts = (
+            np.arange(total)
+            if not max_windows or max_windows >= total
+            else np.linspace(0, total - 1, max_windows).round().astype(np.int64)
+        )
 
     def __len__(self) -> int:
         return len(self.starts)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         begin = int(self.starts[index]) * self.context_length
-        window = _as_long(self.tokens[begin: begin + self.context_length + 1])
+        window = _as_long(self.tokens[begin : begin + self.context_length + 1])
         return {"input_ids": window[:-1], "targets": window[1:]}
 
 
@@ -57,11 +63,13 @@ class ResumableShardSampler(DistributedSampler):
     """
 
     def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        super().__init__(
+            dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
         self.start_index = 0  # where the next iteration begins in this rank's share
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start_index:])
+        return iter(list(super().__iter__())[self.start_index :])
 
 
 def distributed_rank_and_world() -> tuple[int, int]:
@@ -77,8 +85,16 @@ class OrderedStream(IterableDataset):
     i.e. when memory carried from the previous chunk belongs to another document.
     """
 
-    def __init__(self, tokens: np.ndarray, doc_offsets: np.ndarray, context_length: int, batch_size: int,
-                 max_batches: int | None = None, rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        doc_offsets: np.ndarray,
+        context_length: int,
+        batch_size: int,
+        max_batches: int | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         self.tokens = tokens
         self.doc_starts = np.asarray(doc_offsets[:-1], dtype=np.int64)
         self.context_length = context_length
@@ -100,7 +116,9 @@ class OrderedStream(IterableDataset):
     def __len__(self) -> int:
         batches = (self._row_length() - 1) // self.context_length
         if batches < 1:
-            raise ValueError(f"{len(self.tokens)} tokens cannot fill {self.batch_size} rows per rank of context_length + 1 = {self.context_length + 1}")
+            raise ValueError(
+                f"{len(self.tokens)} tokens cannot fill {self.batch_size} rows per rank of context_length + 1 = {self.context_length + 1}"
+            )
         return min(batches, self.max_batches) if self.max_batches else batches
 
     def __iter__(self):
@@ -111,7 +129,11 @@ class OrderedStream(IterableDataset):
         worker_id, num_workers = (worker.id, worker.num_workers) if worker else (0, 1)
         for step in range(self.start_batch + worker_id, len(self), num_workers):
             begins = row_starts + step * n
-            rows = np.stack([self.tokens[b: b + n + 1] for b in begins])
+            rows = np.stack([self.tokens[b : b + n + 1] for b in begins])
             reset = np.isin(begins, self.doc_starts) | (step == 0)
             batch = _as_long(rows)
-            yield {"input_ids": batch[:, :-1], "targets": batch[:, 1:], "reset": torch.from_numpy(reset)}
+            yield {
+                "input_ids": batch[:, :-1],
+                "targets": batch[:, 1:],
+                "reset": torch.from_numpy(reset),
+            }

@@ -18,11 +18,51 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-SYLLABLES = ["ka", "lo", "mi", "ren", "tu", "sa", "vor", "el", "dan", "qui", "zo", "bar", "nel", "ti", "gra", "fen"]
-SUBJECTS = ["the miller", "a farmer", "the old clerk", "the river", "a stranger", "the baker", "her cousin", "the captain"]
+SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ren",
+    "tu",
+    "sa",
+    "vor",
+    "el",
+    "dan",
+    "qui",
+    "zo",
+    "bar",
+    "nel",
+    "ti",
+    "gra",
+    "fen",
+]
+SUBJECTS = [
+    "the miller",
+    "a farmer",
+    "the old clerk",
+    "the river",
+    "a stranger",
+    "the baker",
+    "her cousin",
+    "the captain",
+]
 VERBS = ["carried", "watched", "forgot", "painted", "counted", "followed", "mended", "sold"]
-OBJECTS = ["a basket of apples", "the grey stones", "three letters", "the narrow bridge", "a silver bell", "the long road"]
-PLACES = ["near the market", "before dawn", "in the valley", "by the harbour", "after the storm", "under the elms"]
+OBJECTS = [
+    "a basket of apples",
+    "the grey stones",
+    "three letters",
+    "the narrow bridge",
+    "a silver bell",
+    "the long road",
+]
+PLACES = [
+    "near the market",
+    "before dawn",
+    "in the valley",
+    "by the harbour",
+    "after the storm",
+    "under the elms",
+]
 # `alnum` codes draw distinct characters while the alphabet allows it.
 ALPHABETS = {"digits": "0123456789", "alnum": "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"}
 
@@ -36,11 +76,17 @@ class FactSettings:
 
     def __post_init__(self):
         if self.facts < 1 or self.code_length < 1:
-            raise ValueError(f"synthetic corpus: facts={self.facts} and code_length={self.code_length} must be >= 1")
+            raise ValueError(
+                f"synthetic corpus: facts={self.facts} and code_length={self.code_length} must be >= 1"
+            )
         if self.alphabet not in ALPHABETS:
-            raise ValueError(f"synthetic corpus: alphabet={self.alphabet!r}; choose one of {sorted(ALPHABETS)}")
+            raise ValueError(
+                f"synthetic corpus: alphabet={self.alphabet!r}; choose one of {sorted(ALPHABETS)}"
+            )
         if not 0 <= self.distractor_rate < 1:
-            raise ValueError(f"synthetic corpus: distractor_rate={self.distractor_rate} must lie in [0, 1)")
+            raise ValueError(
+                f"synthetic corpus: distractor_rate={self.distractor_rate} must lie in [0, 1)"
+            )
 
     def code(self, rng: random.Random) -> str:
         symbols = ALPHABETS[self.alphabet]
@@ -73,8 +119,13 @@ def _question(name: str) -> str:
     return f"\nQuestion: what is the code of {name}? Answer: the code of {name} is "
 
 
-def synthetic_document(rng: random.Random, index: int, distance: int, prefix_chars: int,
-                       settings: FactSettings = FactSettings()) -> dict:
+def synthetic_document(
+    rng: random.Random,
+    index: int,
+    distance: int,
+    prefix_chars: int,
+    settings: FactSettings = FactSettings(),
+) -> dict:
     """One document; every answer starts at least `distance` characters after its fact's code starts.
 
     `fact_char_spans[i]` and `answer_char_spans[i]` hold the same code; `distance` is the smallest
@@ -113,9 +164,16 @@ def synthetic_document(rng: random.Random, index: int, distance: int, prefix_cha
     }
 
 
-def generate_synthetic_documents(num_docs: int, distances: tuple[int, ...], seed: int, prefix_chars: int = 200,
-                                 settings: FactSettings = FactSettings()) -> Iterator[dict]:
+def generate_synthetic_documents(
+    num_docs: int,
+    distances: tuple[int, ...],
+    seed: int,
+    prefix_chars: int = 200,
+    settings: FactSettings = FactSettings(),
+) -> Iterator[dict]:
     """Yield num_docs documents; document i uses distances[i % len(distances)] so every distance is equally common."""
     rng = random.Random(seed)
     for index in range(num_docs):
-        yield synthetic_document(rng, index, int(distances[index % len(distances)]), prefix_chars, settings)
+        yield synthetic_document(
+            rng, index, int(distances[index % len(distances)]), prefix_chars, settings
+        )

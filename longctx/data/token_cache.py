@@ -40,7 +40,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size < 2**16 else np.uint32)
 
 
-def token_cache_path(cache_dir: str | os.PathLike, corpus_fingerprint: str, tokenizer: Tokenizer) -> Path:
+def token_cache_path(
+    cache_dir: str | os.PathLike, corpus_fingerprint: str, tokenizer: Tokenizer
+) -> Path:
     return Path(cache_dir) / "tokens" / f"{corpus_fingerprint}-{tokenizer.identity}"
 
 
@@ -52,7 +54,9 @@ def _tokenize_batch(texts: list[str], tokenizer: Tokenizer) -> dict:
     }
 
 
-def build_token_cache(corpus: DatasetDict, tokenizer: Tokenizer, target: Path, num_proc: int | None) -> None:
+def build_token_cache(
+    corpus: DatasetDict, tokenizer: Tokenizer, target: Path, num_proc: int | None
+) -> None:
     """Tokenise every split into `target` (atomically); a no-op when `target` already exists."""
     if target.is_dir():
         return
@@ -61,12 +65,23 @@ def build_token_cache(corpus: DatasetDict, tokenizer: Tokenizer, target: Path, n
     (staging / "arrow").mkdir(parents=True)
     dtype = token_dtype(tokenizer.vocab_size)
     features = Features({"input_ids": List(Value(dtype.name)), "num_bytes": Value("int64")})
-    meta = {"tokenizer": tokenizer.identity, "vocab_size": tokenizer.vocab_size, "eos_id": tokenizer.eos_id, "splits": {}}
+    meta = {
+        "tokenizer": tokenizer.identity,
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "splits": {},
+    }
     for split in SPLITS:
         tokenized = corpus[split].map(
-            _tokenize_batch, batched=True, input_columns="text", fn_kwargs={"tokenizer": tokenizer},
-            remove_columns=corpus[split].column_names, features=features, num_proc=worker_processes(num_proc),
-            cache_file_name=str(staging / "arrow" / f"{split}.arrow"), new_fingerprint=f"{target.name}-{split}",
+            _tokenize_batch,
+            batched=True,
+            input_columns="text",
+            fn_kwargs={"tokenizer": tokenizer},
+            remove_columns=corpus[split].column_names,
+            features=features,
+            num_proc=worker_processes(num_proc),
+            cache_file_name=str(staging / "arrow" / f"{split}.arrow"),
+            new_fingerprint=f"{target.name}-{split}",
             desc=f"tokenizing {split}",
         )
         meta["splits"][split] = _write_stream(tokenized.data.table, staging, split, dtype)
@@ -80,18 +95,30 @@ def build_token_cache(corpus: DatasetDict, tokenizer: Tokenizer, target: Path, n
 
 
 def _write_stream(table, folder: Path, split: str, dtype: np.dtype) -> dict:
-    lengths = pc.list_value_length(table.column("input_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
+    lengths = (
+        pc.list_value_length(table.column("input_ids"))
+        .to_numpy(zero_copy_only=False)
+        .astype(np.int64)
+    )
     offsets = np.concatenate([[0], np.cumsum(lengths)])
-    tokens = np.lib.format.open_memmap(folder / f"{split}.tokens.npy", mode="w+", dtype=dtype, shape=(int(offsets[-1]),))
+    tokens = np.lib.format.open_memmap(
+        folder / f"{split}.tokens.npy", mode="w+", dtype=dtype, shape=(int(offsets[-1]),)
+    )
     position = 0
-    for chunk in table.column("input_ids").chunks:  # chunk by chunk: never the whole stream in memory twice
+    for chunk in table.column(
+        "input_ids"
+    ).chunks:  # chunk by chunk: never the whole stream in memory twice
         values = chunk.flatten().to_numpy(zero_copy_only=False)
-        tokens[position: position + len(values)] = values
+        tokens[position : position + len(values)] = values
         position += len(values)
     tokens.flush()
     del tokens
     np.save(folder / f"{split}.doc_offsets.npy", offsets)
-    return {"num_docs": len(lengths), "num_tokens": int(offsets[-1]), "utf8_bytes": int(pc.sum(table.column("num_bytes")).as_py() or 0)}
+    return {
+        "num_docs": len(lengths),
+        "num_tokens": int(offsets[-1]),
+        "utf8_bytes": int(pc.sum(table.column("num_bytes")).as_py() or 0),
+    }
 
 
 def load_token_split(target: Path, split: str) -> TokenSplit:

@@ -45,7 +45,10 @@ class HFTokenizer:
 
     def __init__(self, model: HFTokenizerModel, name: str, eos_token: str):
         if model.token_to_id(eos_token) is None:
-            warnings.warn(f"tokenizer {name!r} has no {eos_token!r}; adding it as a new special token", stacklevel=2)
+            warnings.warn(
+                f"tokenizer {name!r} has no {eos_token!r}; adding it as a new special token",
+                stacklevel=2,
+            )
             model.add_special_tokens([eos_token])
         self.model = model
         self.name = name
@@ -58,7 +61,9 @@ class HFTokenizer:
         return self.model.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [encoding.ids for encoding in self.model.encode_batch(texts, add_special_tokens=False)]
+        return [
+            encoding.ids for encoding in self.model.encode_batch(texts, add_special_tokens=False)
+        ]
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.model.decode(list(ids), skip_special_tokens=True)
@@ -68,7 +73,9 @@ Tokenizer = ByteTokenizer | HFTokenizer
 TextSource = Iterable[str] | Callable[[], Iterable[str]]
 
 
-def train_byte_level_bpe(texts: Iterable[str], vocab_size: int, max_train_bytes: int | None) -> HFTokenizerModel:
+def train_byte_level_bpe(
+    texts: Iterable[str], vocab_size: int, max_train_bytes: int | None
+) -> HFTokenizerModel:
     model = HFTokenizerModel(models.BPE())
     # add_prefix_space=False keeps decode(encode(s)) == s exactly.
     model.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -125,14 +132,20 @@ def build_tokenizer(
         path = Path(cfg["path"]).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"tokenizer file {path} does not exist (tokenizer.path)")
-        return HFTokenizer(HFTokenizerModel.from_file(str(path)), name=f"file:{path.stem}", eos_token=cfg.get("eos_token") or EOS_TOKEN)
+        return HFTokenizer(
+            HFTokenizerModel.from_file(str(path)),
+            name=f"file:{path.stem}",
+            eos_token=cfg.get("eos_token") or EOS_TOKEN,
+        )
     if kind == "bpe":
         vocab_size = int(cfg["vocab_size"])
         cached = None
         if cache_dir is not None and corpus_fingerprint is not None:
             cached = Path(cache_dir) / "tokenizers" / f"bpe-{vocab_size}-{corpus_fingerprint}.json"
             if cached.is_file():
-                return HFTokenizer(HFTokenizerModel.from_file(str(cached)), name="bpe", eos_token=EOS_TOKEN)
+                return HFTokenizer(
+                    HFTokenizerModel.from_file(str(cached)), name="bpe", eos_token=EOS_TOKEN
+                )
         if train_texts is None:
             raise ValueError("training a bpe tokenizer needs train_texts (the train split's texts)")
         texts = train_texts() if callable(train_texts) else train_texts

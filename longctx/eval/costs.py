@@ -7,6 +7,7 @@ the last logged step; a peak-memory metric is any column whose name matches MEMO
 Bench: `python -m longctx.bench` rows of the run's backend (whole-model `train_step` rows when
 present, else the `fwd_bwd` mixing kernel), at the sequence length nearest the run's training length.
 """
+
 from __future__ import annotations
 
 import csv
@@ -45,7 +46,9 @@ def costs_from_metrics(directory: Path) -> dict[str, Any]:
         cost["train_seconds"] = seconds
         cost["train_tokens"] = int(tokens)
     memory_columns = [c for c in (rows[0] if rows else {}) if MEMORY_COLUMN.search(c)]
-    peaks = [v for c in memory_columns for r in rows if r.get(c) not in (None, "") for v in [float(r[c])]]
+    peaks = [
+        v for c in memory_columns for r in rows if r.get(c) not in (None, "") for v in [float(r[c])]
+    ]
     if peaks:
         cost["peak_memory_mib"] = max(peaks)
     return cost
@@ -54,24 +57,42 @@ def costs_from_metrics(directory: Path) -> dict[str, Any]:
 def load_bench(path: str | Path | None) -> list[dict]:
     if not path:
         return []
-    return [r for r in json.loads(Path(path).read_text())["rows"] if r.get("status") == "ok" and r.get("kind") == "backend"]
+    return [
+        r
+        for r in json.loads(Path(path).read_text())["rows"]
+        if r.get("status") == "ok" and r.get("kind") == "backend"
+    ]
 
 
 def costs_from_bench(rows: list[dict], attention: str, seq_len: int, dtype: str) -> dict[str, Any]:
     for mode in BENCH_MODES:
-        candidates = [r for r in rows if r["subject"] == attention and r["mode"] == mode and r["dtype"] == dtype]
+        candidates = [
+            r
+            for r in rows
+            if r["subject"] == attention and r["mode"] == mode and r["dtype"] == dtype
+        ]
         if candidates:
             best = min(candidates, key=lambda r: abs(math.log(r["seq_len"] / seq_len)))
-            return {"tokens_per_s": best.get("tokens_per_s"), "peak_memory_mib": best.get("memory_mib"),
-                    "source": f"bench {mode} {dtype} N={best['seq_len']}"}
+            return {
+                "tokens_per_s": best.get("tokens_per_s"),
+                "peak_memory_mib": best.get("memory_mib"),
+                "source": f"bench {mode} {dtype} N={best['seq_len']}",
+            }
     return {}
 
 
-def run_costs(run_dir: Path, results: dict, bench_rows: list[dict], bench_dtype: str) -> dict[str, Any]:
+def run_costs(
+    run_dir: Path, results: dict, bench_rows: list[dict], bench_dtype: str
+) -> dict[str, Any]:
     """Training-log figures first; the bench fills what the logs lack (each figure says where it came from)."""
     logged = costs_from_metrics(training_dir(run_dir, results))
-    bench = costs_from_bench(bench_rows, results["attention"], results["train_context_length"], bench_dtype)
-    cost = {k: logged.get(k) for k in ("tokens_per_s", "peak_memory_mib", "train_seconds", "train_tokens")}
+    bench = costs_from_bench(
+        bench_rows, results["attention"], results["train_context_length"], bench_dtype
+    )
+    cost = {
+        k: logged.get(k)
+        for k in ("tokens_per_s", "peak_memory_mib", "train_seconds", "train_tokens")
+    }
     sources = {}
     for key in ("tokens_per_s", "peak_memory_mib"):
         if cost[key] is None and bench.get(key) is not None:

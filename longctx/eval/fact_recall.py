@@ -9,6 +9,7 @@ other documents. Rows are grouped by planted distance (a fact's distance is at l
 bucket: the corpus's configured distances, or powers of two), with how many facts still lay
 inside the truncated context, so a mechanism's reach reads off directly.
 """
+
 from __future__ import annotations
 
 import math
@@ -27,7 +28,9 @@ from longctx.eval.settings import FactRecallSettings
 class PlantedFact:
     context: str  # the document's text before the answer
     answer: str
-    distance: int | None  # characters from the fact to the answer (None when the corpus has no such column)
+    distance: (
+        int | None
+    )  # characters from the fact to the answer (None when the corpus has no such column)
     fact_start: int | None  # character offset of the fact's answer text in `context`
 
 
@@ -44,7 +47,9 @@ def planted_facts(documents) -> list[PlantedFact]:
         for i, (start, end) in enumerate(row.get("answer_char_spans") or []):
             fact_start = fact_spans[i][0] if i < len(fact_spans) else None
             distance = start - fact_start if fact_start is not None else row.get("distance")
-            facts.append(PlantedFact(row["text"][:start], row["text"][start:end], distance, fact_start))
+            facts.append(
+                PlantedFact(row["text"][:start], row["text"][start:end], distance, fact_start)
+            )
     return facts
 
 
@@ -54,8 +59,14 @@ def answer_shape(answer: str) -> re.Pattern:
     return re.compile(r"(?<![\w])" + "".join(pieces) + r"(?![\w])")
 
 
-def distractors_for(fact: PlantedFact, pool: list[str], count: int, rng: random.Random) -> list[str]:
-    in_document = [s for s in dict.fromkeys(reversed(answer_shape(fact.answer).findall(fact.context))) if s != fact.answer]
+def distractors_for(
+    fact: PlantedFact, pool: list[str], count: int, rng: random.Random
+) -> list[str]:
+    in_document = [
+        s
+        for s in dict.fromkeys(reversed(answer_shape(fact.answer).findall(fact.context)))
+        if s != fact.answer
+    ]
     others = [a for a in dict.fromkeys(pool) if a != fact.answer and a not in in_document]
     rng.shuffle(others)
     return (in_document + others)[:count]
@@ -71,8 +82,13 @@ def distance_bucket(distance: int | None, buckets: list[int] | None) -> int | No
 
 
 def fact_recall(
-    scorer: Scorer, facts: list[PlantedFact], tokenizer, settings: FactRecallSettings, lengths: list[int],
-    batch_size: int, buckets: list[int] | None = None,
+    scorer: Scorer,
+    facts: list[PlantedFact],
+    tokenizer,
+    settings: FactRecallSettings,
+    lengths: list[int],
+    batch_size: int,
+    buckets: list[int] | None = None,
 ) -> list[dict]:
     rng = random.Random(settings.seed)
     chosen = rng.sample(facts, min(settings.max_docs, len(facts)))
@@ -85,19 +101,27 @@ def fact_recall(
             continue
         groups = defaultdict(list)
         for index, fact in enumerate(chosen):
-            distractors = distractors_for(fact, pool, settings.distractors, random.Random(f"{settings.seed}-{index}"))
-            groups[distance_bucket(fact.distance, buckets)].append(_score(scorer, tokenizer, fact, distractors, length, batch_size))
+            distractors = distractors_for(
+                fact, pool, settings.distractors, random.Random(f"{settings.seed}-{index}")
+            )
+            groups[distance_bucket(fact.distance, buckets)].append(
+                _score(scorer, tokenizer, fact, distractors, length, batch_size)
+            )
         for distance in sorted(groups, key=lambda d: (d is None, d)):
             rows.append(_summarise(length, distance, groups[distance]))
     return rows
 
 
-def _score(scorer, tokenizer, fact: PlantedFact, distractors: list[str], length: int, batch_size: int) -> dict:
+def _score(
+    scorer, tokenizer, fact: PlantedFact, distractors: list[str], length: int, batch_size: int
+) -> dict:
     candidates = [tokenizer.encode(a) for a in (fact.answer, *distractors)]
     context = tokenizer.encode(fact.context)
     # Every input (context + candidate - 1) holds at most `length` tokens.
-    visible = context[-max(length + 1 - max(len(c) for c in candidates), 1):]
-    in_context = fact.fact_start is not None and len(tokenizer.encode(fact.context[fact.fact_start:])) <= len(visible)
+    visible = context[-max(length + 1 - max(len(c) for c in candidates), 1) :]
+    in_context = fact.fact_start is not None and len(
+        tokenizer.encode(fact.context[fact.fact_start :])
+    ) <= len(visible)
     scores = scorer.continuation_logprobs(visible, candidates, batch_size)
     return {
         "correct": all(scores[0] > s for s in scores[1:]),
@@ -107,8 +131,16 @@ def _score(scorer, tokenizer, fact: PlantedFact, distractors: list[str], length:
 
 
 def _row(length: int, distance, docs: int = 0, skipped: str | None = None) -> dict:
-    return {"context_length": length, "distance": distance, "docs": docs, "fact_in_context": 0, "correct": 0,
-            "accuracy": None, "answer_nll": None, "skipped": skipped}
+    return {
+        "context_length": length,
+        "distance": distance,
+        "docs": docs,
+        "fact_in_context": 0,
+        "correct": 0,
+        "accuracy": None,
+        "answer_nll": None,
+        "skipped": skipped,
+    }
 
 
 def _summarise(length: int, distance, results: list[dict]) -> dict:

@@ -2,6 +2,7 @@
 
 The schema (every key and column) is documented in docs/results/README.md.
 """
+
 from __future__ import annotations
 
 import csv
@@ -10,8 +11,9 @@ import json
 import os
 import tempfile
 from collections import defaultdict
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from longctx.eval import plots
 from longctx.eval.perplexity import PerplexityRow
@@ -21,12 +23,42 @@ ROW_FIELDS = tuple(PerplexityRow.__dataclass_fields__)
 # Section of results.json -> its CSV file and columns (after a leading "attention" column).
 SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "perplexity": ("results.csv", ROW_FIELDS),
-    "position_loss": ("position_loss.csv", ("context_length", "position_start", "position_end", "tokens", "loss")),
-    "prefix_ablation": ("prefix_ablation.csv", ("prefix_length", "target_tokens", "samples", "tokens", "loss", "ppl", "skipped")),
-    "passkey": ("passkey.csv", ("context_length", "depth", "trials", "correct", "accuracy", "mean_rank", "skipped")),
-    "streaming_memory": ("streaming_memory.csv", ("segment_length", "position_start", "position_end", "tokens",
-                                                  "loss_with_state", "loss_fresh_state")),
-    "fact_recall": ("fact_recall.csv", ("context_length", "distance", "docs", "fact_in_context", "correct", "accuracy", "answer_nll", "skipped")),
+    "position_loss": (
+        "position_loss.csv",
+        ("context_length", "position_start", "position_end", "tokens", "loss"),
+    ),
+    "prefix_ablation": (
+        "prefix_ablation.csv",
+        ("prefix_length", "target_tokens", "samples", "tokens", "loss", "ppl", "skipped"),
+    ),
+    "passkey": (
+        "passkey.csv",
+        ("context_length", "depth", "trials", "correct", "accuracy", "mean_rank", "skipped"),
+    ),
+    "streaming_memory": (
+        "streaming_memory.csv",
+        (
+            "segment_length",
+            "position_start",
+            "position_end",
+            "tokens",
+            "loss_with_state",
+            "loss_fresh_state",
+        ),
+    ),
+    "fact_recall": (
+        "fact_recall.csv",
+        (
+            "context_length",
+            "distance",
+            "docs",
+            "fact_in_context",
+            "correct",
+            "accuracy",
+            "answer_nll",
+            "skipped",
+        ),
+    ),
 }
 
 
@@ -45,43 +77,75 @@ def csv_text(records: list[list]) -> str:
     return handle.getvalue()
 
 
-def write_results(out_dir: Path, meta: Mapping[str, Any], sections: Mapping[str, list[dict]]) -> dict[str, Path]:
+def write_results(
+    out_dir: Path, meta: Mapping[str, Any], sections: Mapping[str, list[dict]]
+) -> dict[str, Path]:
     """results.json (meta + every section), the sections' CSVs and the run's plots; returns the paths."""
     out_dir = Path(out_dir)
-    payload = {"schema_version": RESULTS_SCHEMA_VERSION, **meta, **{k: list(sections.get(k, [])) for k in SECTIONS}}
+    payload = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        **meta,
+        **{k: list(sections.get(k, [])) for k in SECTIONS},
+    }
     paths = {"json": out_dir / "results.json"}
     atomic_write_text(paths["json"], json.dumps(payload, indent=2))
     for section, (filename, fields) in SECTIONS.items():
         rows = sections.get(section, [])
         if rows or section == "perplexity":
-            records = [["attention", *fields]] + [[meta.get("attention")] + [row.get(k) for k in fields] for row in rows]
+            records = [["attention", *fields]] + [
+                [meta.get("attention")] + [row.get(k) for k in fields] for row in rows
+            ]
             paths[section] = out_dir / filename
             atomic_write_text(paths[section], csv_text(records))
     paths.update(write_run_plots(out_dir, meta, sections))
     return paths
 
 
-def write_run_plots(out_dir: Path, meta: Mapping[str, Any], sections: Mapping[str, list[dict]]) -> dict[str, Path]:
-    name, train = meta.get("attention"), [meta["train_context_length"]] if meta.get("train_context_length") else []
-    figures = {"ppl_png": plots.plot_ppl_vs_context({name: sections.get("perplexity", [])}, train,
-                                                    out_dir / "ppl_vs_context.png", title=f"Perplexity by context length: {name}")}
+def write_run_plots(
+    out_dir: Path, meta: Mapping[str, Any], sections: Mapping[str, list[dict]]
+) -> dict[str, Path]:
+    name, train = (
+        meta.get("attention"),
+        [meta["train_context_length"]] if meta.get("train_context_length") else [],
+    )
+    figures = {
+        "ppl_png": plots.plot_ppl_vs_context(
+            {name: sections.get("perplexity", [])},
+            train,
+            out_dir / "ppl_vs_context.png",
+            title=f"Perplexity by context length: {name}",
+        )
+    }
     by_length = defaultdict(list)
     for row in sections.get("position_loss", []):
         by_length[f"length {row['context_length']}"].append(row)
     if by_length:
-        figures["position_png"] = plots.plot_position_loss(by_length, train, out_dir / "loss_vs_position.png",
-                                                           title=f"Loss by token position: {name}")
+        figures["position_png"] = plots.plot_position_loss(
+            by_length,
+            train,
+            out_dir / "loss_vs_position.png",
+            title=f"Loss by token position: {name}",
+        )
     if any(r.get("loss") is not None for r in sections.get("prefix_ablation", [])):
-        figures["prefix_png"] = plots.plot_prefix_ablation({name: sections["prefix_ablation"]}, out_dir / "prefix_ablation.png")
+        figures["prefix_png"] = plots.plot_prefix_ablation(
+            {name: sections["prefix_ablation"]}, out_dir / "prefix_ablation.png"
+        )
     if any(r.get("accuracy") is not None for r in sections.get("passkey", [])):
-        chance = 1 / (1 + meta["eval_settings"]["passkey"]["distractors"]) if meta.get("eval_settings") else None
-        figures["passkey_png"] = plots.plot_passkey({name: sections["passkey"]}, out_dir / "passkey_heatmap.png", chance=chance)
+        chance = (
+            1 / (1 + meta["eval_settings"]["passkey"]["distractors"])
+            if meta.get("eval_settings")
+            else None
+        )
+        figures["passkey_png"] = plots.plot_passkey(
+            {name: sections["passkey"]}, out_dir / "passkey_heatmap.png", chance=chance
+        )
     recall = defaultdict(list)
     for row in sections.get("fact_recall", []):
         recall[f"length {row['context_length']}"].append(row)
     if any(r.get("accuracy") is not None for rows in recall.values() for r in rows):
-        figures["fact_recall_png"] = plots.plot_fact_recall(recall, out_dir / "fact_recall.png",
-                                                            title=f"Planted-fact recall: {name}")
+        figures["fact_recall_png"] = plots.plot_fact_recall(
+            recall, out_dir / "fact_recall.png", title=f"Planted-fact recall: {name}"
+        )
     return figures
 
 
@@ -95,13 +159,25 @@ def log_to_wandb(sections: Mapping[str, list[dict]], paths: Mapping[str, Path]) 
     for section, (_, fields) in SECTIONS.items():
         rows = sections.get(section, [])
         if rows:
-            logged[f"eval/{section}"] = wandb.Table(columns=list(fields), data=[[row.get(k) for k in fields] for row in rows])
+            logged[f"eval/{section}"] = wandb.Table(
+                columns=list(fields), data=[[row.get(k) for k in fields] for row in rows]
+            )
     scored = [r for r in sections.get("perplexity", []) if r.get("ppl") is not None]
     if scored:
-        table = wandb.Table(columns=["context_length", "ppl", "protocol"], data=[[r["context_length"], r["ppl"], r["protocol"]] for r in scored])
-        logged["eval/ppl_vs_context_line"] = wandb.plot.line(table, x="context_length", y="ppl", stroke="protocol",
-                                                             title="Perplexity by context length")
+        table = wandb.Table(
+            columns=["context_length", "ppl", "protocol"],
+            data=[[r["context_length"], r["ppl"], r["protocol"]] for r in scored],
+        )
+        logged["eval/ppl_vs_context_line"] = wandb.plot.line(
+            table,
+            x="context_length",
+            y="ppl",
+            stroke="protocol",
+            title="Perplexity by context length",
+        )
     for key, path in paths.items():
         if key.endswith("_png"):
-            logged[f"eval/figures/{key[:-4]}"] = wandb.Image(str(path))  # apart from the tables' keys
+            logged[f"eval/figures/{key[:-4]}"] = wandb.Image(
+                str(path)
+            )  # apart from the tables' keys
     wandb.log(logged)

@@ -8,6 +8,7 @@ instruction, so the model is not asked to generate: the true key " 41273" and `d
 other random keys are scored by log-likelihood, and a trial is correct when the true key is
 strictly the most likely. The model reads exactly `length` input tokens per candidate.
 """
+
 from __future__ import annotations
 
 import random
@@ -19,16 +20,23 @@ from longctx.eval.settings import PasskeySettings
 
 
 def random_keys(rng: random.Random, digits: int, count: int) -> list[int]:
-    return rng.sample(range(10 ** (digits - 1), 10 ** digits), count)
+    return rng.sample(range(10 ** (digits - 1), 10**digits), count)
 
 
-def build_context(filler: np.ndarray, needle: list[int], question: list[int], depth: float) -> list[int]:
+def build_context(
+    filler: np.ndarray, needle: list[int], question: list[int], depth: float
+) -> list[int]:
     at = round(depth * len(filler))
     return filler[:at].tolist() + needle + filler[at:].tolist() + question
 
 
 def passkey_grid(
-    scorer: Scorer, filler: np.ndarray, tokenizer, settings: PasskeySettings, lengths: list[int], batch_size: int
+    scorer: Scorer,
+    filler: np.ndarray,
+    tokenizer,
+    settings: PasskeySettings,
+    lengths: list[int],
+    batch_size: int,
 ) -> list[dict]:
     """One row per (length, depth). `filler` is the test split's tokens with document separators removed."""
     rows = []
@@ -36,15 +44,26 @@ def passkey_grid(
     for length in lengths:
         length_error = scorer.refusal(length)
         for depth in settings.depths:
-            row = {"context_length": length, "depth": depth, "trials": 0, "correct": 0,
-                   "accuracy": None, "mean_rank": None, "skipped": length_error}
+            row = {
+                "context_length": length,
+                "depth": depth,
+                "trials": 0,
+                "correct": 0,
+                "accuracy": None,
+                "mean_rank": None,
+                "skipped": length_error,
+            }
             rows.append(row)
             if length_error is None:
-                _run_cell(scorer, filler, tokenizer, settings, question, length, depth, batch_size, row)
+                _run_cell(
+                    scorer, filler, tokenizer, settings, question, length, depth, batch_size, row
+                )
     return rows
 
 
-def _run_cell(scorer, filler, tokenizer, settings, question, length, depth, batch_size, row) -> None:
+def _run_cell(
+    scorer, filler, tokenizer, settings, question, length, depth, batch_size, row
+) -> None:
     # Seeded per cell so that adding lengths or depths never changes the keys of the others.
     rng = random.Random(f"{settings.seed}-{length}-{depth}")
     ranks = []
@@ -58,12 +77,16 @@ def _run_cell(scorer, filler, tokenizer, settings, question, length, depth, batc
             row["skipped"] = f"{length} tokens cannot hold the needle, the question and a key"
             return
         if filler_length > len(filler):
-            row["skipped"] = f"the test split has {len(filler)} filler tokens, fewer than {filler_length}"
+            row["skipped"] = (
+                f"the test split has {len(filler)} filler tokens, fewer than {filler_length}"
+            )
             return
         begin = rng.randrange(len(filler) - filler_length + 1)
-        context = build_context(filler[begin: begin + filler_length], needle, question, depth)
+        context = build_context(filler[begin : begin + filler_length], needle, question, depth)
         scores = scorer.continuation_logprobs(context, candidates, batch_size)
-        ranks.append(1 + sum(score >= scores[0] for score in scores[1:]))  # ties count against the key
+        ranks.append(
+            1 + sum(score >= scores[0] for score in scores[1:])
+        )  # ties count against the key
     row["trials"] = len(ranks)
     row["correct"] = sum(rank == 1 for rank in ranks)
     row["accuracy"] = row["correct"] / len(ranks)

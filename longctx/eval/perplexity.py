@@ -5,11 +5,13 @@ scored exactly once, in the first window that contains it: with stride == length
 do not overlap ("windows"); with a smaller stride ("sliding") every scored token after the
 first window has at least length - stride tokens of context. Only whole windows are used.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,7 +38,7 @@ class PerplexityRow:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def finish(self, total_nll: float) -> "PerplexityRow":
+    def finish(self, total_nll: float) -> PerplexityRow:
         self.loss = total_nll / self.tokens
         self.ppl = math.exp(min(self.loss, 700.0))
         self.bpb = total_nll / math.log(2) / max(self.bytes, 1)
@@ -87,8 +89,8 @@ def score_windows(
     total_nll = 0.0
     with Stopwatch(scorer.device) as watch:
         for i in range(0, len(plan), batch_size):
-            chunk = plan[i: i + batch_size]
-            windows = torch.stack([tokens[b: b + length + 1] for b, _ in chunk])
+            chunk = plan[i : i + batch_size]
+            windows = torch.stack([tokens[b : b + length + 1] for b, _ in chunk])
             nll = scorer.nll(windows[:, :-1], windows[:, 1:])
             for row_nll, (_, first), window in zip(nll, chunk, windows):
                 scored = row_nll[first:].numpy()
@@ -96,7 +98,7 @@ def score_windows(
                 position_nll[first:] += scored
                 position_count[first:] += 1
                 row.tokens += length - first
-                row.bytes += count_bytes(window[1 + first:])
+                row.bytes += count_bytes(window[1 + first :])
     row.seconds, row.peak_memory_mib = watch.seconds, watch.peak_memory_mib
     return row.finish(total_nll), position_nll, position_count
 
@@ -117,10 +119,14 @@ def perplexity_by_context_length(
     """
     rows, positions = [], []
     for length in lengths:
-        for stride in dict.fromkeys(resolve_stride(s, length) for s in strides):  # ordered, no duplicates
+        for stride in dict.fromkeys(
+            resolve_stride(s, length) for s in strides
+        ):  # ordered, no duplicates
             refusal = scorer.refusal(length)
             if refusal:
-                rows.append(PerplexityRow(length, stride, protocol_of(length, stride), skipped=refusal))
+                rows.append(
+                    PerplexityRow(length, stride, protocol_of(length, stride), skipped=refusal)
+                )
                 continue
             row, position_nll, position_count = score_windows(
                 scorer, tokens, length, stride, max_scored, batch_size, count_bytes

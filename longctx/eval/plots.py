@@ -3,11 +3,12 @@
 Every function takes `series`: an ordered mapping label -> rows of one results.json section,
 so the same drawing serves a single run and an overlay of many.
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -35,7 +36,9 @@ def _save(fig, path: Path) -> Path:
 def _lines(ax, series: Series, x: str, y: str, keep=lambda row: True, **style) -> bool:
     drawn = False
     for (label, rows), color in zip(series.items(), _colors(len(series))):
-        points = sorted((r[x], r[y]) for r in rows if keep(r) and r.get(y) is not None and r.get(x) is not None)
+        points = sorted(
+            (r[x], r[y]) for r in rows if keep(r) and r.get(y) is not None and r.get(x) is not None
+        )
         if points:
             ax.plot(*zip(*points), marker="o", markersize=3, color=color, label=label, **style)
             drawn = True
@@ -48,22 +51,41 @@ def _legend(ax, n: int) -> None:
 
 def _mark_training_lengths(ax, train_lengths: Sequence[int]) -> None:
     for i, length in enumerate(sorted(set(train_lengths))):
-        ax.axvline(length, color="grey", linestyle="--", linewidth=1, label="training length" if i == 0 else None)
+        ax.axvline(
+            length,
+            color="grey",
+            linestyle="--",
+            linewidth=1,
+            label="training length" if i == 0 else None,
+        )
 
 
-def plot_ppl_vs_context(series: Series, train_lengths: Sequence[int], path: Path, title: str = "") -> Path:
+def plot_ppl_vs_context(
+    series: Series, train_lengths: Sequence[int], path: Path, title: str = ""
+) -> Path:
     """Perplexity by evaluation length; one panel per protocol present, a dashed line at the training length."""
-    protocols = [p for p in ("windows", "sliding", "streaming") if any(r["protocol"] == p and r.get("ppl") for rows in series.values() for r in rows)]
+    protocols = [
+        p
+        for p in ("windows", "sliding", "streaming")
+        if any(r["protocol"] == p and r.get("ppl") for rows in series.values() for r in rows)
+    ]
     protocols = protocols or ["windows"]
-    fig, axes = plt.subplots(1, len(protocols), figsize=(5.5 * len(protocols), 4), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(
+        1, len(protocols), figsize=(5.5 * len(protocols), 4), squeeze=False, sharey=True
+    )
     for ax, protocol in zip(axes[0], protocols):
         _lines(ax, series, "context_length", "ppl", keep=lambda r, p=protocol: r["protocol"] == p)
         _mark_training_lengths(ax, train_lengths)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("evaluation context length (tokens)")
-        ax.set_title({"windows": "non-overlapping windows", "sliding": "sliding windows (strided)",
-                      "streaming": "streaming (carried state)"}[protocol])
+        ax.set_title(
+            {
+                "windows": "non-overlapping windows",
+                "sliding": "sliding windows (strided)",
+                "streaming": "streaming (carried state)",
+            }[protocol]
+        )
         ax.grid(alpha=0.3, which="both")
         _legend(ax, len(series))
     axes[0][0].set_ylabel("perplexity per token (log scale)")
@@ -75,10 +97,17 @@ def plot_ppl_vs_context(series: Series, train_lengths: Sequence[int], path: Path
     return _save(fig, path)
 
 
-def plot_position_loss(series: Series, train_lengths: Sequence[int], path: Path, title: str = "") -> Path:
+def plot_position_loss(
+    series: Series, train_lengths: Sequence[int], path: Path, title: str = ""
+) -> Path:
     """Mean loss per log-spaced position bin, drawn at each bin's geometric centre."""
-    centred = {label: [{**r, "centre": math.sqrt(max(r["position_start"], 0.5) * r["position_end"])} for r in rows]
-               for label, rows in series.items()}
+    centred = {
+        label: [
+            {**r, "centre": math.sqrt(max(r["position_start"], 0.5) * r["position_end"])}
+            for r in rows
+        ]
+        for label, rows in series.items()
+    }
     fig, ax = plt.subplots(figsize=(6.5, 4))
     _lines(ax, centred, "centre", "loss")
     _mark_training_lengths(ax, train_lengths)
@@ -122,8 +151,13 @@ def plot_passkey(series: Series, path: Path, chance: float | None = None, title:
     n = max(len(series), 1)
     columns = min(n, 4)
     lines = math.ceil(n / columns)
-    fig, axes = plt.subplots(lines, columns, figsize=(3.4 * columns + 1, 2.9 * lines + 0.4), squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(
+        lines,
+        columns,
+        figsize=(3.4 * columns + 1, 2.9 * lines + 0.4),
+        squeeze=False,
+        layout="constrained",
+    )
     image = None
     for ax, (label, rows) in zip(axes.flat, series.items()):
         lengths = sorted({r["context_length"] for r in rows})
@@ -139,9 +173,16 @@ def plot_passkey(series: Series, path: Path, chance: float | None = None, title:
         ax.set_xlabel("context length", fontsize=8)
         ax.set_ylabel("needle depth", fontsize=8)
         for (i, j), value in np.ndenumerate(grid):
-            ax.text(j, i, "-" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if np.isnan(value) or value < 0.6 else "black")
-    for ax in list(axes.flat)[len(series):]:
+            ax.text(
+                j,
+                i,
+                "-" if np.isnan(value) else f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=6,
+                color="white" if np.isnan(value) or value < 0.6 else "black",
+            )
+    for ax in list(axes.flat)[len(series) :]:
         ax.axis("off")
     if image is not None:
         fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy")
@@ -153,7 +194,9 @@ def plot_passkey(series: Series, path: Path, chance: float | None = None, title:
     return path
 
 
-def plot_cost_quality(points: Mapping[str, tuple[float, float]], path: Path, xlabel: str, ylabel: str, title: str = "") -> Path:
+def plot_cost_quality(
+    points: Mapping[str, tuple[float, float]], path: Path, xlabel: str, ylabel: str, title: str = ""
+) -> Path:
     """One point per series: cost on x (log scale), quality on y. Points are numbered and named in
     a legend below the axes, so long labels (a hybrid's settings) never squeeze the plot."""
     fig, ax = plt.subplots(figsize=(7, 4.5 + 0.22 * len(points)))
@@ -166,7 +209,9 @@ def plot_cost_quality(points: Mapping[str, tuple[float, float]], path: Path, xla
     plain = FuncFormatter(lambda value, _: f"{value:g}")
     costs = [x for x, _ in points.values()]
     ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(plain if costs and max(costs) < 10 * min(costs) else NullFormatter())
+    ax.xaxis.set_minor_formatter(
+        plain if costs and max(costs) < 10 * min(costs) else NullFormatter()
+    )
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.15), frameon=False)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

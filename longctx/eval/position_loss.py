@@ -4,6 +4,7 @@ Position p is the p-th input of a window: its logits predict the next token with
 of context. A loss that keeps falling towards the last bins means distant context is used; a
 flat or rising tail (past the training length: extrapolation failing) means it is not.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -24,11 +25,13 @@ def position_loss_rows(length: int, nll_sum: np.ndarray, count: np.ndarray) -> l
     for start, end in log_bins(length):
         tokens = int(count[start:end].sum())
         if tokens:
-            rows.append({
-                "context_length": length,
-                "position_start": start,
-                "position_end": end,
-                "tokens": tokens,
-                "loss": float(nll_sum[start:end].sum() / tokens),
-            })
+            rows.append(
+                {
+                    "context_length": length,
+                    "position_start": start,
+                    "position_end": end,
+                    "tokens": tokens,
+                    "loss": float(nll_sum[start:end].sum() / tokens),
+                }
+            )
     return rows

@@ -5,6 +5,7 @@ predictions at inputs tokens[s : s+T]; with prefix P the model reads tokens[s-P 
 t has P + (t - s) + 1 tokens of context. Every prefix scores exactly the same targets, so the
 loss curve over P isolates what the extra distant context buys.
 """
+
 from __future__ import annotations
 
 import math
@@ -35,25 +36,40 @@ def sample_starts(n_tokens: int, max_prefix: int, target_tokens: int, samples: i
 
 
 def prefix_ablation(
-    scorer: Scorer, tokens: torch.Tensor, settings: PrefixAblationSettings, max_length: int, batch_size: int
+    scorer: Scorer,
+    tokens: torch.Tensor,
+    settings: PrefixAblationSettings,
+    max_length: int,
+    batch_size: int,
 ) -> list[dict]:
     target = settings.target_tokens
     max_prefix = max(max_length - target, 0)
     starts = sample_starts(len(tokens), max_prefix, target, settings.samples)
     rows = []
     for prefix in prefix_lengths(settings.step, max_prefix):
-        row = {"prefix_length": prefix, "target_tokens": target, "samples": len(starts), "tokens": 0,
-               "loss": None, "ppl": None, "skipped": None}
+        row = {
+            "prefix_length": prefix,
+            "target_tokens": target,
+            "samples": len(starts),
+            "tokens": 0,
+            "loss": None,
+            "ppl": None,
+            "skipped": None,
+        }
         rows.append(row)
         if not len(starts):
-            row["skipped"] = f"test stream has {len(tokens)} tokens, too few for a prefix of {max_prefix} + {target} targets"
+            row["skipped"] = (
+                f"test stream has {len(tokens)} tokens, too few for a prefix of {max_prefix} + {target} targets"
+            )
             continue
         row["skipped"] = scorer.refusal(prefix + target)
         if row["skipped"]:
             continue
         total = 0.0
         for first in range(0, len(starts), batch_size):
-            windows = torch.stack([tokens[s - prefix: s + target + 1] for s in starts[first: first + batch_size]])
+            windows = torch.stack(
+                [tokens[s - prefix : s + target + 1] for s in starts[first : first + batch_size]]
+            )
             total += float(scorer.nll(windows[:, :-1], windows[:, 1:])[:, prefix:].sum())
         row["tokens"] = len(starts) * target
         row["loss"] = total / row["tokens"]

@@ -5,6 +5,7 @@ run directories, or a list of either). Runs are grouped by (corpus, tokenizer, t
 because perplexities are only comparable within a group. Writes report.md (one summary table
 per group, planted-fact recall by distance, figure links), report.csv and the PNG figures.
 """
+
 from __future__ import annotations
 
 import glob
@@ -12,10 +13,11 @@ import json
 import math
 import shlex
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -25,9 +27,22 @@ from longctx.eval.costs import load_bench, run_costs
 from longctx.eval.outputs import atomic_write_text, csv_text
 
 SUMMARY_COLUMNS = (
-    "mechanism", "parameters", "ppl_windows", "ppl_sliding", "bpb", "longest_length", "ppl_longest", "ppl_streaming",
-    "prefix_gain", "passkey_within", "passkey_beyond", "fact_recall_in_reach", "tokens_per_s", "peak_memory_mib",
-    "train_seconds", "run_dir",
+    "mechanism",
+    "parameters",
+    "ppl_windows",
+    "ppl_sliding",
+    "bpb",
+    "longest_length",
+    "ppl_longest",
+    "ppl_streaming",
+    "prefix_gain",
+    "passkey_within",
+    "passkey_beyond",
+    "fact_recall_in_reach",
+    "tokens_per_s",
+    "peak_memory_mib",
+    "train_seconds",
+    "run_dir",
 )
 
 
@@ -40,7 +55,11 @@ class Run:
 
     @property
     def group(self) -> tuple[str, str, int]:
-        return self.results["data"], self.results["tokenizer"], int(self.results["train_context_length"])
+        return (
+            self.results["data"],
+            self.results["tokenizer"],
+            int(self.results["train_context_length"]),
+        )
 
 
 def find_run_dirs(patterns: str | Sequence[str]) -> tuple[list[Path], list[Path]]:
@@ -53,8 +72,11 @@ def find_run_dirs(patterns: str | Sequence[str]) -> tuple[list[Path], list[Path]
     for pattern in [patterns] if isinstance(patterns, str) else list(patterns):
         for match in sorted(glob.glob(str(Path(pattern).expanduser()))):
             path = Path(match)
-            candidates = [path] if (path / "results.json").is_file() or not path.is_dir() else \
-                [path] + [c for c in sorted(path.iterdir()) if c.is_dir()]
+            candidates = (
+                [path]
+                if (path / "results.json").is_file() or not path.is_dir()
+                else [path] + [c for c in sorted(path.iterdir()) if c.is_dir()]
+            )
             for candidate in candidates:
                 if (candidate / "results.json").is_file():
                     found.append(candidate)
@@ -63,7 +85,9 @@ def find_run_dirs(patterns: str | Sequence[str]) -> tuple[list[Path], list[Path]
     return list(dict.fromkeys(found)), list(dict.fromkeys(missing))
 
 
-def load_runs(patterns, bench: str | None = None, bench_dtype: str = "bf16") -> tuple[list[Run], list[Path]]:
+def load_runs(
+    patterns, bench: str | None = None, bench_dtype: str = "bf16"
+) -> tuple[list[Run], list[Path]]:
     directories, missing = find_run_dirs(patterns)
     bench_rows = load_bench(bench)
     runs = []
@@ -87,7 +111,10 @@ def _setting_items(run: Run) -> dict[str, Any]:
     items = {k: v for k, v in r.get("attention_options", {}).items() if k != "name"}
     items.update({f"model.{k}": v for k, v in r.get("model", {}).items()})
     items["seed"] = r.get("train", {}).get("seed")
-    return {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in items.items()}
+    return {
+        k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
+        for k, v in items.items()
+    }
 
 
 def assign_labels(group: list[Run]) -> None:
@@ -97,9 +124,13 @@ def assign_labels(group: list[Run]) -> None:
         by_name[run.results["attention"]].append(run)
     for name, same in by_name.items():
         settings = [_setting_items(run) for run in same]
-        keys = sorted({k for s in settings for k in s if len({str(t.get(k)) for t in settings}) > 1})
+        keys = sorted(
+            {k for s in settings for k in s if len({str(t.get(k)) for t in settings}) > 1}
+        )
         for run, setting in zip(same, settings):
-            run.label = name + (" (" + ", ".join(f"{k}={setting.get(k)}" for k in keys) + ")" if keys else "")
+            run.label = name + (
+                " (" + ", ".join(f"{k}={setting.get(k)}" for k in keys) + ")" if keys else ""
+            )
 
 
 def _pick(rows: list[dict], **where) -> dict | None:
@@ -117,10 +148,18 @@ def summarise(run: Run) -> dict[str, Any]:
     windows = _pick(perplexity, context_length=length, protocol="windows") or {}
     sliding = _pick(perplexity, context_length=length, protocol="sliding") or {}
     streaming = _pick(perplexity, protocol="streaming") or {}
-    longest = max((p for p in perplexity if p["protocol"] == "windows"), key=lambda p: p["context_length"], default={})
+    longest = max(
+        (p for p in perplexity if p["protocol"] == "windows"),
+        key=lambda p: p["context_length"],
+        default={},
+    )
     prefixes = [p for p in r.get("prefix_ablation", []) if p.get("loss") is not None]
     passkey = [p for p in r.get("passkey", []) if p.get("accuracy") is not None]
-    recall = [f for f in r.get("fact_recall", []) if f["context_length"] == length and f.get("accuracy") is not None]
+    recall = [
+        f
+        for f in r.get("fact_recall", [])
+        if f["context_length"] == length and f.get("accuracy") is not None
+    ]
     in_reach = [f for f in recall if f["docs"] and f["fact_in_context"] == f["docs"]]
     return {
         "mechanism": run.label,
@@ -132,11 +171,16 @@ def summarise(run: Run) -> dict[str, Any]:
         "ppl_longest": longest.get("ppl"),
         "longest_skipped": longest.get("skipped"),
         "ppl_streaming": streaming.get("ppl"),
-        "prefix_gain": prefixes[0]["loss"] - prefixes[-1]["loss"] if len(prefixes) > 1 and prefixes[0]["prefix_length"] == 0 else None,
+        "prefix_gain": prefixes[0]["loss"] - prefixes[-1]["loss"]
+        if len(prefixes) > 1 and prefixes[0]["prefix_length"] == 0
+        else None,
         "prefix_longest": prefixes[-1]["prefix_length"] if prefixes else None,
         "passkey_within": _mean([p["accuracy"] for p in passkey if p["context_length"] <= length]),
         "passkey_beyond": _mean([p["accuracy"] for p in passkey if p["context_length"] > length]),
-        "fact_recall_in_reach": sum(f["correct"] for f in in_reach) / sum(f["docs"] for f in in_reach) if in_reach else None,
+        "fact_recall_in_reach": sum(f["correct"] for f in in_reach)
+        / sum(f["docs"] for f in in_reach)
+        if in_reach
+        else None,
         "tokens_per_s": run.cost.get("tokens_per_s"),
         "peak_memory_mib": run.cost.get("peak_memory_mib"),
         "train_seconds": run.cost.get("train_seconds"),
@@ -162,25 +206,56 @@ def _group_table(runs: list[Run], summaries: list[dict], length: int) -> list[st
     longest_head = f"ppl @{longest[0]}" if len(longest) == 1 else "ppl @longest"
     prefix = sorted({s["prefix_longest"] for s in summaries if s["prefix_longest"]})
     prefix_head = f"Δloss prefix 0→{prefix[0]}" if len(prefix) == 1 else "Δloss prefix 0→max"
-    head = ["mechanism", "params", f"ppl @{length}", f"ppl @{length} sliding", f"bpb @{length}", longest_head,
-            "ppl streaming", prefix_head, f"passkey ≤{length}", f"passkey >{length}", "facts in context",
-            "train tok/s", "peak MiB", "train s"]
+    head = [
+        "mechanism",
+        "params",
+        f"ppl @{length}",
+        f"ppl @{length} sliding",
+        f"bpb @{length}",
+        longest_head,
+        "ppl streaming",
+        prefix_head,
+        f"passkey ≤{length}",
+        f"passkey >{length}",
+        "facts in context",
+        "train tok/s",
+        "peak MiB",
+        "train s",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run, s in zip(runs, summaries):
         longest_cell = "skipped" if s["longest_skipped"] else _fmt(s["ppl_longest"])
         if len(longest) > 1 and s["longest_length"]:
             longest_cell += f" ({s['longest_length']})"
-        cells = [s["mechanism"], f"{s['parameters'] / 1e6:.2f}M" if s["parameters"] else "–", _fmt(s["ppl_windows"]),
-                 _fmt(s["ppl_sliding"]), _fmt(s["bpb"]), longest_cell, _fmt(s["ppl_streaming"]), _fmt(s["prefix_gain"]),
-                 _fmt(s["passkey_within"], 2), _fmt(s["passkey_beyond"], 2), _fmt(s["fact_recall_in_reach"], 2),
-                 _fmt(s["tokens_per_s"]), _fmt(s["peak_memory_mib"]), _fmt(s["train_seconds"])]
+        cells = [
+            s["mechanism"],
+            f"{s['parameters'] / 1e6:.2f}M" if s["parameters"] else "–",
+            _fmt(s["ppl_windows"]),
+            _fmt(s["ppl_sliding"]),
+            _fmt(s["bpb"]),
+            longest_cell,
+            _fmt(s["ppl_streaming"]),
+            _fmt(s["prefix_gain"]),
+            _fmt(s["passkey_within"], 2),
+            _fmt(s["passkey_beyond"], 2),
+            _fmt(s["fact_recall_in_reach"], 2),
+            _fmt(s["tokens_per_s"]),
+            _fmt(s["peak_memory_mib"]),
+            _fmt(s["train_seconds"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
 def _recall_table(runs: list[Run], length: int) -> list[str]:
-    rows = {run.label: {f["distance"]: f for f in run.results.get("fact_recall", []) if f["context_length"] == length}
-            for run in runs}
+    rows = {
+        run.label: {
+            f["distance"]: f
+            for f in run.results.get("fact_recall", [])
+            if f["context_length"] == length
+        }
+        for run in runs
+    }
     distances = sorted({d for by_distance in rows.values() for d in by_distance if d is not None})
     if not distances:
         return []
@@ -190,8 +265,11 @@ def _recall_table(runs: list[Run], length: int) -> list[str]:
         cells = []
         for d in distances:
             f = by_distance.get(d)
-            cells.append("–" if not f or f.get("accuracy") is None else
-                         f"{f['accuracy']:.2f} ({f['fact_in_context']}/{f['docs']} in context)")
+            cells.append(
+                "–"
+                if not f or f.get("accuracy") is None
+                else f"{f['accuracy']:.2f} ({f['fact_in_context']}/{f['docs']} in context)"
+            )
         lines.append("| " + " | ".join([label] + cells) + " |")
     return lines
 
@@ -206,8 +284,12 @@ def _position_rows(run: Run, length: int) -> list[dict]:
 
 def _position_table(runs: list[Run], length: int) -> list[str]:
     """Mean loss (nats) per token-position bin, one row per mechanism: the numbers behind the plot."""
-    rows = {run.label: {(p["position_start"], p["position_end"]): p["loss"] for p in _position_rows(run, length)}
-            for run in runs}
+    rows = {
+        run.label: {
+            (p["position_start"], p["position_end"]): p["loss"] for p in _position_rows(run, length)
+        }
+        for run in runs
+    }
     bins = sorted({b for by_bin in rows.values() for b in by_bin})
     if not bins:
         return []
@@ -223,34 +305,65 @@ def _chance(runs: list[Run], section: str) -> float | None:
     return 1 / (1 + counts.pop()) if len(counts) == 1 and None not in counts else None
 
 
-def _group_figures(runs: list[Run], summaries: list[dict], length: int, out_dir: Path, slug: str) -> dict[str, Path]:
+def _group_figures(
+    runs: list[Run], summaries: list[dict], length: int, out_dir: Path, slug: str
+) -> dict[str, Path]:
     figures = {}
     series = {run.label: run.results.get("perplexity", []) for run in runs}
-    figures["ppl"] = plots.plot_ppl_vs_context(series, [length], out_dir / f"ppl_vs_context_{slug}.png",
-                                               title=f"Perplexity by context length ({slug})")
+    figures["ppl"] = plots.plot_ppl_vs_context(
+        series,
+        [length],
+        out_dir / f"ppl_vs_context_{slug}.png",
+        title=f"Perplexity by context length ({slug})",
+    )
     positions = {run.label: _position_rows(run, length) for run in runs}
     if any(positions.values()):
-        figures["position"] = plots.plot_position_loss(positions, [length], out_dir / f"loss_vs_position_{slug}.png",
-                                                       title=f"Loss by token position, windows of {length} ({slug})")
+        figures["position"] = plots.plot_position_loss(
+            positions,
+            [length],
+            out_dir / f"loss_vs_position_{slug}.png",
+            title=f"Loss by token position, windows of {length} ({slug})",
+        )
     prefixes = {run.label: run.results.get("prefix_ablation", []) for run in runs}
     if any(p.get("loss") is not None for rows in prefixes.values() for p in rows):
-        figures["prefix"] = plots.plot_prefix_ablation(prefixes, out_dir / f"prefix_ablation_{slug}.png",
-                                                       title=f"Prefix-length ablation ({slug})")
-    passkey = {run.label: run.results.get("passkey", []) for run in runs if run.results.get("passkey")}
+        figures["prefix"] = plots.plot_prefix_ablation(
+            prefixes,
+            out_dir / f"prefix_ablation_{slug}.png",
+            title=f"Prefix-length ablation ({slug})",
+        )
+    passkey = {
+        run.label: run.results.get("passkey", []) for run in runs if run.results.get("passkey")
+    }
     if any(p.get("accuracy") is not None for rows in passkey.values() for p in rows):
-        figures["passkey"] = plots.plot_passkey(passkey, out_dir / f"passkey_{slug}.png", chance=_chance(runs, "passkey"),
-                                                title=f"Passkey retrieval by likelihood ({slug})")
-    recall = {run.label: [f for f in run.results.get("fact_recall", []) if f["context_length"] == length] for run in runs}
+        figures["passkey"] = plots.plot_passkey(
+            passkey,
+            out_dir / f"passkey_{slug}.png",
+            chance=_chance(runs, "passkey"),
+            title=f"Passkey retrieval by likelihood ({slug})",
+        )
+    recall = {
+        run.label: [f for f in run.results.get("fact_recall", []) if f["context_length"] == length]
+        for run in runs
+    }
     if any(f.get("accuracy") is not None for rows in recall.values() for f in rows):
-        figures["fact_recall"] = plots.plot_fact_recall(recall, out_dir / f"fact_recall_{slug}.png",
-                                                        title=f"Planted-fact recall at {length} tokens ({slug})")
-    points = {s["mechanism"]: (s["tokens_per_s"], s["ppl_windows"]) for s in summaries
-              if s["tokens_per_s"] and s["ppl_windows"]}
+        figures["fact_recall"] = plots.plot_fact_recall(
+            recall,
+            out_dir / f"fact_recall_{slug}.png",
+            title=f"Planted-fact recall at {length} tokens ({slug})",
+        )
+    points = {
+        s["mechanism"]: (s["tokens_per_s"], s["ppl_windows"])
+        for s in summaries
+        if s["tokens_per_s"] and s["ppl_windows"]
+    }
     if points:
-        figures["cost"] = plots.plot_cost_quality(points, out_dir / f"cost_vs_quality_{slug}.png",
-                                                  xlabel="training throughput (tokens/s, log scale)",
-                                                  ylabel=f"perplexity @{length} (windows)",
-                                                  title=f"Quality versus training throughput ({slug})")
+        figures["cost"] = plots.plot_cost_quality(
+            points,
+            out_dir / f"cost_vs_quality_{slug}.png",
+            xlabel="training throughput (tokens/s, log scale)",
+            ylabel=f"perplexity @{length} (windows)",
+            title=f"Quality versus training throughput ({slug})",
+        )
     return figures
 
 
@@ -286,39 +399,70 @@ def training_commands(runs: list[Run]) -> list[str]:
 def _provenance(runs: list[Run], missing: list[Path], patterns, command: str | None) -> list[str]:
     versions = sorted({str(r.results.get("code_version")) for r in runs})
     wall = sweep_wall_seconds(runs)
-    lines = [f"- runs: {len(runs)} from `{patterns}`" + (f"; {len(missing)} without results: "
-                                                           + ", ".join(f"`{m.name}`" for m in missing) if missing else ""),
-             f"- code version(s) of the evaluations: {', '.join(f'`{v}`' for v in versions)}"]
+    lines = [
+        f"- runs: {len(runs)} from `{patterns}`"
+        + (
+            f"; {len(missing)} without results: " + ", ".join(f"`{m.name}`" for m in missing)
+            if missing
+            else ""
+        ),
+        f"- code version(s) of the evaluations: {', '.join(f'`{v}`' for v in versions)}",
+    ]
     lines += [f"- produced by: `{c}`" for c in training_commands(runs)]
     if wall is not None:
-        lines.append(f"- wall time from the first run's start to the last evaluation: {wall / 60:.1f} min")
+        lines.append(
+            f"- wall time from the first run's start to the last evaluation: {wall / 60:.1f} min"
+        )
     if command:
         lines.append(f"- report: `{command}`")
     return lines
 
 
-def markdown(runs: list[Run], missing: list[Path], figures: dict, patterns, title: str, command: str | None) -> str:
-    lines = [f"# {title}", "", *_provenance(runs, missing, patterns, command), "",
-             "Columns: perplexity per token (windows: non-overlapping windows; sliding: strided windows, "
-             "stride recorded in each run's results.csv); bpb = bits per UTF-8 byte; Δloss prefix = loss of "
-             "fixed targets with no prefix minus with the longest prefix (nats; larger = distant context used "
-             "more); passkey = share of trials where the true key was the most likely (≤/> the training "
-             "length); facts in context = planted-fact recall over the facts that lay inside the context; train "
-             "tok/s, peak MiB and train s come from the training logs or the bench (see report.csv).", ""]
+def markdown(
+    runs: list[Run], missing: list[Path], figures: dict, patterns, title: str, command: str | None
+) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        *_provenance(runs, missing, patterns, command),
+        "",
+        "Columns: perplexity per token (windows: non-overlapping windows; sliding: strided windows, "
+        "stride recorded in each run's results.csv); bpb = bits per UTF-8 byte; Δloss prefix = loss of "
+        "fixed targets with no prefix minus with the longest prefix (nats; larger = distant context used "
+        "more); passkey = share of trials where the true key was the most likely (≤/> the training "
+        "length); facts in context = planted-fact recall over the facts that lay inside the context; train "
+        "tok/s, peak MiB and train s come from the training logs or the bench (see report.csv).",
+        "",
+    ]
     for group, group_runs_ in group_runs(runs).items():
         data, tokenizer, length = group
         summaries = [summarise(run) for run in group_runs_]
-        lines += [f"## {data} ({tokenizer} tokenizer, trained at {length} tokens)", "",
-                  *_group_table(group_runs_, summaries, length), ""]
+        lines += [
+            f"## {data} ({tokenizer} tokenizer, trained at {length} tokens)",
+            "",
+            *_group_table(group_runs_, summaries, length),
+            "",
+        ]
         recall = _recall_table(group_runs_, length)
         if recall:
             chance = _chance(group_runs_, "fact_recall")
-            lines += [f"Planted-fact recall at {length} tokens by planted distance (accuracy"
-                      + (f"; chance {chance:.2f}" if chance else "") + "):", "", *recall, ""]
+            lines += [
+                f"Planted-fact recall at {length} tokens by planted distance (accuracy"
+                + (f"; chance {chance:.2f}" if chance else "")
+                + "):",
+                "",
+                *recall,
+                "",
+            ]
         position = _position_table(group_runs_, length)
         if position:
-            lines += ["Loss by token position (mean nats per token over the non-overlapping windows of "
-                      f"{length} tokens; position p predicts with p + 1 tokens of context):", "", *position, ""]
+            lines += [
+                "Loss by token position (mean nats per token over the non-overlapping windows of "
+                f"{length} tokens; position p predicts with p + 1 tokens of context):",
+                "",
+                *position,
+                "",
+            ]
         lines += [f"![{name}]({path.name})" for name, path in figures[group].items()] + [""]
     return "\n".join(lines)
 
@@ -331,17 +475,32 @@ def write_report(report_cfg, out_dir: Path, command: str | None = None) -> dict:
     out_dir = Path(report_cfg.get("output_dir") or out_dir)
     patterns = report_cfg["runs"]
     patterns = patterns if isinstance(patterns, str) else list(patterns)
-    runs, missing = load_runs(patterns, report_cfg.get("bench"), report_cfg.get("bench_dtype") or "bf16")
+    runs, missing = load_runs(
+        patterns, report_cfg.get("bench"), report_cfg.get("bench_dtype") or "bf16"
+    )
     if not runs:
         raise FileNotFoundError(f"no results.json under report.runs={patterns}")
-    figures, records = {}, [list(SUMMARY_COLUMNS) + ["data", "tokenizer", "train_context_length", "cost_sources"]]
+    figures, records = (
+        {},
+        [list(SUMMARY_COLUMNS) + ["data", "tokenizer", "train_context_length", "cost_sources"]],
+    )
     for group, members in group_runs(runs).items():
         summaries = [summarise(run) for run in members]
         figures[group] = _group_figures(members, summaries, group[2], out_dir, _slug(group))
         for run, s in zip(members, summaries):
-            records.append([s[c] for c in SUMMARY_COLUMNS] + list(group) + [json.dumps(run.cost.get("sources", {}))])
-    text = markdown(runs, missing, figures, patterns, report_cfg.get("title") or "Comparison of attention mechanisms",
-                    command)
+            records.append(
+                [s[c] for c in SUMMARY_COLUMNS]
+                + list(group)
+                + [json.dumps(run.cost.get("sources", {}))]
+            )
+    text = markdown(
+        runs,
+        missing,
+        figures,
+        patterns,
+        report_cfg.get("title") or "Comparison of attention mechanisms",
+        command,
+    )
     atomic_write_text(out_dir / "report.md", text)
     atomic_write_text(out_dir / "report.csv", csv_text(records))
     _log_report_to_wandb(records, figures)
@@ -353,7 +512,9 @@ def _log_report_to_wandb(records: list[list], figures: dict) -> None:
 
     if wandb.run is None:
         return
-    clean = [[None if isinstance(v, float) and math.isnan(v) else v for v in row] for row in records[1:]]
+    clean = [
+        [None if isinstance(v, float) and math.isnan(v) else v for v in row] for row in records[1:]
+    ]
     logged = {"report/summary": wandb.Table(columns=records[0], data=clean)}
     for group, paths in figures.items():
         for name, path in paths.items():

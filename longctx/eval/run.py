@@ -3,6 +3,7 @@
 `evaluate_model` is what train.py calls at the end of a fit; `evaluate_checkpoint` rebuilds a
 checkpoint's model and data for eval.py; `run_eval` is eval.py's dispatch (report or checkpoint).
 """
+
 from __future__ import annotations
 
 import logging
@@ -59,34 +60,61 @@ def evaluate_model(model, datamodule, cfg, output_dir: Path, checkpoint: str | N
 
     with _timed(timings, "perplexity"):
         rows, positions = perplexity_by_context_length(
-            scorer, tokens, settings.context_lengths, count_bytes, settings.max_tokens, settings.batch_size, settings.strides
+            scorer,
+            tokens,
+            settings.context_lengths,
+            count_bytes,
+            settings.max_tokens,
+            settings.batch_size,
+            settings.strides,
         )
-    if settings.streaming.enabled is True or (settings.streaming.enabled == "auto" and scorer.backend.ordered_stream):
+    if settings.streaming.enabled is True or (
+        settings.streaming.enabled == "auto" and scorer.backend.ordered_stream
+    ):
         with _timed(timings, "streaming"):
             documents = datamodule.split_documents("test")
-            offsets = np.concatenate([[0], np.cumsum([len(d) + 1 for d in documents])])  # + 1: each document's EOS
+            offsets = np.concatenate(
+                [[0], np.cumsum([len(d) + 1 for d in documents])]
+            )  # + 1: each document's EOS
             row, sections["streaming_memory"] = streaming_perplexity(
-                scorer, stream, offsets, settings.streaming.segment_length or train_length, settings.batch_size,
-                settings.streaming.max_tokens, count_bytes)
+                scorer,
+                stream,
+                offsets,
+                settings.streaming.segment_length or train_length,
+                settings.batch_size,
+                settings.streaming.max_tokens,
+                count_bytes,
+            )
             rows.append(row)
     sections["perplexity"] = [row.as_dict() for row in rows]
     sections["position_loss"] = positions
     if settings.prefix_ablation.enabled:
         with _timed(timings, "prefix_ablation"):
             longest = settings.prefix_ablation.max_length or max(settings.context_lengths)
-            sections["prefix_ablation"] = prefix_ablation(scorer, tokens, settings.prefix_ablation, longest, settings.batch_size)
+            sections["prefix_ablation"] = prefix_ablation(
+                scorer, tokens, settings.prefix_ablation, longest, settings.batch_size
+            )
     if settings.passkey.enabled:
         with _timed(timings, "passkey"):
             filler = stream[stream != tokenizer.eos_id]
             lengths = settings.passkey.lengths or settings.context_lengths
-            sections["passkey"] = passkey_grid(scorer, filler, tokenizer, settings.passkey, lengths, settings.batch_size)
+            sections["passkey"] = passkey_grid(
+                scorer, filler, tokenizer, settings.passkey, lengths, settings.batch_size
+            )
     facts = _planted_facts(datamodule) if settings.fact_recall.enabled else []
     if facts:
         with _timed(timings, "fact_recall"):
             lengths = settings.fact_recall.lengths or [train_length]
             buckets = datamodule.data_cfg.get("distances")  # the corpus's planted distances
-            sections["fact_recall"] = fact_recall(scorer, facts, tokenizer, settings.fact_recall, lengths,
-                                                  settings.batch_size, sorted(buckets) if buckets else None)
+            sections["fact_recall"] = fact_recall(
+                scorer,
+                facts,
+                tokenizer,
+                settings.fact_recall,
+                lengths,
+                settings.batch_size,
+                sorted(buckets) if buckets else None,
+            )
 
     meta = _meta(cfg, datamodule, model, settings, checkpoint, started, timings)
     paths = write_results(Path(output_dir), meta, sections)
@@ -112,8 +140,12 @@ def _meta(cfg, datamodule, model, settings: EvalSettings, checkpoint, started, t
         "model": _plain(cfg["model"]),
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_context_length": int(cfg["context_length"]),
-        "train": {"max_steps": trainer.get("max_steps"), "batch_size": cfg.get("batch_size"),
-                  "precision": trainer.get("precision"), "seed": cfg.get("seed")},
+        "train": {
+            "max_steps": trainer.get("max_steps"),
+            "batch_size": cfg.get("batch_size"),
+            "precision": trainer.get("precision"),
+            "seed": cfg.get("seed"),
+        },
         "data": cfg["data"]["name"],
         "tokenizer": datamodule.tokenizer.name,
         "vocab_size": datamodule.vocab_size,
@@ -130,15 +162,22 @@ def _meta(cfg, datamodule, model, settings: EvalSettings, checkpoint, started, t
 
 
 def _plain(node):
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    return (
+        OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    )
 
 
 def _code_version() -> str | None:
     """`git describe` of the checkout the package runs from (with -dirty), or None outside git."""
     root = Path(__file__).resolve().parents[2]
     try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=12"], cwd=root,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None
@@ -150,18 +189,40 @@ def _fmt(value) -> str:
 
 def _log_summary(sections: dict, timings: dict) -> None:
     for row in sections["perplexity"]:
-        log.info("ctx %5d %-9s ppl %s bpb %s %s", row["context_length"], row["protocol"], _fmt(row["ppl"]),
-                 _fmt(row["bpb"]), row["skipped"] or "")
+        log.info(
+            "ctx %5d %-9s ppl %s bpb %s %s",
+            row["context_length"],
+            row["protocol"],
+            _fmt(row["ppl"]),
+            _fmt(row["bpb"]),
+            row["skipped"] or "",
+        )
     for row in sections.get("prefix_ablation", []):
-        log.info("prefix %5d loss %s %s", row["prefix_length"], _fmt(row["loss"]), row["skipped"] or "")
+        log.info(
+            "prefix %5d loss %s %s", row["prefix_length"], _fmt(row["loss"]), row["skipped"] or ""
+        )
     passkey = [r for r in sections.get("passkey", []) if r["accuracy"] is not None]
     if passkey:
-        log.info("passkey accuracy %.3f over %d cells", np.mean([r["accuracy"] for r in passkey]), len(passkey))
+        log.info(
+            "passkey accuracy %.3f over %d cells",
+            np.mean([r["accuracy"] for r in passkey]),
+            len(passkey),
+        )
     for row in sections.get("streaming_memory", []):
-        log.info("streaming positions %d-%d loss %.4f with state, %.4f fresh", row["position_start"],
-                 row["position_end"] - 1, row["loss_with_state"], row["loss_fresh_state"])
+        log.info(
+            "streaming positions %d-%d loss %.4f with state, %.4f fresh",
+            row["position_start"],
+            row["position_end"] - 1,
+            row["loss_with_state"],
+            row["loss_fresh_state"],
+        )
     for row in sections.get("fact_recall", []):
-        log.info("fact recall ctx %d distance %s accuracy %s", row["context_length"], row["distance"], _fmt(row["accuracy"]))
+        log.info(
+            "fact recall ctx %d distance %s accuracy %s",
+            row["context_length"],
+            row["distance"],
+            _fmt(row["accuracy"]),
+        )
     log.info("evaluation seconds: %s", timings)
 
 
@@ -181,7 +242,9 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     datamodule.prepare_data()
     datamodule.setup("test")
     _start_logger(cfg)
-    return evaluate_model(task.model.float(), datamodule, run_cfg, Path(cfg.paths.output_dir), str(cfg.ckpt_path))
+    return evaluate_model(
+        task.model.float(), datamodule, run_cfg, Path(cfg.paths.output_dir), str(cfg.ckpt_path)
+    )
 
 
 def _start_logger(cfg: DictConfig) -> None:
@@ -189,7 +252,9 @@ def _start_logger(cfg: DictConfig) -> None:
     if cfg.get("logger"):
         from hydra.utils import instantiate
 
-        instantiate(cfg.logger).experiment  # starts the wandb run so tables and images are logged to it
+        instantiate(
+            cfg.logger
+        ).experiment  # starts the wandb run so tables and images are logged to it
 
 
 def _command_line(program: str) -> str | None:
@@ -209,5 +274,7 @@ def run_eval(cfg: DictConfig) -> dict:
         _start_logger(cfg)
         return write_report(cfg.report, Path(cfg.paths.output_dir), _command_line("python eval.py"))
     if not cfg.get("ckpt_path"):
-        raise ConfigError("eval.py needs ckpt_path=<checkpoint> to evaluate one, or report.runs=[<run dirs>] to compare runs")
+        raise ConfigError(
+            "eval.py needs ckpt_path=<checkpoint> to evaluate one, or report.runs=[<run dirs>] to compare runs"
+        )
     return evaluate_checkpoint(cfg)

@@ -1,4 +1,5 @@
 """Next-token NLL of a batch, and the log-likelihood of continuations: the primitives of every metric."""
+
 from __future__ import annotations
 
 import contextlib
@@ -47,10 +48,14 @@ class Scorer:
         """NLL (nats, float64, on the CPU) of targets[b, t] given inputs[b, :t+1]: one forward call."""
         with self.autocast_context():
             logits = self.model(inputs.to(self.device))
-        nll = F.cross_entropy(logits.float().transpose(1, 2), targets.to(self.device), reduction="none")
+        nll = F.cross_entropy(
+            logits.float().transpose(1, 2), targets.to(self.device), reduction="none"
+        )
         return nll.double().cpu()
 
-    def continuation_logprobs(self, context: list[int], continuations: list[list[int]], batch_size: int) -> list[float]:
+    def continuation_logprobs(
+        self, context: list[int], continuations: list[list[int]], batch_size: int
+    ) -> list[float]:
         """log P(continuation | context) for each continuation, as lm-eval-harness scores choices:
         context and continuation encoded separately, one forward per (context + continuation).
         Shorter sequences are padded on the right; causal models never look at the padding.
@@ -59,7 +64,7 @@ class Scorer:
             raise ValueError("continuation scoring needs at least one context token")
         scores = []
         for first in range(0, len(continuations), batch_size):
-            chunk = continuations[first: first + batch_size]
+            chunk = continuations[first : first + batch_size]
             length = len(context) + max(len(c) for c in chunk)
             rows = torch.zeros(len(chunk), length, dtype=torch.long)
             for row, continuation in zip(rows, chunk):
@@ -67,8 +72,10 @@ class Scorer:
                 row[: len(sequence)] = torch.as_tensor(sequence)
             nll = self.nll(rows[:, :-1], rows[:, 1:])
             for row_nll, continuation in zip(nll, chunk):
-                begin = len(context) - 1  # the logits at the context's last token predict the first continuation token
-                scores.append(-float(row_nll[begin: begin + len(continuation)].sum()))
+                begin = (
+                    len(context) - 1
+                )  # the logits at the context's last token predict the first continuation token
+                scores.append(-float(row_nll[begin : begin + len(continuation)].sum()))
         return scores
 
 
@@ -80,7 +87,7 @@ class Stopwatch:
         self.seconds = 0.0
         self.peak_memory_mib: float | None = None
 
-    def __enter__(self) -> "Stopwatch":
+    def __enter__(self) -> Stopwatch:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

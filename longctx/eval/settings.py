@@ -3,11 +3,13 @@
 conf/eval.yaml lists every key with these defaults (a test holds them equal); conf/train.yaml
 sets only a few, the rest fall back to the defaults here.
 """
+
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -21,7 +23,9 @@ class PrefixAblationSettings:
     enabled: bool = True
     target_tokens: int = 128
     step: int = 256
-    max_length: int | None = None  # longest input (prefix + targets); null: the longest context length
+    max_length: int | None = (
+        None  # longest input (prefix + targets); null: the longest context length
+    )
     samples: int = 32
 
 
@@ -56,7 +60,9 @@ class StreamingSettings:
     """Perplexity with state carried through model.step over consecutive segments."""
 
     enabled: Any = "auto"  # auto: backends that train on ordered streams (backend.ordered_stream)
-    segment_length: int | None = None  # null: the training context length (what training steps over)
+    segment_length: int | None = (
+        None  # null: the training context length (what training steps over)
+    )
     max_tokens: int = 65536
 
 
@@ -69,7 +75,9 @@ class EvalSettings:
     max_tokens: int = 65536  # scored tokens per (length, stride)
     batch_size: int = 8
     device: str = "auto"  # auto: cuda when available
-    autocast: str | None = None  # null: fp32; bf16: bfloat16 autocast (GPU evaluation at long lengths)
+    autocast: str | None = (
+        None  # null: fp32; bf16: bfloat16 autocast (GPU evaluation at long lengths)
+    )
     prefix_ablation: PrefixAblationSettings = field(default_factory=PrefixAblationSettings)
     passkey: PasskeySettings = field(default_factory=PasskeySettings)
     fact_recall: FactRecallSettings = field(default_factory=FactRecallSettings)
@@ -78,7 +86,9 @@ class EvalSettings:
     def validate(self) -> None:
         _positive_ints(self.context_lengths, "eval.context_lengths")
         for stride in self.strides:
-            if stride is None or (isinstance(stride, int) and not isinstance(stride, bool) and stride > 0):
+            if stride is None or (
+                isinstance(stride, int) and not isinstance(stride, bool) and stride > 0
+            ):
                 continue
             if isinstance(stride, float) and 0 < stride < 1:
                 continue
@@ -89,9 +99,13 @@ class EvalSettings:
         for key in ("max_tokens", "batch_size"):
             _positive_ints([getattr(self, key)], f"eval.{key}")
         if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
-            raise ConfigError(f"eval.device={self.device!r} is not valid; use auto, cpu or cuda[:index]")
+            raise ConfigError(
+                f"eval.device={self.device!r} is not valid; use auto, cpu or cuda[:index]"
+            )
         if self.autocast not in (None, "bf16"):
-            raise ConfigError(f"eval.autocast={self.autocast!r} is not valid; use null (fp32) or bf16")
+            raise ConfigError(
+                f"eval.autocast={self.autocast!r} is not valid; use null (fp32) or bf16"
+            )
         prefix = self.prefix_ablation
         _positive_ints([prefix.target_tokens, prefix.step, prefix.samples], "eval.prefix_ablation")
         passkey = self.passkey
@@ -101,7 +115,9 @@ class EvalSettings:
             raise ConfigError(f"eval.passkey.depths must lie in [0, 1], got {list(passkey.depths)}")
         _positive_ints([passkey.trials, passkey.distractors, passkey.digits], "eval.passkey")
         if passkey.distractors >= 9 * 10 ** (passkey.digits - 1):
-            raise ConfigError("eval.passkey.distractors must be smaller than the number of keys with that many digits")
+            raise ConfigError(
+                "eval.passkey.distractors must be smaller than the number of keys with that many digits"
+            )
         if "{key}" not in passkey.needle:
             raise ConfigError("eval.passkey.needle must contain {key} where the pass key goes")
         recall = self.fact_recall
@@ -109,7 +125,9 @@ class EvalSettings:
             _positive_ints(recall.lengths, "eval.fact_recall.lengths")
         _positive_ints([recall.max_docs, recall.distractors], "eval.fact_recall")
         if self.streaming.enabled not in (True, False, "auto"):
-            raise ConfigError(f"eval.streaming.enabled={self.streaming.enabled!r} is not valid; use auto, true or false")
+            raise ConfigError(
+                f"eval.streaming.enabled={self.streaming.enabled!r} is not valid; use auto, true or false"
+            )
         _positive_ints([self.streaming.max_tokens], "eval.streaming.max_tokens")
         if self.streaming.segment_length is not None:
             _positive_ints([self.streaming.segment_length], "eval.streaming.segment_length")
@@ -127,7 +145,11 @@ def _build(cls, values: Mapping[str, Any], path: str):
         raise ConfigError(f"{path} has no setting(s) {unknown}; valid settings: {sorted(known)}")
     kwargs = {}
     for name, value in values.items():
-        default = known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
+        default = (
+            known[name].default_factory()
+            if known[name].default_factory is not dataclasses.MISSING
+            else None
+        )
         if dataclasses.is_dataclass(default):
             if not isinstance(value, Mapping):
                 raise ConfigError(f"{path}.{name} must be a mapping of settings, got {value!r}")
@@ -138,7 +160,11 @@ def _build(cls, values: Mapping[str, Any], path: str):
 
 def eval_settings(section: Mapping | DictConfig | None) -> EvalSettings:
     """Typed, validated settings from a config's `eval:` section (missing keys take the defaults)."""
-    values = OmegaConf.to_container(section, resolve=True) if isinstance(section, DictConfig) else dict(section or {})
+    values = (
+        OmegaConf.to_container(section, resolve=True)
+        if isinstance(section, DictConfig)
+        else dict(section or {})
+    )
     settings = _build(EvalSettings, values, "eval")
     settings.validate()
     return settings

@@ -10,6 +10,7 @@ The same segments are also scored from a fresh state, and both losses are kept b
 the segment (log-spaced bins): what the carried state (Transformer-XL's memory, a recurrent
 state) buys shows at the first positions of a segment, where a fresh state has no context.
 """
+
 from __future__ import annotations
 
 import math
@@ -40,8 +41,15 @@ def streaming_perplexity(
     with a fresh one (empty when the row is skipped)."""
     row = PerplexityRow(context_length=segment_length, stride=segment_length, protocol="streaming")
     n_rows = max(1, min(batch_size, (len(tokens) - 1) // (segment_length + 1)))
-    stream = OrderedStream(tokens, doc_offsets, segment_length, n_rows,
-                           max_batches=math.ceil(max_tokens / (segment_length * n_rows)), rank=0, world_size=1)
+    stream = OrderedStream(
+        tokens,
+        doc_offsets,
+        segment_length,
+        n_rows,
+        max_batches=math.ceil(max_tokens / (segment_length * n_rows)),
+        rank=0,
+        world_size=1,
+    )
     try:
         positions = len(stream) * segment_length  # positions each row's state advances through
     except ValueError as err:  # the stream cannot fill one segment per row
@@ -59,7 +67,9 @@ def streaming_perplexity(
             state = reset_rows(state, model.init_state(n_rows), batch["reset"].to(scorer.device))
             with scorer.autocast_context():
                 logits, state = model.step(inputs, state)
-            nll = F.cross_entropy(logits.float().transpose(1, 2), targets.to(scorer.device), reduction="none")
+            nll = F.cross_entropy(
+                logits.float().transpose(1, 2), targets.to(scorer.device), reduction="none"
+            )
             total_nll += float(nll.double().sum())
             row.tokens += targets.numel()
             row.bytes += count_bytes(targets)
@@ -69,17 +79,25 @@ def streaming_perplexity(
     for batch in stream:  # untimed: the same segments from a fresh state
         with scorer.autocast_context():
             logits, _ = model.step(batch["input_ids"].to(scorer.device), model.init_state(n_rows))
-        nll = F.cross_entropy(logits.float().transpose(1, 2), batch["targets"].to(scorer.device), reduction="none")
+        nll = F.cross_entropy(
+            logits.float().transpose(1, 2), batch["targets"].to(scorer.device), reduction="none"
+        )
         fresh_nll += nll.double().sum(0).cpu().numpy()
     return row.finish(total_nll), _by_position(segment_length, carried_nll, fresh_nll, counts)
 
 
-def _by_position(segment_length: int, carried_nll: np.ndarray, fresh_nll: np.ndarray, counts: np.ndarray) -> list[dict]:
-    return [{
-        "segment_length": segment_length,
-        "position_start": start,
-        "position_end": end,
-        "tokens": int(counts[start:end].sum()),
-        "loss_with_state": float(carried_nll[start:end].sum() / counts[start:end].sum()),
-        "loss_fresh_state": float(fresh_nll[start:end].sum() / counts[start:end].sum()),
-    } for start, end in log_bins(segment_length) if counts[start:end].sum()]
+def _by_position(
+    segment_length: int, carried_nll: np.ndarray, fresh_nll: np.ndarray, counts: np.ndarray
+) -> list[dict]:
+    return [
+        {
+            "segment_length": segment_length,
+            "position_start": start,
+            "position_end": end,
+            "tokens": int(counts[start:end].sum()),
+            "loss_with_state": float(carried_nll[start:end].sum() / counts[start:end].sum()),
+            "loss_fresh_state": float(fresh_nll[start:end].sum() / counts[start:end].sum()),
+        }
+        for start, end in log_bins(segment_length)
+        if counts[start:end].sum()
+    ]

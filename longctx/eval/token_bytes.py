@@ -6,9 +6,10 @@ additive when a window starts inside a multi-byte character: the byte tokenizer 
 byte per id, and a byte-level BPE token stands for one byte per character of its vocabulary
 string. Other tokenizers are counted by decoding the scored ids.
 """
+
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -33,12 +34,16 @@ def _bytes_per_token(tokenizer) -> np.ndarray | None:
         table = np.ones(tokenizer.vocab_size, dtype=np.int64)
         table[tokenizer.eos_id] = 0  # EOS separates documents; it is not text
         return table
-    if isinstance(tokenizer, HFTokenizer) and isinstance(tokenizer.model.decoder, decoders.ByteLevel):
+    if isinstance(tokenizer, HFTokenizer) and isinstance(
+        tokenizer.model.decoder, decoders.ByteLevel
+    ):
         table = np.zeros(tokenizer.vocab_size, dtype=np.int64)
         added = tokenizer.model.get_added_tokens_decoder()  # plain strings, not byte-level symbols
         for token, index in tokenizer.model.get_vocab(with_added_tokens=True).items():
             if index in added:
-                table[index] = 0 if added[index].special else len(added[index].content.encode("utf-8"))
+                table[index] = (
+                    0 if added[index].special else len(added[index].content.encode("utf-8"))
+                )
             else:
                 table[index] = len(token)  # one byte per symbol of the byte-level alphabet
         return table

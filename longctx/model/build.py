@@ -1,8 +1,9 @@
 """`build_model(cfg, vocab_size)`: the composed root config to a LanguageModel."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from functools import partial
-from typing import Mapping
 
 from longctx.attention import ModelDims, build_backend
 from longctx.errors import ConfigError
@@ -46,7 +47,9 @@ def build_model(cfg: Mapping, vocab_size: int) -> LanguageModel:
     _choice(model.get("norm", "layernorm"), NORMS, "model.norm")
     backend = build_backend(cfg["attention"], dims)
     hidden = int(model.get("mlp_hidden") or 4 * dims.d_model)
-    make_ffn = partial(MLPS[model.get("mlp", "gelu")], dims.d_model, hidden, dims.bias, dims.dropout)
+    make_ffn = partial(
+        MLPS[model.get("mlp", "gelu")], dims.d_model, hidden, dims.bias, dims.dropout
+    )
     return LanguageModel(
         dims,
         backend,

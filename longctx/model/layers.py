@@ -1,4 +1,5 @@
 """Feed-forward layers and norms of the decoder block."""
+
 from __future__ import annotations
 
 import math

@@ -3,6 +3,7 @@
 The attention backend supplies each block's token mixer (and may replace its MLP); the model
 never branches on which backend it is.
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,7 +16,9 @@ from longctx.attention.base import Backend, Mixer, ModelDims, State
 class Block(nn.Module):
     """x + mixer(norm(x)), then x + ffn(norm(x))."""
 
-    def __init__(self, mixer: Mixer, ffn: Mixer, norm: type[nn.Module], d_model: int, dropout: float):
+    def __init__(
+        self, mixer: Mixer, ffn: Mixer, norm: type[nn.Module], d_model: int, dropout: float
+    ):
         super().__init__()
         self.norm_mixer = norm(d_model)
         self.mixer = mixer
@@ -53,7 +56,9 @@ class LanguageModel(nn.Module):
         self.backend = backend
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, dims.d_model)
-        self.pos_embed = nn.Embedding(dims.context_length, dims.d_model) if dims.position == "learned" else None
+        self.pos_embed = (
+            nn.Embedding(dims.context_length, dims.d_model) if dims.position == "learned" else None
+        )
         self.dropout = nn.Dropout(dims.dropout)
         self.blocks = nn.ModuleList(
             Block(backend.mixer(i), backend.ffn(i) or make_ffn(), norm, dims.d_model, dims.dropout)
@@ -97,7 +102,10 @@ class LanguageModel(nn.Module):
 
     def init_state(self, batch_size: int) -> State:
         position = torch.zeros((), dtype=torch.long, device=self.embed.weight.device)
-        return {"position": position, "layers": [block.init_state(batch_size) for block in self.blocks]}
+        return {
+            "position": position,
+            "layers": [block.init_state(batch_size) for block in self.blocks],
+        }
 
     def step(self, input_ids: Tensor, state: State) -> tuple[Tensor, State]:
         """Continue from `state` with the next n tokens; chunked steps equal one `forward`."""

@@ -3,6 +3,7 @@
 `learned` absolute embeddings live in the language model (they act on the input, not on q/k);
 `none` uses nothing. Recurrent backends ignore the scheme: order is implicit in the recurrence.
 """
+
 from __future__ import annotations
 
 import math
@@ -34,6 +35,7 @@ class Rotary(nn.Module):
 
 def alibi_slopes(n_head: int) -> Tensor:
     """Head slopes of Press et al. 2022: a geometric sequence, interleaved for non-powers of 2."""
+
     def power_of_two_slopes(n: int) -> list[float]:
         start = 2 ** (-8 / n)
         return [start ** (i + 1) for i in range(n)]
@@ -42,7 +44,10 @@ def alibi_slopes(n_head: int) -> Tensor:
         slopes = power_of_two_slopes(n_head)
     else:
         closest = 2 ** math.floor(math.log2(n_head))
-        slopes = power_of_two_slopes(closest) + power_of_two_slopes(2 * closest)[0::2][: n_head - closest]
+        slopes = (
+            power_of_two_slopes(closest)
+            + power_of_two_slopes(2 * closest)[0::2][: n_head - closest]
+        )
     return torch.tensor(slopes, dtype=torch.float32)
 
 

@@ -1,4 +1,5 @@
 """Training callbacks: stop on a non-finite loss, and checkpoint what Lightning does not (RNG, stream state)."""
+
 from __future__ import annotations
 
 import logging
@@ -33,13 +34,21 @@ class NonFiniteLossGuard(Callback):
     def __init__(self, last_checkpoint: ModelCheckpoint):
         self.last_checkpoint = last_checkpoint
 
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+    def on_before_backward(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor
+    ) -> None:
         value = float(loss.detach())
         if trainer.strategy.reduce_boolean_decision(math.isfinite(value), all=True):
             return
-        what = f"is {value}" if not math.isfinite(value) else f"is not finite on another rank (here {value:.4g})"
+        what = (
+            f"is {value}"
+            if not math.isfinite(value)
+            else f"is not finite on another rank (here {value:.4g})"
+        )
         kept = self.last_checkpoint.last_model_path
-        keep = f"the last good checkpoint is {kept}" if kept else "no checkpoint was written before it"
+        keep = (
+            f"the last good checkpoint is {kept}" if kept else "no checkpoint was written before it"
+        )
         raise NonFiniteLossError(
             f"the training loss {what} at step {trainer.global_step} (epoch {trainer.current_epoch}); "
             f"stopped before applying it, {keep}. Lower optim.lr, raise optim.warmup_steps or use "
@@ -65,7 +74,13 @@ class RandomStateCheckpoint(Callback):
         return {
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached_gauss),
+            "numpy": (
+                kind,
+                torch.from_numpy(keys.astype(np.int64)),
+                position,
+                has_gauss,
+                cached_gauss,
+            ),
             "python": random.getstate(),
         }
 
@@ -80,7 +95,9 @@ class RandomStateCheckpoint(Callback):
         if state["cuda"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
         kind, keys, position, has_gauss, cached_gauss = state["numpy"]
-        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
+        np.random.set_state(
+            (kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss)
+        )
         random.setstate(state["python"])
 
 
@@ -104,7 +121,9 @@ class StreamStateCheckpoint(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._trainer = trainer
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int) -> None:
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
+    ) -> None:
         state = getattr(pl_module, "stream_state", None)
         if state is None or trainer.global_step % self.every_n_train_steps:
             return
@@ -117,7 +136,11 @@ class StreamStateCheckpoint(Callback):
         self._gathered = (trainer.global_step, by_rank)
 
     def state_dict(self) -> dict[str, Any]:
-        if self._trainer is None or self._gathered is None or self._gathered[0] != self._trainer.global_step:
+        if (
+            self._trainer is None
+            or self._gathered is None
+            or self._gathered[0] != self._trainer.global_step
+        ):
             return {}
         step, by_rank = self._gathered
         return {"global_step": step, "by_rank": by_rank}
@@ -131,11 +154,17 @@ class StreamStateCheckpoint(Callback):
         loaded, self._loaded = self._loaded, None
         by_rank = loaded.get("by_rank")
         if not by_rank:
-            log.warning("the checkpoint holds no stream state (not written at a checkpoint step): memory restarts empty")
+            log.warning(
+                "the checkpoint holds no stream state (not written at a checkpoint step): memory restarts empty"
+            )
         elif len(by_rank) != trainer.world_size:
             log.warning(
                 "the checkpoint holds the stream state of %d ranks but this run has %d: the streams are cut "
-                "into other rows, so memory restarts empty", len(by_rank), trainer.world_size,
+                "into other rows, so memory restarts empty",
+                len(by_rank),
+                trainer.world_size,
             )
         else:
-            pl_module.stream_state = map_state(lambda t: t.to(pl_module.device), by_rank[trainer.global_rank])
+            pl_module.stream_state = map_state(
+                lambda t: t.to(pl_module.device), by_rank[trainer.global_rank]
+            )

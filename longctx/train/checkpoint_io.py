@@ -1,4 +1,5 @@
 """Checkpoint writes that never leave a half-written file behind (a full disk, a kill mid-write)."""
+
 from __future__ import annotations
 
 import os
@@ -20,12 +21,19 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     object stores publish an upload only once it is complete.
     """
 
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None) -> None:
+    def save_checkpoint(
+        self,
+        checkpoint: dict[str, Any],
+        path: str | os.PathLike,
+        storage_options: Any | None = None,
+    ) -> None:
         if "://" in str(path):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
         if storage_options is not None:
-            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+            raise TypeError(
+                f"{type(self).__name__} takes no storage_options, got {storage_options!r}"
+            )
         target = Path(path)
         target.parent.mkdir(parents=True, exist_ok=True)
         partial = target.with_name(f".{target.name}.{os.getpid()}.partial")

@@ -1,7 +1,9 @@
 """The LightningModule: a LanguageModel, its loss, AdamW with warmup + cosine, and stream state."""
+
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -49,7 +51,9 @@ class LanguageModelTask(pl.LightningModule):
             if state is None:
                 state = self.model.init_state(batch["input_ids"].shape[0])
             if "reset" in batch:
-                state = reset_rows(state, self.model.init_state(batch["input_ids"].shape[0]), batch["reset"])
+                state = reset_rows(
+                    state, self.model.init_state(batch["input_ids"].shape[0]), batch["reset"]
+                )
             logits, state = self.model.step(batch["input_ids"], state)
             self.stream_state = detach_state(state)
         else:
@@ -74,7 +78,10 @@ class LanguageModelTask(pl.LightningModule):
         decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
         no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
         optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": optim["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            [
+                {"params": decay, "weight_decay": optim["weight_decay"]},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
             lr=optim["lr"],
             betas=tuple(optim["betas"]),
             fused=False,
@@ -87,10 +94,15 @@ class LanguageModelTask(pl.LightningModule):
             )
         ]
         if warmup > 0:
-            schedulers.insert(0, torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / warmup, 1.0, warmup))
+            schedulers.insert(
+                0, torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / warmup, 1.0, warmup)
+            )
         scheduler = (
             schedulers[0]
             if len(schedulers) == 1
             else torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers, milestones=[warmup])
         )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
+        }

@@ -1,4 +1,5 @@
 """`train(cfg)`: validate, build the trainer, prepare data, fit with Lightning, evaluate. train.py is a thin Hydra wrapper."""
+
 from __future__ import annotations
 
 import logging
@@ -8,7 +9,12 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import (
+    Callback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ThroughputMonitor,
+)
 from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig
@@ -46,7 +52,9 @@ def training_sampling(cfg: DictConfig, backend: Backend) -> str:
     """`packed` or `ordered` from cfg.sampling; `auto` follows the backend."""
     sampling = cfg.get("sampling", "auto")
     if sampling not in SAMPLING_CHOICES:
-        raise ConfigError(f"sampling={sampling!r} is not valid; choose one of {list(SAMPLING_CHOICES)}")
+        raise ConfigError(
+            f"sampling={sampling!r} is not valid; choose one of {list(SAMPLING_CHOICES)}"
+        )
     if backend.ordered_stream and sampling == "packed":
         raise ConfigError(
             f"attention={cfg.attention.name} carries memory from one batch to the next, which needs ordered "
@@ -69,7 +77,9 @@ def checkpoint_interval(cfg: DictConfig) -> int:
                 "checkpoint interval; set checkpoint_every_n_steps=<steps>"
             )
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-        raise ConfigError(f"checkpoint_every_n_steps must be a positive number of steps, got {every!r}")
+        raise ConfigError(
+            f"checkpoint_every_n_steps must be a positive number of steps, got {every!r}"
+        )
     return every
 
 
@@ -160,7 +170,9 @@ def train(cfg: DictConfig) -> dict:
     tokens_per_batch = cfg.batch_size * cfg.context_length
     task.flops_per_batch = training_flops_per_batch(task, cfg.context_length, tokens_per_batch)
     if logger:
-        logger.log_hyperparams({"model/params": task.model.num_parameters(), "data/vocab_size": datamodule.vocab_size})
+        logger.log_hyperparams(
+            {"model/params": task.model.num_parameters(), "data/vocab_size": datamodule.vocab_size}
+        )
 
     trainer.fit(task, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, output_dir))
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -176,7 +188,13 @@ def train(cfg: DictConfig) -> dict:
                 last_checkpoint.last_model_path,
             )
         else:
-            evaluate_model(task.model.float(), datamodule, cfg, output_dir, checkpoint=last_checkpoint.last_model_path)
+            evaluate_model(
+                task.model.float(),
+                datamodule,
+                cfg,
+                output_dir,
+                checkpoint=last_checkpoint.last_model_path,
+            )
     return metrics
 
 

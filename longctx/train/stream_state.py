@@ -1,4 +1,5 @@
 """Operations on nested streaming states (tuples/lists/dicts of tensors) used by training."""
+
 from __future__ import annotations
 
 import torch
