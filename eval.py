@@ -1,8 +1,8 @@
 """Evaluate a checkpoint, or compare many runs.
 
 python eval.py ckpt_path=outputs/train/runs/<run>/checkpoints/last.ckpt
-python eval.py -m ckpt_path=<a>.ckpt,<b>.ckpt                   # one output directory per checkpoint
-python eval.py report.runs='outputs/train/multiruns/<time>/*'    # report mode: no checkpoint needed
+python eval.py -m ckpt_path=<a>.ckpt,<b>.ckpt                  # one output directory per checkpoint
+python eval.py report.runs='outputs/train/multiruns/<time>/*'   # report mode: no checkpoint needed
 """
 
 import hydra

@@ -6,7 +6,8 @@ from omegaconf import OmegaConf
 
 from longctx.model import LanguageModel, build_model
 
-# `${project_root:}` in conf/paths: the checkout that holds conf/ and data/, wherever the user runs from.
+# `${project_root:}` in conf/paths:
+# the checkout that holds conf/ and data/, wherever the user runs from.
 OmegaConf.register_new_resolver(
     "project_root", lambda: str(Path(__file__).resolve().parents[1]), replace=True
 )

@@ -88,7 +88,8 @@ def peak_flops(device: torch.device | str, dtype: torch.dtype) -> float | None:
 
 
 def mfu(tokens_per_second: float, flops_per_token: float, peak: float | None) -> float | None:
-    """Model FLOPs utilisation: achieved model FLOP/s over the peak (None when the peak is unknown)."""
+    """Model FLOPs utilisation: achieved model FLOP/s over the peak
+    (None when the peak is unknown)."""
     if not peak:
         return None
     return tokens_per_second * flops_per_token / peak

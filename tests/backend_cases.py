@@ -64,9 +64,11 @@ CASES: dict[str, dict] = {
         "seq_len": 37,
         "state": "grows",
     },
-    # Blocks of 4, two selected: 37 positions = 9 complete blocks + 1, most queries choose among > 2.
+    # Blocks of 4, two selected: 37 positions = 9 complete blocks + 1,
+    # most queries choose among > 2.
     "moba": {"options": {"block_size": 4, "top_k": 2}, "seq_len": 37, "state": "grows"},
-    # Whole segments (the contract), then mixed chunks, which this implementation also streams exactly.
+    # Whole segments (the contract), then mixed chunks,
+    # which this implementation also streams exactly.
     "transformer_xl": {
         "options": {"segment_length": 8, "mem_len": 11},
         "seq_len": 37,

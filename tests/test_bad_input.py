@@ -1,4 +1,5 @@
-"""Bad input: config errors before any data work, unusable files, a NaN loss, a full disk while checkpointing."""
+"""Bad input: config errors before any data work, unusable files, a NaN loss,
+a full disk while checkpointing."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def configure(tmp_path: Path, *overrides: str):
 
 
 class BlockedForTests(Backend):
-    """Full attention that, like block-sparse patterns, needs the context to be a whole number of blocks."""
+    """Full attention that, like block-sparse patterns,
+    needs the context to be a whole number of blocks."""
 
     name = "blocked_for_tests"
 
@@ -73,7 +75,8 @@ class BlockedForTests(Backend):
 
 @pytest.fixture
 def blocked_backend():
-    """Registered only for the test that uses it: the shared backend table lists every registered backend."""
+    """Registered only for the test that uses it:
+    the shared backend table lists every registered backend."""
     register(BlockedForTests)
     yield BlockedForTests.name
     registry._BACKENDS.pop(BlockedForTests.name)
@@ -277,7 +280,10 @@ def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, mon
     cfg = configure(tmp_path, "trainer.max_steps=6", "checkpoint_every_n_steps=2")
     with pytest.raises(
         NonFiniteLossError,
-        match=r"the training loss is nan at step 3 .*last good checkpoint is .*last\.ckpt.*Lower optim\.lr",
+        match=(
+            r"the training loss is nan at step 3 .*last good checkpoint is .*last\.ckpt"
+            r".*Lower optim\.lr"
+        ),
     ):
         train(cfg)
     checkpoints = tmp_path / "run" / "checkpoints"
@@ -322,7 +328,8 @@ def write_naively(checkpoint: dict, path: Path) -> None:
 @pytest.mark.skipif(os.name != "posix", reason="RLIMIT_FSIZE is POSIX")
 @pytest.mark.parametrize("writer", ["atomic", "naive"])
 def test_write_cut_short_by_the_os_leaves_the_old_file_whole_only_when_atomic(tmp_path, writer):
-    """A real partial write: the OS refuses bytes past RLIMIT_FSIZE (EFBIG) after writing those before it.
+    """A real partial write: the OS refuses bytes past RLIMIT_FSIZE (EFBIG)
+    after writing those before it.
 
     The naive writer is the control: the same failure destroys its old file, so the test can tell.
     """
@@ -340,7 +347,8 @@ def test_write_cut_short_by_the_os_leaves_the_old_file_whole_only_when_atomic(tm
     )  # get EFBIG instead of being killed
     resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, hard))
     try:
-        # torch.save reports the failed write as a RuntimeError from its zip writer, with the OSError as context.
+        # torch.save reports the failed write as a RuntimeError from its zip writer,
+        # with the OSError as context.
         with pytest.raises((OSError, RuntimeError)) as error:
             write(new, target)
     finally:
@@ -352,7 +360,9 @@ def test_write_cut_short_by_the_os_leaves_the_old_file_whole_only_when_atomic(tm
         assert load_checkpoint(target)["global_step"] == 2
         assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
     else:
-        with pytest.raises(Exception):
+        # The zip reader rejects the truncated file: OSError (EINVAL) with current torch,
+        # RuntimeError ("failed finding central directory") with older releases.
+        with pytest.raises((OSError, RuntimeError)):
             load_checkpoint(target)
 
 

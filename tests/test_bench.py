@@ -68,7 +68,7 @@ def _config(**changes) -> Config:
     return dataclasses.replace(settings.template, **{**base, **changes})
 
 
-# ---------------------------------------------------------------- the whole entry point
+# ------------------------------------------------------------ the whole entry point
 
 
 @pytest.fixture(scope="module")
@@ -163,7 +163,7 @@ def test_rows_carry_ratios_memory_and_state(bench_run):
         assert by_key[("sdpa", "decode", n)]["state_elements"] == 2 * B * H * n * DH
 
 
-# ---------------------------------------------------------------- fits, planning, settings
+# ------------------------------------------------------------ fits, planning, settings
 
 
 def _measured_row(subject: str, round_times: list[float | None], memory: float = 1.0) -> list[dict]:
@@ -295,7 +295,7 @@ def test_missing_anchors_are_named_with_the_install_command(monkeypatch):
     }
 
 
-# ---------------------------------------------------------------- failures are recorded, never fatal
+# ------------------------------------------------------------ failures are recorded, never fatal
 
 
 def test_a_length_above_max_len_is_a_skipped_row(monkeypatch):
@@ -319,7 +319,8 @@ def test_a_learned_position_table_is_sized_to_the_measured_length_unless_given()
         and sized[("aft_full", "decode", 64)] == 64 + TINY["decode_tokens"]
     )
     assert sized[("aft_local", "fwd_bwd", 64)] == 40 and sized[("full", "fwd_bwd", 64)] is None
-    # and a max_len given too short for decoding past the prefill is a skipped row, not an IndexError
+    # and a max_len given too short for decoding past the prefill is a skipped row,
+    # not an IndexError
     row = worker.measure(
         next(
             c
@@ -464,7 +465,7 @@ def test_installed_anchors_run_at_the_bench_shapes(name):
     assert row["peak_alloc_mib"] > 0
 
 
-# ---------------------------------------------------------------- FLOPs
+# ------------------------------------------------------------ FLOPs
 
 
 def test_full_attention_flops_count_the_causal_pairs():
@@ -488,7 +489,8 @@ def test_training_flops_per_token_of_the_tiny_model():
 
 
 def test_six_n_matches_torch_flop_counter_on_the_linear_layers():
-    """torch's FlopCounterMode (which does not count SDPA on CPU) sees exactly 6 x weights x tokens."""
+    """torch's FlopCounterMode (which does not count SDPA on CPU)
+    sees exactly 6 x weights x tokens."""
     model = build_model(model_config("full"), vocab_size=37)
     ids = torch.randint(0, 37, (2, 16))
     with FlopCounterMode(display=False) as counter:

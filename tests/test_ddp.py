@@ -63,8 +63,9 @@ def test_sampler_shares_of_two_ranks_make_up_the_single_process_batches():
 
 
 def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    """If both ranks read the same windows, the global batch would hold 4 windows twice, not 8 distinct ones,
-    and neither the losses nor the weights would match the single process's."""
+    """If both ranks read the same windows, the global batch would hold 4 windows twice,
+    not 8 distinct ones, and neither the losses nor the weights would match the single
+    process's."""
     cache = tmp_path / "data_cache"
     build_datamodule(
         compose_config("model=tiny", f"paths.root_dir={ROOT}", f"data.cache_dir={cache}"), False
@@ -114,7 +115,8 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     )
     assert ddp_ckpt["global_step"] == single_ckpt["global_step"] == STEPS
     # Gloo sums the two ranks' gradients in another order than one process does: fp32 rounding,
-    # which Adam's normalisation enlarges on near-zero gradients (measured: up to 1.5e-6 after 3 steps).
+    # which Adam's normalisation enlarges on near-zero gradients
+    # (measured: up to 1.5e-6 after 3 steps).
     torch.testing.assert_close(
         ddp_ckpt["state_dict"], single_ckpt["state_dict"], rtol=1e-5, atol=1e-5
     )
@@ -129,7 +131,8 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     "transformer_xl" not in available_backends(), reason="needs the transformer_xl backend"
 )
 def test_ordered_stream_memory_of_each_rank_is_checkpointed_and_restored(tmp_path):
-    """Ranks own different rows, so the checkpoint must hold one memory per rank, and a resumed DDP run reads them."""
+    """Ranks own different rows, so the checkpoint must hold one memory per rank,
+    and a resumed DDP run reads them."""
     run = tmp_path / "run"
     args = [
         sys.executable,

@@ -133,7 +133,8 @@ def make_run(
 
 @pytest.fixture
 def sweep(tmp_path) -> Path:
-    """A multirun directory: full and sliding_window on synthetic, full on bundled, one failed job."""
+    """A multirun directory: full and sliding_window on synthetic, full on bundled,
+    one failed job."""
     root = tmp_path / "multirun"
     make_run(root / "0_full", fake_results("full", quality=0.8), tokens=40_000, seconds=20.0)
     make_run(
@@ -313,7 +314,8 @@ def sweep_values(cfg, key: str) -> list:
 
 @pytest.mark.parametrize("experiment", ["compare_cpu", "compare_gpu"])
 def test_every_compared_backend_config_is_valid(experiment):
-    """Each sweep value builds its backend under the experiment's model (backends still landing are skipped)."""
+    """Each sweep value builds its backend under the experiment's model
+    (backends still landing are skipped)."""
     cfg = compose_config(f"experiment={experiment}")
     assert cfg.hydra.mode.name == "MULTIRUN"
     attention = sweep_values(cfg, "++attention")

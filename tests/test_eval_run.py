@@ -1,4 +1,5 @@
-"""eval.py on a real tiny checkpoint: the numbers equal a plain forward, the schema and the plots."""
+"""eval.py on a real tiny checkpoint:
+the numbers equal a plain forward, the schema and the plots."""
 
 from __future__ import annotations
 

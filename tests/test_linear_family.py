@@ -72,7 +72,7 @@ def _assert_all_close(xs, ys, **tol):
         torch.testing.assert_close(x, y, **tol)
 
 
-# ----------------------------------------------------------------------------- references
+# --------------------------------------------------------------------------- references
 
 
 def linear_reference(q, k, v, s, z):
@@ -87,7 +87,8 @@ def linear_reference(q, k, v, s, z):
 
 
 def wkv_reference(k, v, w, u):
-    """RWKV-4's formula as written: sum_{i<t} e^{k_i - (t-1-i) w} v_i + e^{u + k_t} v_t, normalised."""
+    """RWKV-4's formula as written: sum_{i<t} e^{k_i - (t-1-i) w} v_i + e^{u + k_t} v_t,
+    normalised."""
     outputs = []
     for t in range(k.shape[-2]):
         lags = torch.arange(t - 1, -1, -1, dtype=k.dtype)[:, None]
@@ -99,13 +100,15 @@ def wkv_reference(k, v, w, u):
 
 
 def aft_reference(k, v, w):
-    """AFT as written: softmax over t' <= t of K_t' + w[t, t'] per channel (w [Hb, N, N], -inf above)."""
+    """AFT as written: softmax over t' <= t of K_t' + w[t, t'] per channel
+    (w [Hb, N, N], -inf above)."""
     weights = torch.softmax(k[:, :, None] + w[:, :, :, None], dim=3)  # [B, H, t, t', D]
     return (weights * v[:, :, None]).sum(3)
 
 
 def aft_bias_matrix(table, band):
-    """The spec's w: learned `table` [Hb, N, N] for lag < band (all lags if None), 0 outside, -inf future."""
+    """The spec's w: learned `table` [Hb, N, N] for lag < band (all lags if None), 0 outside,
+    -inf future."""
     n = table.shape[-1]
     lag = torch.arange(n)[:, None] - torch.arange(n)[None, :]
     w = table if band is None else table.masked_fill(lag >= band, 0.0)
@@ -121,7 +124,7 @@ def table_bias(table, offset=0):
     ]
 
 
-# ----------------------------------------------------------------------------- linear
+# --------------------------------------------------------------------------- linear
 
 
 @pytest.mark.parametrize("segments", ["one", "many"])
@@ -161,7 +164,7 @@ def test_linear_mixer_continues_from_a_prefix_state():
     torch.testing.assert_close(torch.cat((first, rest), 1), mixer(x), **FP64)
 
 
-# ----------------------------------------------------------------------------- WKV (rwkv, aft_simple)
+# --------------------------------------------------------------------------- WKV (rwkv, aft_simple)
 
 
 @pytest.mark.parametrize("segments", ["one", "many"])
@@ -169,8 +172,8 @@ def test_linear_mixer_continues_from_a_prefix_state():
 def test_wkv_chunked_and_recurrent_equal_the_formula(simple, segments, monkeypatch):
     if segments == "many":  # one chunk per pass: the state is carried between passes
         monkeypatch.setattr(wkv, "SEGMENT_ELEMENTS", 1)
-    # The 73 positions after the history are a multiple of none of the chunk sizes (7, 16, 64): every
-    # form ends on a partial chunk, and chunk 64 also carries a full chunk's state into it.
+    # The 73 positions after the history are a multiple of none of the chunk sizes (7, 16, 64):
+    # every form ends on a partial chunk, and chunk 64 also carries a full chunk's state into it.
     b, h, n, d, history = 2, 3, 86, 4, 13
     k, v = _randn(b, h, n, d, seed=0), _randn(b, h, n, d, seed=1)
     if simple:
@@ -198,7 +201,7 @@ def test_wkv_chunked_and_recurrent_equal_the_formula(simple, segments, monkeypat
         torch.testing.assert_close(other, finals[0], **FP64)
 
 
-# ----------------------------------------------------------------------------- AFT (blocked engine)
+# --------------------------------------------------------------------------- AFT (blocked engine)
 
 
 @pytest.mark.parametrize("segments", ["one", "many", "recomputed"])
@@ -270,7 +273,7 @@ def test_aft_local_is_not_windowed_attention():
     assert (out - aft_reference(k, v, windowed)).abs().max() > 1e-2
 
 
-# ----------------------------------------------------------------------------- causality, extremes
+# --------------------------------------------------------------------------- causality, extremes
 
 
 def _kernels(n, d, key_scale, decay, device="cpu"):
@@ -334,7 +337,7 @@ def test_long_sequences_stay_finite_forward_and_backward():
             ), name
 
 
-# ----------------------------------------------------------------------------- model level
+# --------------------------------------------------------------------------- model level
 
 
 def _model(name, options=None, *overrides, dtype=torch.float64, seed=0):
@@ -403,7 +406,8 @@ def spec_aft_bias(name, mixer, options, n):
     parameters and the config's options (not the mixer's copies of them):
     - aft_full: the learned pairwise bias, factorised w = U V^T;
     - aft_local: the learned w[t, t'] (stored by lag t - t') inside the window, exactly 0 outside;
-    - aft_conv: one causal kernel of length `kernel` per head, a function of t - t' only, 0 outside."""
+    - aft_conv: one causal kernel of length `kernel` per head, a function of t - t' only, 0 outside.
+    """
     t, s = torch.arange(n)[:, None], torch.arange(n)[None, :]
     lag = t - s
     if name == "aft_full":
@@ -492,7 +496,7 @@ def test_bf16_matches_fp32_and_keeps_fp32_state(name):
     assert sums and all(t.dtype == torch.float32 for t in sums)
 
 
-# ----------------------------------------------------------------------------- RWKV specifics
+# --------------------------------------------------------------------------- RWKV specifics
 
 
 def test_rwkv_init_follows_the_reference_ramps():
@@ -512,7 +516,7 @@ def test_rwkv_init_follows_the_reference_ramps():
     assert all(isinstance(block.ffn, rwkv.ChannelMix) for block in model.blocks)
 
 
-# ----------------------------------------------------------------------------- config and costs
+# --------------------------------------------------------------------------- config and costs
 
 
 @pytest.mark.parametrize(

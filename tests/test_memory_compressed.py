@@ -1,4 +1,5 @@
-"""memory_compressed: the fast layers against dense references, receptive fields, streaming state."""
+"""memory_compressed: the fast layers against dense references, receptive fields,
+streaming state."""
 
 from __future__ import annotations
 
@@ -45,7 +46,8 @@ def _mixer(
 
 
 def dense_reference(mixer: MemoryCompressedAttention, x, slot_visible=lambda end, i: end <= i):
-    """Slots built explicitly with F.conv1d, one softmax over [slots ; raw keys] with a dense mask."""
+    """Slots built explicitly with F.conv1d,
+    one softmax over [slots ; raw keys] with a dense mask."""
     k = mixer.compression
     batch, n, d_model = x.shape
     heads, head_dim = mixer.n_head, mixer.head_dim

@@ -42,8 +42,9 @@ def _qkv(batch=2, heads=3, n=45, dim=8, dtype=torch.float64, seed=0, grad=False)
 def naive_selection(
     q: torch.Tensor, k: torch.Tensor, block_size: int, top_k: int, q_start: int = 0
 ):
-    """The spec's gate in exact rational arithmetic, one query at a time: q . mean key of each
-    complete earlier block, the top_k scores, ties to the earlier block; ascending, padded with -1."""
+    """The spec's gate in exact rational arithmetic, one query at a time:
+    q . mean key of each complete earlier block, the top_k scores, ties to the earlier block;
+    ascending, padded with -1."""
     batch, heads, n, dim = q.shape
     slots = min(top_k, k.shape[2] // block_size)
     out = torch.full((batch, heads, n, slots), -1, dtype=torch.long)
@@ -209,8 +210,8 @@ def test_engine_matches_reference_from_a_block_boundary(kernel):
 
 @pytest.mark.parametrize("alibi", [False, True], ids=["rope", "alibi"])
 def test_future_keys_never_change_earlier_outputs(alibi):
-    """Perturbing keys and values after t (the rest of t's own block and later blocks, so the mean of
-    an incomplete block would change) leaves outputs <= t bit-identical."""
+    """Perturbing keys and values after t (the rest of t's own block and later blocks, so the
+    mean of an incomplete block would change) leaves outputs <= t bit-identical."""
     core = MobaCore(block_size=5, top_k=2)
     q, k, v = _qkv(n=43, dtype=torch.float32)
     slopes = alibi_slopes(3) if alibi else None

@@ -1,4 +1,5 @@
-"""Operations: the Docker image, trainer presets for clusters, the submitit launcher, multirun isolation, the documented commands."""
+"""Operations: the Docker image, trainer presets for clusters, the submitit launcher,
+multirun isolation, the documented commands."""
 
 from __future__ import annotations
 
@@ -169,7 +170,8 @@ def test_dev_extra_brings_hadolint_and_the_launcher_and_cluster_extra_the_launch
 
 @pytest.fixture
 def restore_rank_zero(monkeypatch):
-    """A DDP trainer sets Lightning's process-wide rank_zero_only.rank; later in-process runs need theirs back."""
+    """A DDP trainer sets Lightning's process-wide rank_zero_only.rank;
+    later in-process runs need theirs back."""
     from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero_only
     from lightning.pytorch.utilities.rank_zero import rank_zero_only
     from lightning_utilities.core.rank_zero import rank_zero_only as utils_rank_zero_only
@@ -246,7 +248,8 @@ def test_multinode_preset_refuses_devices_other_than_ntasks_per_node(
         f"paths.output_dir={tmp_path}",
     )
     trainer = build_trainer(cfg, callbacks=[], logger=False)
-    # What Lightning's launcher runs first at fit (launching here would also change torch's thread count).
+    # What Lightning's launcher runs first at fit
+    # (launching here would also change torch's thread count).
     with pytest.raises(
         ValueError, match=r"ntasks-per-node=2` does not match. HINT: Set `devices=2`"
     ):
@@ -290,7 +293,7 @@ def test_cli_prints_the_cluster_configs():
     assert "SlurmLauncher" in result.stdout and "SLURMEnvironment" in result.stdout
 
 
-# --- multirun: one directory and one wandb run per job ---------------------------------------------
+# --- multirun: one directory and one wandb run per job --------------------------------------------
 
 
 def test_multirun_jobs_get_their_own_directories_and_wandb_runs(tmp_path):
@@ -327,7 +330,7 @@ def test_multirun_jobs_get_their_own_directories_and_wandb_runs(tmp_path):
     assert all((job / "checkpoints" / "last.ckpt").exists() for job in jobs)
 
 
-# --- the commands of docs/cluster.md -----------------------------------------------------------------
+# --- the commands of docs/cluster.md --------------------------------------------------------------
 
 
 def documented_train_arguments() -> list[list[str]]:

@@ -45,7 +45,8 @@ def test_every_target_is_scored_exactly_once(length, stride):
     scored = [b + 1 + t for b, first in plan for t in range(first, length)]
     assert len(scored) == len(set(scored))
     assert scored == list(range(1, plan[-1][0] + length + 1))
-    # Strided: every scored token after the first window has at least length - stride tokens of context.
+    # Strided: every scored token after the first window
+    # has at least length - stride tokens of context.
     assert all(first == 0 or first >= length - stride for _, first in plan[1:])
 
 
@@ -73,7 +74,8 @@ def test_perplexity_equals_a_plain_forward_over_the_same_windows(model):
 
 
 def test_stride_one_gives_every_later_token_a_full_window(model):
-    """Independent form: tokens 1..L from the first window, then token t from the L tokens before it."""
+    """Independent form: tokens 1..L from the first window,
+    then token t from the L tokens before it."""
     tokens, length = torch.randint(0, 256, (40,), generator=torch.Generator().manual_seed(2)), 8
     row, _, _ = score_windows(
         Scorer(model), tokens, length, 1, 10**6, 4, byte_counter(ByteTokenizer())

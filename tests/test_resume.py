@@ -1,4 +1,5 @@
-"""Exact resume: a CPU run killed with SIGKILL mid-training, resumed with ckpt_path=last, ends where an uninterrupted run does.
+"""Exact resume: a CPU run killed with SIGKILL mid-training, resumed with ckpt_path=last,
+ends where an uninterrupted run does.
 
 The killed run checkpoints every K steps and is stopped after step K + 1 (its step K + 1 is
 lost, as after a preemption); resuming redoes it from last.ckpt at step K. Dropout is on, so

@@ -88,11 +88,11 @@ def spec_allowed(
         d = o["dilation"] if h >= n_head - o["dilated_heads"] else 1
         return j < o["global_tokens"] or ((i - j) % d == 0 and (i - j) // d < window)
     if name in ("sparse_strided", "sparse_fixed"):
-        l = o["stride"]
+        stride = o["stride"]
         if name == "sparse_strided":
-            a1, a2 = i - j <= l, (i - j) % l == 0
+            a1, a2 = i - j <= stride, (i - j) % stride == 0
         else:
-            a1, a2 = j // l == i // l, j % l >= l - o["summary"]
+            a1, a2 = j // stride == i // stride, j % stride >= stride - o["summary"]
         if o["layout"] == "union":
             return a1 or a2
         first = h < n_head // 2 if o["layout"] == "heads" else layer % 2 == 0
@@ -375,7 +375,8 @@ FLEX_CONFIGS = [
 
 @pytest.mark.parametrize(("name", "options"), FLEX_CONFIGS, ids=lambda c: str(c))
 def test_flex_block_layout_covers_the_pattern(name, options):
-    """Every tile holding an allowed pair is in the BlockMask layout (built without an N x N mask)."""
+    """Every tile holding an allowed pair is in the BlockMask layout
+    (built without an N x N mask)."""
     n = 700
     pattern = _backend(name, options, context_length=n).pattern(0)
     pos = torch.arange(n)

@@ -95,7 +95,8 @@ def test_forward_and_input_gradient_equal_the_dense_reference(seg, mem, n):
 
 @pytest.mark.parametrize("segments_per_group", [1, 2])
 def test_grouped_segments_equal_the_dense_reference(segments_per_group, monkeypatch):
-    """mix scores a few segments at a time on long inputs: groups (and a short last one) change nothing."""
+    """mix scores a few segments at a time on long inputs:
+    groups (and a short last one) change nothing."""
     mixer = _mixer(4, 6)
     monkeypatch.setattr(
         transformer_xl, "SCORES_PER_GROUP", segments_per_group * 2 * 4 * 4 * (6 + 4)
@@ -241,7 +242,8 @@ def test_loss_by_segment_offset():
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_low_precision_is_close_to_fp64(dtype, tolerance):
-    """fp32 to 1e-5; bf16 (inputs, weights and kernels in bf16, softmax in fp32) to 3e-2 of the output scale."""
+    """fp32 to 1e-5;
+    bf16 (inputs, weights and kernels in bf16, softmax in fp32) to 3e-2 of the output scale."""
     mixer = _mixer(16, 24)
     x = torch.randn(2, 70, 32, dtype=torch.float64)
     reference = mixer(x)
@@ -296,7 +298,8 @@ def test_cuda_matches_cpu():
 
 
 def test_mix_takes_the_projections_as_they_come():
-    """mix(*project(x)) with whole segments (no padding copy), as forward uses it: non-contiguous inputs work."""
+    """mix(*project(x)) with whole segments (no padding copy), as forward uses it:
+    non-contiguous inputs work."""
     mixer = _mixer(8, 8)
     x = torch.randn(2, 32, 32, dtype=torch.float64)
     o = mixer.mix(*(t.detach() for t in mixer.project(x)))

@@ -1,4 +1,5 @@
-"""Attention backends. Each module here registers its backends; importing the package loads them all."""
+"""Attention backends. Each module here registers its backends;
+importing the package loads them all."""
 
 import importlib
 import pkgutil

@@ -80,7 +80,8 @@ BiasFn = Callable[[Tensor, Tensor], Tensor]
 
 
 def _block_summaries(kb: Tensor, vb: Tensor) -> tuple[Tensor, Tensor, WkvState]:
-    """e^{K - mu}, e^{K - mu} V per key block and each block's (sum, sum, mu) state, mu = block max."""
+    """e^{K - mu}, e^{K - mu} V per key block and each block's (sum, sum, mu) state,
+    mu = block max."""
     with torch.no_grad():
         mu = kb.amax(-2)
     ek = torch.exp(kb - mu.unsqueeze(-2))
@@ -176,8 +177,9 @@ def _segment(kq, vq, rows, older, far, bias, band, base) -> Tensor:
 
 
 def _band_windows(ek, ekv, mu, reach, blocks, step):
-    """Per segment of `step` query blocks: (e^{K-mu}, e^{K-mu} V, mu) of each query block's `reach`
-    earlier blocks as [B, H, nq, reach, ...], their indices [nq, reach] (negative: padding), None."""
+    """Per segment of `step` query blocks: (e^{K-mu}, e^{K-mu} V, mu) of each query block's
+    `reach` earlier blocks as [B, H, nq, reach, ...], their indices [nq, reach] (negative:
+    padding), None."""
     if not reach:
         yield from (None for _ in range(0, len(blocks), step))
         return
@@ -263,7 +265,10 @@ def _within_blocks(k, v, rows, bias, band, base) -> WkvState:
     group = 1
     while group < n_base:
         pairs, width = n_base // (2 * group), group * base
-        halves = lambda x: x.reshape(b, h, nq, pairs, 2, width, d)  # noqa: E731 - (left, right) groups
+
+        def halves(x, pairs=pairs, width=width):  # (left, right) groups
+            return x.reshape(b, h, nq, pairs, 2, width, d)
+
         left_k, left_v = halves(kb)[:, :, :, :, 0], halves(vb)[:, :, :, :, 0]
         with torch.no_grad():
             mu = left_k.amax(-2)
@@ -328,7 +333,8 @@ def blocked_flops(seq_len: int, block: int, band: int | None, channels: int) -> 
 
 
 class AFTMixer(HeadMixer):
-    """Q, K, V projections over d_model channels (viewed as [B, H, n, Dh]), then sigmoid(Q) * mean."""
+    """Q, K, V projections over d_model channels (viewed as [B, H, n, Dh]),
+    then sigmoid(Q) * mean."""
 
     def __init__(self, dims: ModelDims):
         super().__init__()

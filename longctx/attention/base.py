@@ -82,7 +82,8 @@ class HeadMixer(Mixer):
 
     @abstractmethod
     def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, ...]:
-        """Per-token projections of x at positions start.. (for attention: q, k, v [B, H, n, Dh])."""
+        """Per-token projections of x at positions start..
+        (for attention: q, k, v [B, H, n, Dh])."""
 
     @abstractmethod
     def mix(self, *projected: Tensor) -> Tensor:
@@ -147,6 +148,7 @@ class Backend(ABC):
 
     def validate(self) -> None:
         """Raise ConfigError for impossible settings (checked before any data or weights exist)."""
+        return None
 
     @abstractmethod
     def mixer(self, layer: int) -> Mixer:

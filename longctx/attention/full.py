@@ -1,4 +1,5 @@
-"""Full causal softmax attention (Vaswani et al. 2017): the baseline every backend is compared to."""
+"""Full causal softmax attention (Vaswani et al. 2017):
+the baseline every backend is compared to."""
 
 from __future__ import annotations
 
@@ -16,7 +17,8 @@ from longctx.model.positions import alibi_bias
 
 
 class CausalCore(AttentionCore):
-    """SDPA with is_causal (flash / memory-efficient kernels); streaming keeps a growing KV cache."""
+    """SDPA with is_causal (flash / memory-efficient kernels);
+    streaming keeps a growing KV cache."""
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None) -> Tensor:
         if slopes is None:

@@ -1,4 +1,5 @@
-"""Hybrid layer stacks: a cycle of backends over the layers (e.g. linear layers with a window layer).
+"""Hybrid layer stacks: a cycle of backends over the layers
+(e.g. linear layers with a window layer).
 
 `pattern` is cycled over the layers; `backends` holds each named backend's options. Every
 part is built through the registry as if it were selected alone, so a hybrid layer is exactly
@@ -47,7 +48,8 @@ class HybridAttention(Backend):
         }
 
     def part(self, layer: int) -> Backend:
-        """The backend that builds `layer` (it sees the global layer index, e.g. for per-layer windows)."""
+        """The backend that builds `layer`
+        (it sees the global layer index, e.g. for per-layer windows)."""
         pattern = self.options.pattern
         return self.parts[pattern[layer % len(pattern)]]
 

@@ -1,6 +1,7 @@
 """Causal linear attention (Katharopoulos et al. 2020), `attention=linear`.
 
-o_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps), S_i = sum_{j<=i} phi(k_j) v_j^T, z_i = sum_{j<=i} phi(k_j).
+o_i = phi(q_i)^T S_i / (phi(q_i)^T z_i + eps),
+S_i = sum_{j<=i} phi(k_j) v_j^T, z_i = sum_{j<=i} phi(k_j).
 
 The normaliser rides along with the values: with v' = [v | 1] one state S' = sum phi(k) v'^T
 holds both S (first Dv columns) and z (last column), so numerator and denominator come out of
@@ -203,7 +204,8 @@ def chunked_linear_attention(
 def recurrent_linear_attention(
     q: Tensor, k: Tensor, v: Tensor, state: Tensor, feature: str = "elu"
 ) -> tuple[Tensor, Tensor]:
-    """The same attention one position at a time: S' += phi(k_t) [v_t | 1]^T, o_t = phi(q_t)^T S'."""
+    """The same attention one position at a time:
+    S' += phi(k_t) [v_t | 1]^T, o_t = phi(q_t)^T S'."""
     phi = FEATURE_MAPS[feature][0]
     dtype = compute_dtype(v.dtype)
     s = state.to(dtype)
@@ -226,7 +228,8 @@ class LinearAttention(HeadMixer):
         self.out = nn.Linear(dims.d_model, dims.d_model, bias=dims.bias)
 
     def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v [B, H, n, Dh]; linear attention has no positional scheme (order is causal sums)."""
+        """q, k, v [B, H, n, Dh]; linear attention has no positional scheme
+        (order is causal sums)."""
         return split_qkv(self.qkv(x), self.n_head)
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:

@@ -55,7 +55,8 @@ class BlockLocalCore(AttentionCore):
         b = self.block_size
         batch, heads, n, head_dim = q.shape
         n_blocks = -(-n // b)
-        # Padding goes at the end: padded keys follow every real query, so the causal mask hides them.
+        # Padding goes at the end: padded keys follow every real query,
+        # so the causal mask hides them.
         pad = (0, 0, 0, n_blocks * b - n)
 
         def blocks(t: Tensor) -> Tensor:
@@ -169,7 +170,8 @@ class _OwnGradient(torch.autograd.Function):
 def _chunk_attention(
     n_slot_pieces, allowed, q_pos, k_pos, slopes, queries, raw_k, raw_v, *slot_pieces
 ):
-    """One query chunk over [its visible slots ; its raw keys]; slot_pieces: k pieces, then v pieces."""
+    """One query chunk over [its visible slots ; its raw keys];
+    slot_pieces: k pieces, then v pieces."""
     keys = torch.cat([_OwnGradient.apply(t) for t in (*slot_pieces[:n_slot_pieces], raw_k)], dim=2)
     values = torch.cat(
         [_OwnGradient.apply(t) for t in (*slot_pieces[n_slot_pieces:], raw_v)], dim=2
@@ -248,7 +250,8 @@ class MemoryCompressedAttention(HeadMixer):
         """
         if start % self.compression:
             raise ValueError(
-                f"project needs a block-aligned start, got {start} with compression {self.compression}"
+                f"project needs a block-aligned start, got {start} "
+                f"with compression {self.compression}"
             )
         q, k, v = self._tokens(x)
         complete = (x.shape[1] // self.compression) * self.compression
@@ -316,7 +319,8 @@ class MemoryCompressed(Backend):
         o = self.options
         if not isinstance(o.compression, int) or o.compression < 2:
             raise ConfigError(
-                f"attention.compression must be an integer >= 2 (positions per compressed slot), got {o.compression!r}"
+                "attention.compression must be an integer >= 2 (positions per compressed slot), "
+                f"got {o.compression!r}"
             )
         if not isinstance(o.block_size, int) or o.block_size < 1:
             raise ConfigError(
@@ -335,7 +339,8 @@ class MemoryCompressed(Backend):
         return MemoryCompressedAttention(self.dims, self.options.compression)
 
     def attention_flops(self, seq_len: int) -> float:
-        """Mean over the layers (n_layer x this is the stack's total): QK^T and PV over the allowed pairs.
+        """Mean over the layers (n_layer x this is the stack's total):
+        QK^T and PV over the allowed pairs.
 
         The compression conv is a projection (O(N d²), like q/k/v) and is not counted here.
         """

@@ -1,11 +1,12 @@
-"""Content-based block sparsity: Mixture of Block Attention (Lu et al. 2025, MoBA; NSA's selection branch).
+"""Content-based block sparsity: Mixture of Block Attention
+(Lu et al. 2025, MoBA; NSA's selection branch).
 
 Semantics, per head, with b = block_size (block m covers positions [m*b, (m+1)*b)):
 - Query i lies in block c = floor(i / b). Its candidate blocks are the blocks m < c: all complete,
   all in its past. Gating never reads a block that is not complete (not even the query's own).
 - Gate score s(i, m) = q_i . mean_{j in block m} k_j, on the same q and k the attention uses (after
-  RoPE). Query i selects the top_k candidates with the highest scores, or all of them when c <= top_k.
-  Ties go to the earlier block.
+  RoPE). Query i selects the top_k candidates with the highest scores, or all of them when
+  c <= top_k. Ties go to the earlier block.
 - Query i then attends with ONE softmax over the keys j <= i of its own block plus every key of its
   selected blocks (scale 1/sqrt(head_dim); ALiBi slopes, when the model uses ALiBi, add
   -slope * (i - j) to the attention scores, not to the gate).
@@ -84,7 +85,8 @@ def _top_blocks(scores: Tensor, slots: int) -> Tensor:
 
 
 def _first_identical_block(key_sums: Tensor) -> Tensor:
-    """[B, H, n_complete]: for each block, the first block whose key sum is bit-identical to its own.
+    """[B, H, n_complete]: for each block, the first block whose key sum is bit-identical
+    to its own.
 
     A matmul may round identical columns differently (its kernel treats edge columns apart), which
     would turn an exact tie between identical blocks into an order that depends on the shapes, so
@@ -101,7 +103,8 @@ def _first_identical_block(key_sums: Tensor) -> Tensor:
 
 
 def select_blocks(q: Tensor, key_sums: Tensor, q_start: int, block_size: int, top_k: int) -> Tensor:
-    """Selected blocks [B, H, n, min(top_k, n_complete)] of queries q at positions q_start..q_start+n-1.
+    """Selected blocks [B, H, n, min(top_k, n_complete)] of queries q
+    at positions q_start..q_start+n-1.
 
     Ascending block indices; -1 marks an empty slot (fewer earlier blocks than top_k).
     """
@@ -191,7 +194,8 @@ class MobaAttention(Backend):
             raise ConfigError(f"attention.top_k must be >= 0 (0 = own block only), got {top_k}")
         if b > self.dims.context_length:
             raise ConfigError(
-                f"attention.block_size={b} is longer than context_length={self.dims.context_length}: "
+                f"attention.block_size={b} is longer than "
+                f"context_length={self.dims.context_length}: "
                 "no query would ever see a complete earlier block; lower attention.block_size"
             )
 

@@ -1,4 +1,5 @@
-"""The training engine of `moba`: softmax attention over each query's own block and its selected blocks.
+"""The training engine of `moba`:
+softmax attention over each query's own block and its selected blocks.
 
 Query t (absolute position q_start + t, in block c) attends with ONE softmax to the keys j <= t of
 block c and to every key of the blocks listed in `selected[..., t, :]` (earlier, complete blocks).
@@ -225,7 +226,8 @@ class _Geometry:
         ]
 
     def key_blocks(self, x: Tensor) -> Tensor:
-        """[B, H, Nk, D] -> contiguous [G, n_key_blocks, b, D] (zero padded; no copy if already so)."""
+        """[B, H, Nk, D] -> contiguous [G, n_key_blocks, b, D]
+        (zero padded; no copy if already so)."""
         pad = self.n_key_blocks * self.block_size - self.n_keys
         x = F.pad(x, (0, 0, 0, pad)) if pad else x
         return x.reshape(self.groups, self.n_key_blocks, self.block_size, self.dim).contiguous()
@@ -255,7 +257,8 @@ class _Geometry:
         return x.reshape(self.groups * self.n, *x.shape[2:])
 
     def own_bias(self) -> Tensor | None:
-        """ALiBi inside a block, [G * n_own_blocks, 1, b, b]: -slope * (i - j), alike in every block."""
+        """ALiBi inside a block, [G * n_own_blocks, 1, b, b]:
+        -slope * (i - j), alike in every block."""
         if self.slopes is None:
             return None
         local = torch.arange(self.block_size, device=self.slopes.device)
@@ -466,7 +469,8 @@ def block_sparse_attention(
 
     Query t attends to keys j <= q_start + t of its own block and to all keys of the blocks in
     `selected` [B, H, n, K] (block indices, -1 = empty slot; each must be complete and earlier).
-    `q_start` must be a multiple of `block_size`. ALiBi `slopes` [H] bias scores by -slope * (i - j).
+    `q_start` must be a multiple of `block_size`.
+    ALiBi `slopes` [H] bias scores by -slope * (i - j).
     `kernel`: "flash_cpu" or "matmul" (default: flash_cpu on CPU, matmul elsewhere).
     """
     if q_start % block_size:

@@ -1,4 +1,5 @@
-"""RWKV-4 (Peng et al. 2023), `attention=rwkv`: time mixing replaces attention, channel mixing the MLP.
+"""RWKV-4 (Peng et al. 2023), `attention=rwkv`:
+time mixing replaces attention, channel mixing the MLP.
 
 Time mixing, per channel: token shift x'_t = mu * x_t + (1 - mu) * x_{t-1} (separate mu for the
 key, value and receptance inputs; x_{-1} = 0), then

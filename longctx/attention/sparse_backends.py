@@ -1,4 +1,5 @@
-"""The sparse softmax backends of ATTENTION_SPEC.md: options, validation, and the pattern of each layer.
+"""The sparse softmax backends of ATTENTION_SPEC.md:
+options, validation, and the pattern of each layer.
 
 sliding_window, local, dilated, longformer, sparse_strided, sparse_fixed, blockwise. The
 patterns themselves (predicate, layout, cache policy) are declared in sparse_patterns.py and
@@ -42,15 +43,16 @@ def _at_most_context(backend: SparseBackend, key: str, value: int | None = None)
     context = backend.dims.context_length
     if value > context:
         raise ConfigError(
-            f"attention={backend.name} {key}={value} is longer than context_length={context}, so every "
-            f"query sees its whole context; lower attention.{key} (or use attention=full)"
+            f"attention={backend.name} {key}={value} is longer than context_length={context}, "
+            f"so every query sees its whole context; lower attention.{key} (or use attention=full)"
         )
 
 
 def _sparse_transformer_layer(
     backend: SparseBackend, layer: int, first: Component, second: Component, union: Component
 ) -> LayerPattern:
-    """layout heads: first half of the heads A1, the rest A2; union: A1 ∪ A2; layers: even A1, odd A2."""
+    """layout heads: first half of the heads A1, the rest A2; union: A1 ∪ A2;
+    layers: even A1, odd A2."""
     n_head, layout = backend.dims.n_head, backend.options.layout
     if layout == "union":
         return LayerPattern.uniform(n_head, union)
@@ -111,7 +113,8 @@ class LocalAttention(SparseBackend):
 
 @register
 class DilatedWindow(SparseBackend):
-    """Longformer dilated sliding window: (i - j) mod dilation == 0 and (i - j) / dilation < window."""
+    """Longformer dilated sliding window:
+    (i - j) mod dilation == 0 and (i - j) / dilation < window."""
 
     name = "dilated"
 
@@ -157,15 +160,16 @@ class Longformer(SparseBackend):
         options, dims = self.options, self.dims
         if options.dilated_heads > dims.n_head:
             raise ConfigError(
-                f"attention=longformer dilated_heads={options.dilated_heads} exceeds model.n_head={dims.n_head}; "
-                "lower attention.dilated_heads"
+                f"attention=longformer dilated_heads={options.dilated_heads} "
+                f"exceeds model.n_head={dims.n_head}; lower attention.dilated_heads"
             )
         windows = options.layer_windows
         if windows is not None:
             if len(windows) != dims.n_layer:
                 raise ConfigError(
-                    f"attention=longformer layer_windows has {len(windows)} entries but model.n_layer="
-                    f"{dims.n_layer}; give one window per layer (or null to use attention.window everywhere)"
+                    f"attention=longformer layer_windows has {len(windows)} entries "
+                    f"but model.n_layer={dims.n_layer}; give one window per layer "
+                    "(or null to use attention.window everywhere)"
                 )
             if any(not isinstance(w, int) or isinstance(w, bool) or w < 1 for w in windows):
                 raise ConfigError(
@@ -216,7 +220,8 @@ class SparseStrided(SparseBackend):
 
 @register
 class SparseFixed(SparseBackend):
-    """Child et al. 2019 fixed: A1 the query's block of stride, A2 the last `summary` columns of every block."""
+    """Child et al. 2019 fixed: A1 the query's block of stride,
+    A2 the last `summary` columns of every block."""
 
     name = "sparse_fixed"
 
@@ -231,8 +236,10 @@ class SparseFixed(SparseBackend):
         _int_option(self, "summary")
         if self.options.summary > self.options.stride:
             raise ConfigError(
-                f"attention=sparse_fixed summary={self.options.summary} exceeds stride={self.options.stride}; "
-                "the summary columns are the last `summary` positions of each block: lower attention.summary"
+                f"attention=sparse_fixed summary={self.options.summary} "
+                f"exceeds stride={self.options.stride}; "
+                "the summary columns are the last `summary` positions of each block: "
+                "lower attention.summary"
             )
         _check_layout(self)
         _at_most_context(self, "stride")
@@ -269,12 +276,14 @@ class Blockwise(SparseBackend):
             not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in shifts
         ):
             raise ConfigError(
-                f"attention=blockwise shifts must be a non-empty list of integers >= 0, got {list(shifts)}"
+                "attention=blockwise shifts must be a non-empty list of integers >= 0, "
+                f"got {list(shifts)}"
             )
         if n_head % len(shifts):
             raise ConfigError(
-                f"attention=blockwise splits model.n_head={n_head} heads evenly among {len(shifts)} shifts "
-                f"{list(shifts)}; choose a head count divisible by {len(shifts)} or change attention.shifts"
+                f"attention=blockwise splits model.n_head={n_head} heads evenly "
+                f"among {len(shifts)} shifts {list(shifts)}; "
+                f"choose a head count divisible by {len(shifts)} or change attention.shifts"
             )
         _at_most_context(self, "block_size")
 

@@ -125,7 +125,8 @@ def make_layout(
     block: int,
     allowed: PositionPredicate,
 ) -> BlockLayout:
-    """Build a part where query block r reads key blocks first[r]..last[r] (none when last < first)."""
+    """Build a part where query block r reads key blocks first[r]..last[r]
+    (none when last < first)."""
     n_kblocks = len(k_pos) // block
     counts = (last - first + 1).clamp_min(0)
     width = max(int(counts.max()), 1)
@@ -216,7 +217,8 @@ def _gather_slots(x: Tensor, pos: Tensor, identity: bool) -> Tensor:
 
 
 def _scatter_slots(x: Tensor, pos: Tensor, n: int, identity: bool) -> Tensor:
-    """The inverse of _gather_slots: slots [BH, M, ...] back to positions [BH, n, ...] (absent = 0)."""
+    """The inverse of _gather_slots: slots [BH, M, ...] back to positions [BH, n, ...]
+    (absent = 0)."""
     if identity:  # the slots hold a prefix of the positions (all, or fewer for global keys)
         return (
             x[:, :n] if x.shape[1] >= n else F.pad(x, (0, 0) * (x.dim() - 2) + (0, n - x.shape[1]))
@@ -285,7 +287,8 @@ def _accumulate(
 def _tile_scores(
     q: Tensor, ks: Tensor, q_scale: float, slopes2: Tensor | None, layout: BlockLayout, chunk: Chunk
 ):
-    """Key-major masked scores in log2 units [BH, c, width*block, block] (accumulation dtype), and the keys.
+    """Key-major masked scores in log2 units [BH, c, width*block, block] (accumulation dtype),
+    and the keys.
 
     `q_scale` is 1/sqrt(D), times log2(e) for fp32/fp64 (base-2 exponentials are about 3x
     cheaper than exp here); for bf16/fp16 the log2(e) factor is applied to the fp32 scores.
@@ -425,7 +428,8 @@ class _BlockSparseAttention(torch.autograd.Function):
 
 
 def _self_attention(q: Tensor, k: Tensor, v: Tensor, part: SelfPart) -> tuple[Tensor, Tensor]:
-    """The single key j = i: output v_i, log-sum-exp q_i.k_i / sqrt(D) (ALiBi adds 0 at distance 0)."""
+    """The single key j = i: output v_i,
+    log-sum-exp q_i.k_i / sqrt(D) (ALiBi adds 0 at distance 0)."""
     n, acc = q.shape[-2], accumulation_dtype(q.dtype)
     rows = part.rows(torch.arange(n, device=q.device))
     logits = (q.to(acc) * k.to(acc)).sum(-1) * q.shape[-1] ** -0.5

@@ -67,7 +67,8 @@ def _alibi(slopes: Tensor):
 def flex_pattern_attention(
     q: Tensor, k: Tensor, v: Tensor, pattern, slopes: Tensor | None
 ) -> Tensor:
-    """Attention of q, k, v [B, H, N, D] on CUDA under `pattern` (a sparse_patterns.LayerPattern)."""
+    """Attention of q, k, v [B, H, N, D] on CUDA under `pattern`
+    (a sparse_patterns.LayerPattern)."""
     from torch.nn.attention.flex_attention import flex_attention
 
     score_mod = None if slopes is None else _alibi(slopes.to(device=q.device, dtype=torch.float32))

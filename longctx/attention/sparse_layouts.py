@@ -29,7 +29,8 @@ KeyBound = Callable[[Tensor], Tensor]  # query positions -> a monotone bound on 
 
 
 def engine_block(extent: int) -> int:
-    """ENGINE_BLOCK, or a smaller power of two covering a pattern that repeats every `extent` keys."""
+    """ENGINE_BLOCK, or a smaller power of two covering a pattern
+    that repeats every `extent` keys."""
     return min(ENGINE_BLOCK, 1 << max(extent - 1, 0).bit_length())
 
 
@@ -48,7 +49,8 @@ def _row_ends(n: int, block: int) -> tuple[Tensor, Tensor]:
 def band_layout(
     n: int, block: int, first_key: KeyBound, last_key: KeyBound, allowed: PositionPredicate
 ) -> BlockLayout:
-    """Natural order; query block r reads the key blocks from first_key(first row) to last_key(last row).
+    """Natural order; query block r reads the key blocks
+    from first_key(first row) to last_key(last row).
 
     Both bounds must be non-decreasing in the query position, so the block's first and last
     rows bound every row of it.
@@ -64,7 +66,8 @@ def band_layout(
 def residue_layout(
     n: int, block: int, stride: int, window: int | None, allowed: PositionPredicate
 ) -> BlockLayout:
-    """Positions regrouped by residue mod `stride`, each class contiguous and padded to whole blocks.
+    """Positions regrouped by residue mod `stride`,
+    each class contiguous and padded to whole blocks.
 
     In a class, key i - stride*m sits m slots before query i, so a dilated window of `window`
     keys is a plain window of `window` slots and `window=None` (every m) is causal attention.

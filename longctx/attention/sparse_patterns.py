@@ -127,7 +127,8 @@ class LocalBlocks(Component):
 
 @dataclass(frozen=True)
 class ShiftedBlock(Component):
-    """Causal BlockBERT head group: block b reads block b - shift (shift > 0), and each query itself."""
+    """Causal BlockBERT head group: block b reads block b - shift (shift > 0),
+    and each query itself."""
 
     block: int
     shift: int
@@ -143,7 +144,8 @@ class ShiftedBlock(Component):
             return (i // self.block - self.shift + 1) * self.block - 1
 
         shifted = band_layout(n, engine_block(self.block), self.first_key, last_key, self._target)
-        # j = i never lies in block b - shift, so "itself" is a disjoint part (the only one when b < shift).
+        # j = i never lies in block b - shift,
+        # so "itself" is a disjoint part (the only one when b < shift).
         return shifted, SelfPart(lambda i: torch.ones_like(i, dtype=torch.bool))
 
     def keep(self, j, start):
@@ -194,7 +196,8 @@ class StridedUnion(Component):
 
 @dataclass(frozen=True)
 class SummaryColumns(Component):
-    """Sparse Transformer fixed A2: the last `summary` positions of every block of `stride`, and j = i."""
+    """Sparse Transformer fixed A2: the last `summary` positions of every block of `stride`,
+    and j = i."""
 
     stride: int
     summary: int
@@ -252,7 +255,8 @@ class FixedUnion(Component):
 
 
 def _by_head(h: Tensor, groups, values) -> Tensor:
-    """Per-head selection: group k's value where h falls in group k (groups are contiguous, in order)."""
+    """Per-head selection: group k's value where h falls in group k
+    (groups are contiguous, in order)."""
     result = values[-1]
     for (_, end, _), value in zip(reversed(groups[:-1]), reversed(values[:-1])):
         result = torch.where(h < end, value, result)
@@ -261,7 +265,8 @@ def _by_head(h: Tensor, groups, values) -> Tensor:
 
 @dataclass(frozen=True)
 class LayerPattern:
-    """One layer's pattern: components on contiguous head groups (first head, end head, component)."""
+    """One layer's pattern: components on contiguous head groups
+    (first head, end head, component)."""
 
     n_head: int
     groups: tuple[tuple[int, int, Component], ...]

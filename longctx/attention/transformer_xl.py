@@ -36,7 +36,8 @@ SCORES_PER_GROUP = 2**24
 
 
 def relative_shift(scores: Tensor) -> Tensor:
-    """Dai et al.'s shift: [..., l, K] scores against distances K-1 .. 0 -> scores[..., r, j] at distance K-l+r-j.
+    """Dai et al.'s shift: [..., l, K] scores against distances K-1 .. 0
+    -> scores[..., r, j] at distance K-l+r-j.
 
     Queries are the last l of the K key positions. Valid where j <= K-l+r; the rest is garbage.
     """
@@ -94,8 +95,8 @@ class TransformerXLAttention(HeadMixer):
     def attend(
         self, q: Tensor, keys: Tensor, values: Tensor, allowed: Tensor, relative_keys: Tensor
     ) -> Tensor:
-        """q [b,H,l,Dh] are the last l of the positions of keys/values [b,H,K,Dh]; allowed [b|1,1,l,K];
-        relative_keys = W_R R for distances K-1 .. 0 [H,K,Dh]."""
+        """q [b,H,l,Dh] are the last l of the positions of keys/values [b,H,K,Dh];
+        allowed [b|1,1,l,K]; relative_keys = W_R R for distances K-1 .. 0 [H,K,Dh]."""
         scale = self.head_dim**-0.5  # applied to the (small) queries rather than to the scores
         content = ((q + self.content_bias) * scale) @ keys.transpose(-1, -2)
         position = relative_shift(
@@ -159,7 +160,8 @@ class TransformerXLAttention(HeadMixer):
             .reshape(n_seg * batch, 1, seg, mem + seg)
         )
         relative_keys = self._relative_keys(mem + seg, q)
-        # Split (not sliced) into groups: slicing's backward would zero-fill a full-size gradient per group.
+        # Split (not sliced) into groups:
+        # slicing's backward would zero-fill a full-size gradient per group.
         rows = batch * max(1, SCORES_PER_GROUP // (batch * heads * seg * (mem + seg)))
         groups = zip(
             *(
@@ -179,7 +181,8 @@ class TransformerXLAttention(HeadMixer):
     def init_state(self, batch_size: int) -> State:
         """memory: detached inputs of the last mem_len positions before the current segment;
         segment: the inputs of the current segment so far (empty at segment boundaries), kept with
-        their graph: as in forward, gradients stop at segment boundaries, not at chunk boundaries."""
+        their graph: as in forward, gradients stop at segment boundaries, not at chunk boundaries.
+        """
         empty = self.out.weight.new_zeros(batch_size, 0, self.d_model)
         return {"memory": empty, "segment": empty}
 
@@ -187,8 +190,8 @@ class TransformerXLAttention(HeadMixer):
         memory, segment = state["memory"], state["segment"]
         if segment.shape[1] != start % self.segment_length:
             raise ValueError(
-                f"state holds {segment.shape[1]} positions of the current segment but start={start} "
-                f"is at offset {start % self.segment_length}"
+                f"state holds {segment.shape[1]} positions of the current segment "
+                f"but start={start} is at offset {start % self.segment_length}"
             )
         outputs = []
         if segment.shape[1]:  # first the rest of the current segment
@@ -247,7 +250,8 @@ def transformer_xl_layers(model: nn.Module) -> list[TransformerXLAttention]:
 
 @contextlib.contextmanager
 def memory_length(model: nn.Module, mem_len: int) -> Iterator[None]:
-    """Temporarily run every Transformer-XL layer of `model` with `mem_len` (0 switches memory off)."""
+    """Temporarily run every Transformer-XL layer of `model` with `mem_len`
+    (0 switches memory off)."""
     layers = transformer_xl_layers(model)
     saved = [layer.mem_len for layer in layers]
     for layer in layers:
@@ -261,7 +265,8 @@ def memory_length(model: nn.Module, mem_len: int) -> Iterator[None]:
 
 @torch.no_grad()
 def loss_by_segment_offset(model: nn.Module, ids: Tensor) -> Tensor:
-    """Mean next-token loss [L] at each offset r = position mod segment_length of the predicting token.
+    """Mean next-token loss [L] at each offset r = position mod segment_length
+    of the predicting token.
 
     Compare it with and without memory (`with memory_length(model, 0): ...`): with a useful
     memory the first offsets of a segment gain the most.
@@ -311,7 +316,8 @@ class TransformerXL(Backend):
         return TransformerXLAttention(self.dims, self.options.segment_length, self.options.mem_len)
 
     def attention_flops(self, seq_len: int) -> float:
-        """QK^T and PV over the allowed pairs, plus the position term over each query's full key row.
+        """QK^T and PV over the allowed pairs,
+        plus the position term over each query's full key row.
 
         Projections (q/k/v/out and W_R R) are not counted.
         """

@@ -59,7 +59,8 @@ def empty_wkv_state(shape: tuple[int, ...], like: Tensor) -> WkvState:
 
 
 def merge_states(x: WkvState, y: WkvState, shift: Tensor | float) -> WkvState:
-    """The state of x's positions followed, `shift`/w steps later, by y's positions (x decays by `shift`)."""
+    """The state of x's positions followed, `shift`/w steps later,
+    by y's positions (x decays by `shift`)."""
     a1, b1, p1 = x
     a2, b2, p2 = y
     older = p1 - shift
@@ -124,7 +125,8 @@ def _wkv_whole_chunks(k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: WkvStat
     nc = n // c
     kc, vc = k.reshape(*lead, nc, c, d), v.reshape(*lead, nc, c, d)
     w_pos = w.unsqueeze(-2)  # broadcast over the chunk axis
-    # Chunk-local recurrence from an empty state, all chunks at once; keep the state before each tau.
+    # Chunk-local recurrence from an empty state, all chunks at once;
+    # keep the state before each tau.
     # (unbind, not indexing: its backward stacks the slices once instead of zero-filling per slice.)
     local = empty_wkv_state((*lead, nc, d), k)
     before = []

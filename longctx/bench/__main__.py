@@ -1,4 +1,5 @@
-"""`python -m longctx.bench [key=value ...]`: the Hydra entry point (settings in conf/bench.yaml)."""
+"""`python -m longctx.bench [key=value ...]`:
+the Hydra entry point (settings in conf/bench.yaml)."""
 
 from __future__ import annotations
 

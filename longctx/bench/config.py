@@ -146,7 +146,8 @@ def _backend_options(given: Mapping | None) -> dict[str, dict[str, Any]]:
         valid = {f.name for f in dataclasses.fields(backend_class(name).Options)}
         if set(opts) - valid:
             raise ConfigError(
-                f"options.{name} has unknown key(s) {sorted(set(opts) - valid)}; valid: {sorted(valid)}"
+                f"options.{name} has unknown key(s) {sorted(set(opts) - valid)}; "
+                f"valid: {sorted(valid)}"
             )
     return options
 

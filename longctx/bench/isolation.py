@@ -24,7 +24,8 @@ class IsolatedRunner:
         self.context.set_forkserver_preload(PRELOAD + list(extra_preload))
 
     def run(self, config: Config, timeout_s: float) -> dict[str, Any]:
-        """The row measured by a fresh process; skipped if it ran past timeout_s, error if it died."""
+        """The row measured by a fresh process;
+        skipped if it ran past timeout_s, error if it died."""
         receiver, sender = self.context.Pipe(duplex=False)
         process = self.context.Process(target=run_isolated, args=(config, sender), daemon=True)
         process.start()

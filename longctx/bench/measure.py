@@ -85,7 +85,8 @@ def median(values: list[float]) -> float:
 
 @contextlib.contextmanager
 def _stderr_silenced():
-    """Kineto prints 'profiler_start/stop' lines on fd 2 for every profile; keep the log readable."""
+    """Kineto prints 'profiler_start/stop' lines on fd 2 for every profile;
+    keep the log readable."""
     saved = os.dup(2)
     try:
         with open(os.devnull, "w") as devnull:

@@ -184,7 +184,8 @@ def _exponent(value: float | None) -> str:
 
 
 def _not_measured(rows: list[dict[str, Any]]) -> list[str]:
-    """One line per series that missed lengths: the first failure's reason, then the lengths it cut."""
+    """One line per series that missed lengths:
+    the first failure's reason, then the lengths it cut."""
     series: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         if row["status"] != "ok":
@@ -192,7 +193,10 @@ def _not_measured(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for (subject, mode, dtype), missed in series.items():
         first = missed[0]
-        line = f"- {subject}, {mode}, {dtype}, N={_length(first['seq_len'])}: {first['status']}: {first['reason']}"
+        line = (
+            f"- {subject}, {mode}, {dtype}, N={_length(first['seq_len'])}: "
+            f"{first['status']}: {first['reason']}"
+        )
         if len(missed) > 1:
             line += "; so not run at N=" + ", ".join(_length(r["seq_len"]) for r in missed[1:])
         lines.append(line)
@@ -213,7 +217,10 @@ def _faults_table(
     if not faulted:
         return []
     lines = [
-        f"MiB page-faulted per call ({mode}, {dtype}; minor faults x page size, median of the calls):",
+        (
+            f"MiB page-faulted per call ({mode}, {dtype}; "
+            "minor faults x page size, median of the calls):"
+        ),
         "",
         "| implementation | " + " | ".join(f"N={_length(n)}" for n in lengths) + " |",
         "|" + "---|" * (len(lengths) + 1),

@@ -19,15 +19,16 @@ from longctx.bench.worker import base_row
 log = logging.getLogger("longctx.bench")
 
 NOTES = [
-    "Each configuration ran in a fresh process forked from a server that had imported torch but "
-    "computed nothing, so no allocator cache or high-water mark carries over between configurations.",
+    "Each configuration ran in a fresh process forked from a server that had imported torch "
+    "but computed nothing, so no allocator cache or high-water mark carries over between "
+    "configurations.",
     "memory_mib: allocator peak of one call above the bytes live before it (CPU: the allocator's "
-    "alloc/free events from torch.profiler(profile_memory=True), kernels' scratch buffers included; "
-    "CUDA: max_memory_allocated); for decode: the streaming state's size after N tokens. "
+    "alloc/free events from torch.profiler(profile_memory=True), kernels' scratch buffers "
+    "included; CUDA: max_memory_allocated); for decode: the streaming state's size after N tokens. "
     "peak_rss_mib: the worker's resident-set high-water mark minus its resident set at start "
-    "(inputs, weights and allocator slack included). faulted_mib (CPU): median over the timed calls "
-    "of the pages each call page-faulted (minor faults x page size): memory the C allocator had "
-    "handed back to the OS and the call had to have mapped again (see cpu_allocator).",
+    "(inputs, weights and allocator slack included). faulted_mib (CPU): median over the timed "
+    "calls of the pages each call page-faulted (minor faults x page size): memory the C allocator "
+    "had handed back to the OS and the call had to have mapped again (see cpu_allocator).",
     "fwd_bwd uses loss = out.sum(); bf16 casts inputs and weights (no autocast) except train_step.",
     "time_ms: median of `repeats` timed calls; with rounds > 1, the median of the rounds' medians. "
     "ratio_vs_sdpa: the median over rounds of the row's time over SDPA's in the same round.",

@@ -138,8 +138,8 @@ def measure(config: Config, rss: RssGauge | None = None) -> dict[str, Any]:
                 "cuda"
             ):  # CUDA caps device memory
                 reason += (
-                    " (cpu_allocator=retain keeps freed memory in the heap, which fragmentation can grow "
-                    "past the cap: raise memory_cap_mib or use cpu_allocator=default)"
+                    " (cpu_allocator=retain keeps freed memory in the heap, which fragmentation "
+                    "can grow past the cap: raise memory_cap_mib or use cpu_allocator=default)"
                 )
             row.update(status="skipped", reason=reason)
         else:

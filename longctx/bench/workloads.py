@@ -241,7 +241,8 @@ def _backend_decode(config: Config) -> Workload:
 
 
 def _train_step(config: Config) -> Workload:
-    """A whole model's AdamW step (model_size from conf/model), bf16 as autocast like the trainer."""
+    """A whole model's AdamW step (model_size from conf/model),
+    bf16 as autocast like the trainer."""
     attention = OmegaConf.load(CONF_DIR / "attention" / f"{config.subject}.yaml")
     cfg = {
         "model": OmegaConf.to_container(

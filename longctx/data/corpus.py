@@ -35,7 +35,8 @@ def hf_cache_dir(cfg: dict) -> str:
 
 
 def corpus_fingerprint(data_cfg) -> str:
-    """Cheap identity of a corpus: its content-defining config plus size and mtime of local files."""
+    """Cheap identity of a corpus:
+    its content-defining config plus size and mtime of local files."""
     cfg = to_plain_dict(data_cfg)
     content = {k: v for k, v in cfg.items() if k not in NON_CONTENT_KEYS}
     data_files = cfg.get("data_files")
@@ -53,7 +54,8 @@ def corpus_fingerprint(data_cfg) -> str:
 
 
 def load_corpus(data_cfg) -> DatasetDict:
-    """DatasetDict with splits train/validation/test; every row is one document with "text" (and "title")."""
+    """DatasetDict with splits train/validation/test;
+    every row is one document with "text" (and "title")."""
     cfg = to_plain_dict(data_cfg)
     num_proc = worker_processes(cfg.get("num_proc"))
     raw = _load_source(cfg)
@@ -75,13 +77,15 @@ def load_corpus(data_cfg) -> DatasetDict:
     missing = [names[s] for s in SPLITS if names[s] not in raw]
     if missing:
         raise ValueError(
-            f"corpus {cfg.get('name')!r} has splits {list(raw)}, not {missing}; set data.splits or data.split_fractions"
+            f"corpus {cfg.get('name')!r} has splits {list(raw)}, not {missing}; "
+            "set data.splits or data.split_fractions"
         )
     corpus = DatasetDict({s: raw[names[s]] for s in SPLITS})
     empty = [s for s, ds in corpus.items() if len(ds) == 0]
     if empty:
         raise ValueError(
-            f"no usable document in split(s) {empty} of corpus {cfg.get('name')!r} ({_describe_source(cfg)})"
+            f"no usable document in split(s) {empty} of corpus {cfg.get('name')!r} "
+            f"({_describe_source(cfg)})"
         )
     return corpus
 
@@ -115,7 +119,8 @@ def _load_source(cfg: dict) -> DatasetDict:
     data_files = cfg.get("data_files")
     if not data_files:
         raise ValueError(
-            f"corpus {cfg.get('name')!r} needs data.data_files (a glob, a list of globs, or split -> globs)"
+            f"corpus {cfg.get('name')!r} needs data.data_files "
+            "(a glob, a list of globs, or split -> globs)"
         )
     per_split = data_files if isinstance(data_files, dict) else {"train": data_files}
     return DatasetDict(
@@ -167,7 +172,8 @@ def _wikitext_articles(lines: Dataset) -> Iterator[dict]:
 
 
 def group_wikitext_articles(lines: Dataset, cfg: dict) -> Dataset:
-    """WikiText stores one line per row; rebuild whole articles so splits and streams see documents."""
+    """WikiText stores one line per row;
+    rebuild whole articles so splits and streams see documents."""
     return Dataset.from_generator(
         _wikitext_articles, gen_kwargs={"lines": lines}, cache_dir=hf_cache_dir(cfg)
     )

@@ -70,7 +70,8 @@ class ResumableDataLoader(DataLoader):
 
 
 class LongDocDataModule(L.LightningDataModule):
-    """Batches are dicts {"input_ids", "targets": LongTensor[B, N]} plus "reset": BoolTensor[B] when ordered.
+    """Batches are dicts {"input_ids", "targets": LongTensor[B, N]}
+    plus "reset": BoolTensor[B] when ordered.
 
     sampling="packed": training windows are shuffled, each DDP rank drawing its own share
     (ResumableShardSampler); validation/test windows tile the split in order, optionally
@@ -231,11 +232,13 @@ class LongDocDataModule(L.LightningDataModule):
         ]
 
     def split_utf8_bytes(self, split: str) -> int:
-        """UTF-8 bytes of the split's document texts (EOS separators excluded), for bits per byte."""
+        """UTF-8 bytes of the split's document texts (EOS separators excluded),
+        for bits per byte."""
         return self._split(split).utf8_bytes
 
     def unigram_entropy(self, split: str = "train") -> float:
-        """Entropy in nats/token of the split's unigram distribution: the loss of a context-free model."""
+        """Entropy in nats/token of the split's unigram distribution:
+        the loss of a context-free model."""
         tokens = self.split_tokens(split)
         counts = np.zeros(self.vocab_size, dtype=np.int64)
         for begin in range(0, len(tokens), _BINCOUNT_CHUNK):  # chunked: bincount upcasts to int64

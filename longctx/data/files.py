@@ -1,4 +1,5 @@
-"""Load documents from local txt / jsonl / parquet files, skipping files that hold no usable text."""
+"""Load documents from local txt / jsonl / parquet files,
+skipping files that hold no usable text."""
 
 import codecs
 import glob
@@ -61,7 +62,8 @@ def file_problem(path: str, builder: str | None) -> str | None:
 
 
 def _text_problem(path: str) -> str | None:
-    """Stream the file through a strict UTF-8 decoder: NUL bytes mean binary, bad sequences undecodable."""
+    """Stream the file through a strict UTF-8 decoder:
+    NUL bytes mean binary, bad sequences undecodable."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors="strict")
     opener = gzip.open if path.endswith(".gz") else open
     has_text = False
@@ -99,12 +101,14 @@ def load_document_files(
         counts = ", ".join(f"{n} {why}" for why, n in sorted(Counter(problems.values()).items()))
         examples = ", ".join(Path(p).name for p in list(problems)[:5])
         warnings.warn(
-            f"skipped {len(problems)} of {len(files)} files matching {patterns!r} ({counts}): {examples}",
+            f"skipped {len(problems)} of {len(files)} files matching {patterns!r} "
+            f"({counts}): {examples}",
             stacklevel=2,
         )
     if not usable:
         raise ValueError(
-            f"no usable document: {len(files)} files match {patterns!r} and none holds readable text"
+            f"no usable document: {len(files)} files match {patterns!r} "
+            "and none holds readable text"
         )
     parts = [
         _load_builder(builder, paths, text_column, title_column, num_proc, cache_dir)
@@ -138,7 +142,8 @@ def _load_builder(
     )
     if text_column not in ds.column_names:
         raise ValueError(
-            f"files {paths[:3]}... have no text column {text_column!r} (columns: {ds.column_names}); set data.text_column"
+            f"files {paths[:3]}... have no text column {text_column!r} "
+            f"(columns: {ds.column_names}); set data.text_column"
         )
     if title_column not in ds.column_names:
         ds = ds.add_column(title_column, [""] * len(ds))

@@ -33,11 +33,13 @@ class PackedWindows(Dataset):
         total = (len(tokens) - 1) // context_length
         if total < 1:
             raise ValueError(
-                f"a stream of {len(tokens)} tokens is shorter than one window of context_length + 1 = {context_length + 1}"
+                f"a stream of {len(tokens)} tokens is shorter than one window of "
+                f"context_length + 1 = {context_length + 1}"
             )
         self.tokens = tokens
         self.context_length = context_length
-        # Capped evaluation keeps windows spread over the whole split instead of the first few documents.
+        # Capped evaluation keeps windows spread over the whole split
+        # instead of the first few documents.
         self.starts = (
             np.arange(total)
             if not max_windows or max_windows >= total
@@ -104,7 +106,8 @@ class OrderedStream(IterableDataset):
         self.start_batch = 0  # where the next iteration begins
 
     def _rank_and_world(self) -> tuple[int, int]:
-        # Read at iteration time: the process group exists by then even if it did not at construction.
+        # Read at iteration time:
+        # the process group exists by then even if it did not at construction.
         if self.rank is not None and self.world_size is not None:
             return self.rank, self.world_size
         return distributed_rank_and_world()
@@ -117,7 +120,8 @@ class OrderedStream(IterableDataset):
         batches = (self._row_length() - 1) // self.context_length
         if batches < 1:
             raise ValueError(
-                f"{len(self.tokens)} tokens cannot fill {self.batch_size} rows per rank of context_length + 1 = {self.context_length + 1}"
+                f"{len(self.tokens)} tokens cannot fill {self.batch_size} rows per rank of "
+                f"context_length + 1 = {self.context_length + 1}"
             )
         return min(batches, self.max_batches) if self.max_batches else batches
 

@@ -9,7 +9,8 @@ SPLITS = ("train", "validation", "test")
 
 
 def _document_rank_keys(batch: dict, seed: int) -> dict:
-    # 56-bit keys fit Arrow's int64. Keyed on the text itself: reproducible across runs and machines, and exact duplicates share a split.
+    # 56-bit keys fit Arrow's int64. Keyed on the text itself:
+    # reproducible across runs and machines, and exact duplicates share a split.
     return {
         "_rank_key": [
             int.from_bytes(hashlib.sha256(f"{seed}\0{text}".encode()).digest()[:7], "big")
@@ -26,12 +27,14 @@ def split_counts(num_docs: int, fractions: dict[str, float]) -> dict[str, int]:
         or not np.isclose(sum(fractions.values()), 1.0)
     ):
         raise ValueError(
-            f"split_fractions must give non-negative train/validation/test fractions summing to 1, got {fractions}"
+            "split_fractions must give non-negative train/validation/test fractions summing to 1, "
+            f"got {fractions}"
         )
     wanted = [s for s in SPLITS if fractions[s] > 0]
     if num_docs < len(wanted):
         raise ValueError(
-            f"{num_docs} documents cannot fill the {len(wanted)} splits {wanted} (splits are by document)"
+            f"{num_docs} documents cannot fill the {len(wanted)} splits {wanted} "
+            "(splits are by document)"
         )
     counts = {
         s: (max(1, round(fractions[s] * num_docs)) if fractions[s] > 0 else 0)

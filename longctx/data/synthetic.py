@@ -77,7 +77,8 @@ class FactSettings:
     def __post_init__(self):
         if self.facts < 1 or self.code_length < 1:
             raise ValueError(
-                f"synthetic corpus: facts={self.facts} and code_length={self.code_length} must be >= 1"
+                f"synthetic corpus: facts={self.facts} and code_length={self.code_length} "
+                "must be >= 1"
             )
         if self.alphabet not in ALPHABETS:
             raise ValueError(
@@ -109,7 +110,10 @@ def _filler(rng: random.Random, n_chars: int, avoid_names: set[str], settings: F
                 other = _name(rng)
             sentence = f"The code of {other} is {settings.code(rng)}."
         else:
-            sentence = f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} {rng.choice(OBJECTS)} {rng.choice(PLACES)}."
+            sentence = (
+                f"{rng.choice(SUBJECTS).capitalize()} {rng.choice(VERBS)} "
+                f"{rng.choice(OBJECTS)} {rng.choice(PLACES)}."
+            )
         sentences.append(sentence)
         length += len(sentence) + 1
     return " ".join(sentences)
@@ -126,10 +130,12 @@ def synthetic_document(
     prefix_chars: int,
     settings: FactSettings = FactSettings(),
 ) -> dict:
-    """One document; every answer starts at least `distance` characters after its fact's code starts.
+    """One document; every answer starts at least `distance` characters
+    after its fact's code starts.
 
-    `fact_char_spans[i]` and `answer_char_spans[i]` hold the same code; `distance` is the smallest
-    of the per-fact gaps (the first question follows the last fact by it, every other gap is longer).
+    `fact_char_spans[i]` and `answer_char_spans[i]` hold the same code; `distance` is the
+    smallest of the per-fact gaps (the first question follows the last fact by it, every other
+    gap is longer).
     """
     names = []
     while len(names) < settings.facts:
@@ -171,7 +177,8 @@ def generate_synthetic_documents(
     prefix_chars: int = 200,
     settings: FactSettings = FactSettings(),
 ) -> Iterator[dict]:
-    """Yield num_docs documents; document i uses distances[i % len(distances)] so every distance is equally common."""
+    """Yield num_docs documents; document i uses distances[i % len(distances)]
+    so every distance is equally common."""
     rng = random.Random(seed)
     for index in range(num_docs):
         yield synthetic_document(

@@ -4,8 +4,9 @@ Training logs: the CSV logger's metrics.csv in the training run directory (logge
 logger's offline files are binary and not read here). Lightning's ThroughputMonitor logs
 cumulative `train/lengths` (tokens) and `train/time` (seconds), so tokens/s is their ratio at
 the last logged step; a peak-memory metric is any column whose name matches MEMORY_COLUMN.
-Bench: `python -m longctx.bench` rows of the run's backend (whole-model `train_step` rows when
-present, else the `fwd_bwd` mixing kernel), at the sequence length nearest the run's training length.
+Bench: `python -m longctx.bench` rows of the run's backend (whole-model `train_step` rows
+when present, else the `fwd_bwd` mixing kernel), at the sequence length nearest the run's
+training length.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ def costs_from_bench(rows: list[dict], attention: str, seq_len: int, dtype: str)
 def run_costs(
     run_dir: Path, results: dict, bench_rows: list[dict], bench_dtype: str
 ) -> dict[str, Any]:
-    """Training-log figures first; the bench fills what the logs lack (each figure says where it came from)."""
+    """Training-log figures first; the bench fills what the logs lack
+    (each figure says where it came from)."""
     logged = costs_from_metrics(training_dir(run_dir, results))
     bench = costs_from_bench(
         bench_rows, results["attention"], results["train_context_length"], bench_dtype

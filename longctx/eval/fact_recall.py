@@ -2,12 +2,12 @@
 
 A synthetic document states facts such as "The code of Kalomi is 4821." and, at least
 `distance` characters later, asks "... Answer: the code of Kalomi is " followed by the code.
-The text before each answer is the context, left-truncated so that the model reads at most `length` tokens; the true
-answer is ranked by likelihood against distractors of the same shape: first the other codes
-stated in the same document (copying the wrong fact is a failure, not luck), then answers of
-other documents. Rows are grouped by planted distance (a fact's distance is at least its
-bucket: the corpus's configured distances, or powers of two), with how many facts still lay
-inside the truncated context, so a mechanism's reach reads off directly.
+The text before each answer is the context, left-truncated so that the model reads at most
+`length` tokens; the true answer is ranked by likelihood against distractors of the same shape:
+first the other codes stated in the same document (copying the wrong fact is a failure, not
+luck), then answers of other documents. Rows are grouped by planted distance (a fact's distance
+is at least its bucket: the corpus's configured distances, or powers of two), with how many
+facts still lay inside the truncated context, so a mechanism's reach reads off directly.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def planted_facts(documents) -> list[PlantedFact]:
 
 
 def answer_shape(answer: str) -> re.Pattern:
-    """Strings that look like `answer`: same length, digits where it has digits, letters where letters."""
+    """Strings that look like `answer`:
+    same length, digits where it has digits, letters where letters."""
     pieces = ["\\d" if c.isdigit() else "[A-Za-z]" if c.isalpha() else re.escape(c) for c in answer]
     return re.compile(r"(?<![\w])" + "".join(pieces) + r"(?![\w])")
 
@@ -73,7 +74,8 @@ def distractors_for(
 
 
 def distance_bucket(distance: int | None, buckets: list[int] | None) -> int | None:
-    """The largest bucket not above `distance` (the smallest bucket if all are); powers of two without buckets."""
+    """The largest bucket not above `distance` (the smallest bucket if all are);
+    powers of two without buckets."""
     if distance is None:
         return None
     if not buckets:

@@ -63,7 +63,8 @@ SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and rename, so readers never see half a file."""
+    """Write via a temporary file in the same directory and rename,
+    so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     with os.fdopen(fd, "w") as f:
@@ -80,7 +81,8 @@ def csv_text(records: list[list]) -> str:
 def write_results(
     out_dir: Path, meta: Mapping[str, Any], sections: Mapping[str, list[dict]]
 ) -> dict[str, Path]:
-    """results.json (meta + every section), the sections' CSVs and the run's plots; returns the paths."""
+    """results.json (meta + every section), the sections' CSVs and the run's plots;
+    returns the paths."""
     out_dir = Path(out_dir)
     payload = {
         "schema_version": RESULTS_SCHEMA_VERSION,
@@ -150,7 +152,8 @@ def write_run_plots(
 
 
 def log_to_wandb(sections: Mapping[str, list[dict]], paths: Mapping[str, Path]) -> None:
-    """Every section as a wandb Table, perplexity as a line plot, and the PNGs, in the active run (if any)."""
+    """Every section as a wandb Table, perplexity as a line plot, and the PNGs,
+    in the active run (if any)."""
     import wandb
 
     if wandb.run is None:

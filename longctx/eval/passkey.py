@@ -38,7 +38,8 @@ def passkey_grid(
     lengths: list[int],
     batch_size: int,
 ) -> list[dict]:
-    """One row per (length, depth). `filler` is the test split's tokens with document separators removed."""
+    """One row per (length, depth).
+    `filler` is the test split's tokens with document separators removed."""
     rows = []
     question = tokenizer.encode(" " + settings.question)
     for length in lengths:

@@ -46,7 +46,8 @@ class PerplexityRow:
 
 
 def window_plan(n_tokens: int, length: int, stride: int, max_scored: int) -> list[tuple[int, int]]:
-    """(begin, first_scored_offset) of each window; targets of window b are tokens[b+1 : b+length+1]."""
+    """(begin, first_scored_offset) of each window;
+    targets of window b are tokens[b+1 : b+length+1]."""
     plan, scored, begin, last_scored = [], 0, 0, 0
     while begin + length + 1 <= n_tokens and scored < max_scored:
         first = max(last_scored - begin, 0)
@@ -58,7 +59,8 @@ def window_plan(n_tokens: int, length: int, stride: int, max_scored: int) -> lis
 
 
 def resolve_stride(stride: Any, length: int) -> int:
-    """null -> length (non-overlapping); a fraction in (0, 1) -> that share of length; an int -> itself."""
+    """null -> length (non-overlapping); a fraction in (0, 1) -> that share of length;
+    an int -> itself."""
     if stride is None:
         return length
     if isinstance(stride, float):

@@ -1,4 +1,5 @@
-"""PNG figures of one evaluation (series = protocols or lengths) or of a report (series = mechanisms).
+"""PNG figures of one evaluation (series = protocols or lengths)
+or of a report (series = mechanisms).
 
 Every function takes `series`: an ordered mapping label -> rows of one results.json section,
 so the same drawing serves a single run and an overlay of many.
@@ -63,7 +64,8 @@ def _mark_training_lengths(ax, train_lengths: Sequence[int]) -> None:
 def plot_ppl_vs_context(
     series: Series, train_lengths: Sequence[int], path: Path, title: str = ""
 ) -> Path:
-    """Perplexity by evaluation length; one panel per protocol present, a dashed line at the training length."""
+    """Perplexity by evaluation length;
+    one panel per protocol present, a dashed line at the training length."""
     protocols = [
         p
         for p in ("windows", "sliding", "streaming")

@@ -1,4 +1,5 @@
-"""Prefix-length ablation (Sun et al. 2021): the same target tokens, with more and more visible prefix.
+"""Prefix-length ablation (Sun et al. 2021):
+the same target tokens, with more and more visible prefix.
 
 For each sample start s (evenly spaced over the test stream) the target block is the T next-token
 predictions at inputs tokens[s : s+T]; with prefix P the model reads tokens[s-P : s+T], so target
@@ -59,7 +60,8 @@ def prefix_ablation(
         rows.append(row)
         if not len(starts):
             row["skipped"] = (
-                f"test stream has {len(tokens)} tokens, too few for a prefix of {max_prefix} + {target} targets"
+                f"test stream has {len(tokens)} tokens, "
+                f"too few for a prefix of {max_prefix} + {target} targets"
             )
             continue
         row["skipped"] = scorer.refusal(prefix + target)

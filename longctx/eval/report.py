@@ -63,7 +63,8 @@ class Run:
 
 
 def find_run_dirs(patterns: str | Sequence[str]) -> tuple[list[Path], list[Path]]:
-    """(run directories with a results.json, run directories without one: failed or unfinished jobs).
+    """(run directories with a results.json,
+    run directories without one: failed or unfinished jobs).
 
     A pattern is a glob or a directory; a directory without results.json also stands for its
     sub-directories (a multirun root). Run directories are recognised by Hydra's `.hydra/`.
@@ -223,7 +224,7 @@ def _group_table(runs: list[Run], summaries: list[dict], length: int) -> list[st
         "train s",
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for run, s in zip(runs, summaries):
+    for _run, s in zip(runs, summaries):
         longest_cell = "skipped" if s["longest_skipped"] else _fmt(s["ppl_longest"])
         if len(longest) > 1 and s["longest_length"]:
             longest_cell += f" ({s['longest_length']})"
@@ -283,7 +284,8 @@ def _position_rows(run: Run, length: int) -> list[dict]:
 
 
 def _position_table(runs: list[Run], length: int) -> list[str]:
-    """Mean loss (nats) per token-position bin, one row per mechanism: the numbers behind the plot."""
+    """Mean loss (nats) per token-position bin, one row per mechanism:
+    the numbers behind the plot."""
     rows = {
         run.label: {
             (p["position_start"], p["position_end"]): p["loss"] for p in _position_rows(run, length)
@@ -368,7 +370,8 @@ def _group_figures(
 
 
 def sweep_wall_seconds(runs: list[Run]) -> float | None:
-    """From the first run's start (Hydra writes .hydra/ when a job starts) to the last evaluation's end."""
+    """From the first run's start (Hydra writes .hydra/ when a job starts)
+    to the last evaluation's end."""
     starts, ends = [], []
     for run in runs:
         config = run.path / ".hydra" / "config.yaml"
@@ -382,7 +385,8 @@ def sweep_wall_seconds(runs: list[Run]) -> float | None:
 
 
 def training_commands(runs: list[Run]) -> list[str]:
-    """The command lines that produced the runs, from Hydra's multirun.yaml (or each run's overrides)."""
+    """The command lines that produced the runs,
+    from Hydra's multirun.yaml (or each run's overrides)."""
     commands = []
     for run in runs:
         sweep, single = run.path.parent / "multirun.yaml", run.path / ".hydra" / "overrides.yaml"
@@ -426,12 +430,13 @@ def markdown(
         "",
         *_provenance(runs, missing, patterns, command),
         "",
-        "Columns: perplexity per token (windows: non-overlapping windows; sliding: strided windows, "
-        "stride recorded in each run's results.csv); bpb = bits per UTF-8 byte; Δloss prefix = loss of "
-        "fixed targets with no prefix minus with the longest prefix (nats; larger = distant context used "
-        "more); passkey = share of trials where the true key was the most likely (≤/> the training "
-        "length); facts in context = planted-fact recall over the facts that lay inside the context; train "
-        "tok/s, peak MiB and train s come from the training logs or the bench (see report.csv).",
+        "Columns: perplexity per token (windows: non-overlapping windows; sliding: strided "
+        "windows, stride recorded in each run's results.csv); bpb = bits per UTF-8 byte; Δloss "
+        "prefix = loss of fixed targets with no prefix minus with the longest prefix (nats; "
+        "larger = distant context used more); passkey = share of trials where the true key was "
+        "the most likely (≤/> the training length); facts in context = planted-fact recall over "
+        "the facts that lay inside the context; train tok/s, peak MiB and train s come from the "
+        "training logs or the bench (see report.csv).",
         "",
     ]
     for group, group_runs_ in group_runs(runs).items():
@@ -468,7 +473,8 @@ def markdown(
 
 
 def write_report(report_cfg, out_dir: Path, command: str | None = None) -> dict:
-    """report.md, report.csv and figures for the runs `report_cfg.runs` names, in `report_cfg.output_dir` or out_dir.
+    """report.md, report.csv and figures for the runs `report_cfg.runs` names,
+    in `report_cfg.output_dir` or out_dir.
 
     `command` (how the report was asked for) is recorded next to the runs' own command lines.
     """

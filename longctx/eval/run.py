@@ -47,7 +47,8 @@ def _timed(timings: dict, section: str):
 
 
 def evaluate_model(model, datamodule, cfg, output_dir: Path, checkpoint: str | None = None) -> dict:
-    """Every metric of `cfg.eval` on the test split; writes results.{json,csv}, section CSVs and PNGs."""
+    """Every metric of `cfg.eval` on the test split;
+    writes results.{json,csv}, section CSVs and PNGs."""
     settings = eval_settings(cfg.get("eval"))
     started = datetime.now(timezone.utc)
     scorer = Scorer(model.to(resolve_device(settings.device)).eval(), settings.autocast)
@@ -252,9 +253,8 @@ def _start_logger(cfg: DictConfig) -> None:
     if cfg.get("logger"):
         from hydra.utils import instantiate
 
-        instantiate(
-            cfg.logger
-        ).experiment  # starts the wandb run so tables and images are logged to it
+        logger = instantiate(cfg.logger)
+        _ = logger.experiment  # starts the wandb run so tables and images are logged to it
 
 
 def _command_line(program: str) -> str | None:
@@ -267,7 +267,8 @@ def _command_line(program: str) -> str | None:
 
 
 def run_eval(cfg: DictConfig) -> dict:
-    """eval.py: `report.runs=...` writes a comparison report; otherwise `ckpt_path=...` is evaluated."""
+    """eval.py: `report.runs=...` writes a comparison report;
+    otherwise `ckpt_path=...` is evaluated."""
     if cfg.get("report") and cfg.report.get("runs"):
         from longctx.eval.report import write_report
 
@@ -275,6 +276,7 @@ def run_eval(cfg: DictConfig) -> dict:
         return write_report(cfg.report, Path(cfg.paths.output_dir), _command_line("python eval.py"))
     if not cfg.get("ckpt_path"):
         raise ConfigError(
-            "eval.py needs ckpt_path=<checkpoint> to evaluate one, or report.runs=[<run dirs>] to compare runs"
+            "eval.py needs ckpt_path=<checkpoint> to evaluate one, "
+            "or report.runs=[<run dirs>] to compare runs"
         )
     return evaluate_checkpoint(cfg)

@@ -1,4 +1,5 @@
-"""Next-token NLL of a batch, and the log-likelihood of continuations: the primitives of every metric."""
+"""Next-token NLL of a batch, and the log-likelihood of continuations:
+the primitives of every metric."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ class Scorer:
         return self.model.backend
 
     def refusal(self, length: int) -> str | None:
-        """Why the model cannot read `length` tokens (a backend's max_len, learned positions), or None."""
+        """Why the model cannot read `length` tokens (a backend's max_len, learned positions),
+        or None."""
         try:
             self.backend.check_sequence_length(length)
         except ConfigError as err:
@@ -45,7 +47,8 @@ class Scorer:
 
     @torch.no_grad()
     def nll(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """NLL (nats, float64, on the CPU) of targets[b, t] given inputs[b, :t+1]: one forward call."""
+        """NLL (nats, float64, on the CPU) of targets[b, t] given inputs[b, :t+1]:
+        one forward call."""
         with self.autocast_context():
             logits = self.model(inputs.to(self.device))
         nll = F.cross_entropy(

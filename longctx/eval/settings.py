@@ -31,7 +31,8 @@ class PrefixAblationSettings:
 
 @dataclass
 class PasskeySettings:
-    """A random key hidden at a relative depth of filler text, ranked by likelihood against distractors."""
+    """A random key hidden at a relative depth of filler text,
+    ranked by likelihood against distractors."""
 
     enabled: bool = True
     lengths: list[int] | None = None  # null: the perplexity context lengths
@@ -93,8 +94,8 @@ class EvalSettings:
             if isinstance(stride, float) and 0 < stride < 1:
                 continue
             raise ConfigError(
-                f"eval.strides entry {stride!r} is not valid; use null (non-overlapping), a positive "
-                "integer (tokens) or a fraction in (0, 1) of the length"
+                f"eval.strides entry {stride!r} is not valid; use null (non-overlapping), "
+                "a positive integer (tokens) or a fraction in (0, 1) of the length"
             )
         for key in ("max_tokens", "batch_size"):
             _positive_ints([getattr(self, key)], f"eval.{key}")
@@ -116,7 +117,8 @@ class EvalSettings:
         _positive_ints([passkey.trials, passkey.distractors, passkey.digits], "eval.passkey")
         if passkey.distractors >= 9 * 10 ** (passkey.digits - 1):
             raise ConfigError(
-                "eval.passkey.distractors must be smaller than the number of keys with that many digits"
+                "eval.passkey.distractors must be smaller than the number of keys "
+                "with that many digits"
             )
         if "{key}" not in passkey.needle:
             raise ConfigError("eval.passkey.needle must contain {key} where the pass key goes")
@@ -126,7 +128,8 @@ class EvalSettings:
         _positive_ints([recall.max_docs, recall.distractors], "eval.fact_recall")
         if self.streaming.enabled not in (True, False, "auto"):
             raise ConfigError(
-                f"eval.streaming.enabled={self.streaming.enabled!r} is not valid; use auto, true or false"
+                f"eval.streaming.enabled={self.streaming.enabled!r} is not valid; "
+                "use auto, true or false"
             )
         _positive_ints([self.streaming.max_tokens], "eval.streaming.max_tokens")
         if self.streaming.segment_length is not None:
@@ -159,7 +162,8 @@ def _build(cls, values: Mapping[str, Any], path: str):
 
 
 def eval_settings(section: Mapping | DictConfig | None) -> EvalSettings:
-    """Typed, validated settings from a config's `eval:` section (missing keys take the defaults)."""
+    """Typed, validated settings from a config's `eval:` section
+    (missing keys take the defaults)."""
     values = (
         OmegaConf.to_container(section, resolve=True)
         if isinstance(section, DictConfig)

@@ -86,8 +86,9 @@ class LanguageModel(nn.Module):
             end = start + input_ids.shape[1]
             if end > self.dims.context_length:
                 raise ValueError(
-                    f"learned positions cover {self.dims.context_length} tokens but position {end - 1} "
-                    "was requested; use model.position=rope/alibi/none to go past the training length"
+                    f"learned positions cover {self.dims.context_length} tokens "
+                    f"but position {end - 1} was requested; "
+                    "use model.position=rope/alibi/none to go past the training length"
                 )
             x = x + self.pos_embed(torch.arange(start, end, device=input_ids.device))
         return self.dropout(x)
@@ -127,7 +128,8 @@ class LanguageModel(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
     ) -> Tensor:
-        """Sample continuations with the streaming state: one prompt pass, then one token per step."""
+        """Sample continuations with the streaming state:
+        one prompt pass, then one token per step."""
         state = self.init_state(input_ids.shape[0])
         logits, state = self.step(input_ids, state)
         generated = [input_ids]

@@ -1,4 +1,5 @@
-"""Training callbacks: stop on a non-finite loss, and checkpoint what Lightning does not (RNG, stream state)."""
+"""Training callbacks: stop on a non-finite loss,
+and checkpoint what Lightning does not (RNG, stream state)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ class NonFiniteLossError(RuntimeError):
 
 
 class NonFiniteLossGuard(Callback):
-    """Stops the run when the training loss is NaN or inf, before the backward pass and the optimizer step.
+    """Stops the run when the training loss is NaN or inf,
+    before the backward pass and the optimizer step.
 
     Raising before backward keeps the weights in memory as they were, and no checkpoint is
     written after the bad step, so the last checkpoint of `last_checkpoint` stays the last good
@@ -50,7 +52,8 @@ class NonFiniteLossGuard(Callback):
             f"the last good checkpoint is {kept}" if kept else "no checkpoint was written before it"
         )
         raise NonFiniteLossError(
-            f"the training loss {what} at step {trainer.global_step} (epoch {trainer.current_epoch}); "
+            f"the training loss {what} at step {trainer.global_step} "
+            f"(epoch {trainer.current_epoch}); "
             f"stopped before applying it, {keep}. Lower optim.lr, raise optim.warmup_steps or use "
             f"trainer.precision=32-true, then resume with ckpt_path=last"
         )
@@ -69,7 +72,8 @@ class RandomStateCheckpoint(Callback):
         self._loaded: dict[str, Any] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        # numpy's key array travels as a tensor: checkpoints load with torch.load(weights_only=True).
+        # numpy's key array travels as a tensor:
+        # checkpoints load with torch.load(weights_only=True).
         kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
         return {
             "torch": torch.get_rng_state(),
@@ -102,7 +106,8 @@ class RandomStateCheckpoint(Callback):
 
 
 class StreamStateCheckpoint(Callback):
-    """Checkpoints the stream state (memory carried across batches) of every rank; each gets its own back.
+    """Checkpoints the stream state (memory carried across batches) of every rank;
+    each gets its own back.
 
     Ranks own different rows of the ordered stream, so their states differ and are gathered
     to rank 0, which writes the checkpoint. A gather is a collective, so it happens where every
@@ -155,12 +160,13 @@ class StreamStateCheckpoint(Callback):
         by_rank = loaded.get("by_rank")
         if not by_rank:
             log.warning(
-                "the checkpoint holds no stream state (not written at a checkpoint step): memory restarts empty"
+                "the checkpoint holds no stream state (not written at a checkpoint step): "
+                "memory restarts empty"
             )
         elif len(by_rank) != trainer.world_size:
             log.warning(
-                "the checkpoint holds the stream state of %d ranks but this run has %d: the streams are cut "
-                "into other rows, so memory restarts empty",
+                "the checkpoint holds the stream state of %d ranks but this run has %d: "
+                "the streams are cut into other rows, so memory restarts empty",
                 len(by_rank),
                 trainer.world_size,
             )

@@ -11,7 +11,8 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file in the target's folder, then renames it over the target.
+    """Writes each checkpoint to a temporary file in the target's folder,
+    then renames it over the target.
 
     The old file stays whole until the new one is complete on disk: os.replace within one
     folder is atomic. Lightning's own writer stages the bytes in the system temp folder and

@@ -26,7 +26,8 @@ class LanguageModelTask(pl.LightningModule):
     def __init__(self, cfg: Mapping[str, Any], vocab_size: int):
         super().__init__()
         if isinstance(cfg, DictConfig):
-            # The `hydra` node (present when composed in tests) is runtime state, not the run's recipe.
+            # The `hydra` node (present when composed in tests) is runtime state,
+            # not the run's recipe.
             cfg = OmegaConf.to_container(
                 OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True
             )

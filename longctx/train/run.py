@@ -1,4 +1,5 @@
-"""`train(cfg)`: validate, build the trainer, prepare data, fit with Lightning, evaluate. train.py is a thin Hydra wrapper."""
+"""`train(cfg)`: validate, build the trainer, prepare data, fit with Lightning, evaluate.
+train.py is a thin Hydra wrapper."""
 
 from __future__ import annotations
 
@@ -57,9 +58,9 @@ def training_sampling(cfg: DictConfig, backend: Backend) -> str:
         )
     if backend.ordered_stream and sampling == "packed":
         raise ConfigError(
-            f"attention={cfg.attention.name} carries memory from one batch to the next, which needs ordered "
-            "streams (each batch continuing the previous one); packed windows are shuffled. Set "
-            "sampling=auto or sampling=ordered"
+            f"attention={cfg.attention.name} carries memory from one batch to the next, "
+            "which needs ordered streams (each batch continuing the previous one); "
+            "packed windows are shuffled. Set sampling=auto or sampling=ordered"
         )
     if sampling == "auto":
         return "ordered" if backend.ordered_stream else "packed"
@@ -67,14 +68,15 @@ def training_sampling(cfg: DictConfig, backend: Backend) -> str:
 
 
 def checkpoint_interval(cfg: DictConfig) -> int:
-    """Optimizer steps between checkpoints: cfg.checkpoint_every_n_steps, else trainer.val_check_interval."""
+    """Optimizer steps between checkpoints:
+    cfg.checkpoint_every_n_steps, else trainer.val_check_interval."""
     every = cfg.get("checkpoint_every_n_steps")
     if every is None:
         every = cfg.trainer.get("val_check_interval")
         if not isinstance(every, int) or isinstance(every, bool):
             raise ConfigError(
-                f"trainer.val_check_interval={every!r} is not a number of steps, so it cannot set the "
-                "checkpoint interval; set checkpoint_every_n_steps=<steps>"
+                f"trainer.val_check_interval={every!r} is not a number of steps, "
+                "so it cannot set the checkpoint interval; set checkpoint_every_n_steps=<steps>"
             )
     if not isinstance(every, int) or isinstance(every, bool) or every < 1:
         raise ConfigError(
@@ -130,7 +132,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> tuple[list[Callback], 
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], logger) -> pl.Trainer:
-    """cfg.trainer instantiated; checkpoints are written atomically unless it brings its own CheckpointIO."""
+    """cfg.trainer instantiated;
+    checkpoints are written atomically unless it brings its own CheckpointIO."""
     plugins = list(instantiate(cfg.trainer.get("plugins")) or [])
     if not any(isinstance(plugin, CheckpointIO) for plugin in plugins):
         plugins.append(AtomicCheckpointIO())
@@ -138,7 +141,8 @@ def build_trainer(cfg: DictConfig, callbacks: list[Callback], logger) -> pl.Trai
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
-    """`last` is the newest of this run directory's checkpoints/last.ckpt and SLURM's hpc_ckpt_*.ckpt.
+    """`last` is the newest of this run directory's checkpoints/last.ckpt
+    and SLURM's hpc_ckpt_*.ckpt.
 
     With none there yet the run starts from scratch, so one command line serves the first
     start and every restart after a preemption (resume with hydra.run.dir=<that run>).
@@ -183,8 +187,9 @@ def train(cfg: DictConfig) -> dict:
         if isinstance(trainer.strategy, FSDPStrategy):
             # The model's weights are sharded over the ranks: rank 0 alone cannot run it.
             log.warning(
-                "eval_after_fit skipped under FSDP; consolidate the sharded checkpoint with `python -m "
-                "lightning.pytorch.utilities.consolidate_checkpoint %s` and run eval.py on the result",
+                "eval_after_fit skipped under FSDP; consolidate the sharded checkpoint with "
+                "`python -m lightning.pytorch.utilities.consolidate_checkpoint %s` "
+                "and run eval.py on the result",
                 last_checkpoint.last_model_path,
             )
         else:
