@@ -8,14 +8,13 @@ python eval.py report.runs='outputs/train/multiruns/<time>/*'   # report mode: n
 import hydra
 from omegaconf import DictConfig
 
-from longctx.eval.run import run_eval
-from longctx.train.run import finish_wandb
+from longctx.jobs import evaluate, finish_wandb
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
     try:
-        run_eval(cfg)
+        evaluate(cfg)
     finally:
         finish_wandb()
 

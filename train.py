@@ -3,7 +3,7 @@
 import hydra
 from omegaconf import DictConfig
 
-from longctx.train.run import finish_wandb, set_matmul_precision, train
+from longctx.jobs import finish_wandb, set_matmul_precision, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")

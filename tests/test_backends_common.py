@@ -49,6 +49,8 @@ def test_yaml_lists_the_spec_defaults(name):
     """conf/attention/<name>.yaml shows exactly the options and defaults the code uses."""
     yaml = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "attention" / f"{name}.yaml"))
     assert yaml.pop("name") == name
+    if not isinstance(yaml.get("kernel"), int):  # aft_conv's `kernel` is its causal kernel length
+        assert yaml.pop("kernel") == "auto"
     defaults = {
         f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
         for f in dataclasses.fields(backend_class(name).Options)

@@ -22,10 +22,10 @@ import longctx.attention.registry as registry
 from longctx.attention import Backend, available_backends, backend_class, register
 from longctx.attention.full import FullAttention
 from longctx.errors import ConfigError
+from longctx.jobs import train
 from longctx.train.callbacks import NonFiniteLossError
 from longctx.train.checkpoint_io import AtomicCheckpointIO
 from longctx.train.module import LanguageModelTask
-from longctx.train.run import train
 
 SMALL_RUN = [
     "model=tiny",

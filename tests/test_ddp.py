@@ -14,9 +14,9 @@ from conftest import ROOT, compose_config
 from hydra.core.hydra_config import HydraConfig
 
 from longctx.attention import available_backends
-from longctx.data import PackedWindows
+from longctx.data import PackedWindows, build_datamodule
 from longctx.data.packing import ResumableShardSampler
-from longctx.train.run import build_datamodule, train
+from longctx.jobs import train
 
 STEPS = 3
 PER_RANK_BATCH = 4

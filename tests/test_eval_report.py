@@ -19,8 +19,8 @@ from longctx.eval.costs import costs_from_bench
 from longctx.eval.outputs import RESULTS_SCHEMA_VERSION
 from longctx.eval.report import find_run_dirs, load_runs, write_report
 from longctx.eval.run import run_eval
+from longctx.jobs import finish_wandb
 from longctx.model import model_dims
-from longctx.train.run import finish_wandb
 
 
 def fake_results(attention: str, data: str = "synthetic", quality: float = 1.0, **options) -> dict:

@@ -15,12 +15,13 @@ from conftest import ROOT, compose_config
 from hydra.core.hydra_config import HydraConfig
 from torch.nn import functional as F
 
+from longctx.data import build_datamodule
 from longctx.data.tokenizer import ByteTokenizer
 from longctx.errors import ConfigError
 from longctx.eval.outputs import RESULTS_SCHEMA_VERSION, SECTIONS
 from longctx.eval.run import run_eval
+from longctx.jobs import train
 from longctx.train.module import LanguageModelTask
-from longctx.train.run import build_datamodule, train
 
 EVAL_OVERRIDES = (
     "eval.context_lengths=[16,32,64]",

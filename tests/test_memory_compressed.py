@@ -19,8 +19,8 @@ from longctx.attention.memory_compressed import (
     MemoryCompressedAttention,
     compressed_attention,
 )
+from longctx.core.positions import alibi_bias, alibi_slopes
 from longctx.errors import ConfigError
-from longctx.model.positions import alibi_bias, alibi_slopes
 
 VOCAB = 37
 

@@ -24,8 +24,8 @@ from longctx.attention import ModelDims, build_backend, moba, moba_kernel
 from longctx.attention.masked import masked_attention
 from longctx.attention.moba import MobaCore, block_key_sums, select_blocks
 from longctx.attention.moba_kernel import block_sparse_attention
+from longctx.core.positions import alibi_slopes
 from longctx.errors import ConfigError
-from longctx.model.positions import alibi_slopes
 
 VOCAB = 37
 KERNELS = sorted(moba_kernel.KERNELS)

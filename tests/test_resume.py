@@ -24,7 +24,9 @@ from conftest import ROOT, compose_config
 from hydra.core.hydra_config import HydraConfig
 
 from longctx.attention import available_backends
-from longctx.train.run import build_datamodule, resolve_ckpt_path, train
+from longctx.data import build_datamodule
+from longctx.jobs import train
+from longctx.train.run import resolve_ckpt_path
 
 K = 3  # checkpoint interval; both runs end at step 2K
 TOLERANCE = 1e-6  # fp32 on one CPU; in practice the runs agree bit for bit

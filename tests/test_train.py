@@ -12,8 +12,8 @@ from conftest import ROOT, compose_config
 from hydra.core.hydra_config import HydraConfig
 
 from longctx.eval.outputs import RESULTS_SCHEMA_VERSION, ROW_FIELDS
+from longctx.jobs import train
 from longctx.train.module import LanguageModelTask
-from longctx.train.run import train
 
 
 def run_config(out: Path, *overrides: str):

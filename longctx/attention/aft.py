@@ -49,7 +49,6 @@ from longctx.attention.wkv import (
     EMPTY,
     WKV_CHUNK,
     WkvState,
-    compute_dtype,
     empty_wkv_state,
     exclusive_state_scan,
     merge_states,
@@ -57,6 +56,7 @@ from longctx.attention.wkv import (
     wkv_flops,
     wkv_recurrent,
 )
+from longctx.core.dtypes import accumulation_dtype
 from longctx.errors import ConfigError
 
 # Rank of aft_full's factorised bias w = U V^T (the paper's d' = 128 for long sequences).
@@ -115,7 +115,7 @@ def aft_blocked(
     have bias 0. `prefix` (a WKV state, no decay) summarises keys before index 0. `block` is the
     outer block size, `base` the size of the pairwise blocks inside it (speed only).
     """
-    dtype = compute_dtype(v.dtype)
+    dtype = accumulation_dtype(v.dtype)
     with torch.autocast(k.device.type, enabled=False):
         prefix = tuple(s.to(dtype) for s in prefix)
         y = _aft_blocked(
@@ -293,7 +293,7 @@ def _within_blocks(k, v, rows, bias, band, base) -> WkvState:
 def aft_one_query(k: Tensor, v: Tensor, bias: BiasFn, prefix: WkvState) -> Tensor:
     """The weighted mean for one query, the last of keys k, v [B, H, L, Dh], all of which it reaches
     with learned bias (the streaming cache), plus `prefix` for older keys: [B, H, 1, Dh]."""
-    dtype = compute_dtype(v.dtype)
+    dtype = accumulation_dtype(v.dtype)
     with torch.autocast(k.device.type, enabled=False):
         cols = torch.arange(k.shape[-2], device=k.device)[None]
         w = bias(cols[:, -1:], cols)[:, 0].to(dtype)  # [Hb, 1, L]

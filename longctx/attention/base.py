@@ -24,6 +24,7 @@ from typing import Any, ClassVar
 from torch import Tensor, nn
 
 from longctx.errors import ConfigError
+from longctx.ops.seam import AUTO, TORCH, check_kernel_choice
 
 State = Any  # nested tuple / list / dict of tensors
 
@@ -122,29 +123,41 @@ class Backend(ABC):
     """How one named mechanism builds its layers. Subclasses register with `@register`.
 
     `Options` is a dataclass whose defaults are the spec's defaults; the config section
-    (minus `name`) is validated against it when the backend is built.
+    (minus `name` and `kernel`) is validated against it when the backend is built. `kernel`
+    (`attention.kernel`, default `auto`) picks the implementation among `kernels`
+    (longctx.ops.seam).
     """
 
     name: ClassVar[str]
     Options: ClassVar[type]
+    # The kernels this backend implements, fastest on a GPU first (longctx.ops.seam).
+    kernels: ClassVar[tuple[str, ...]] = (TORCH,)
     # True when training must feed ordered contiguous streams and carry state across batches.
     ordered_stream: ClassVar[bool] = False
 
-    def __init__(self, options: Any, dims: ModelDims):
+    def __init__(self, options: Any, dims: ModelDims, kernel: str = AUTO):
+        check_kernel_choice(self.name, kernel, self.kernels)
         self.options = options
         self.dims = dims
+        self.kernel = kernel
         self.validate()
 
     @classmethod
     def from_config(cls, attn_cfg: Mapping, dims: ModelDims) -> Backend:
         fields = {f.name for f in dataclasses.fields(cls.Options)}
         given = {k: v for k, v in dict(attn_cfg).items() if k != "name"}
+        kernel = AUTO
+        # `kernel` names the implementation; aft_conv's spec also has a `kernel` option, its
+        # causal kernel length: an integer there, while implementation names are strings.
+        if isinstance(given.get("kernel"), str) or "kernel" not in fields:
+            kernel = given.pop("kernel", AUTO)
         unknown = sorted(set(given) - fields)
         if unknown:
             raise ConfigError(
-                f"attention={cls.name} has no option(s) {unknown}; valid options: {sorted(fields)}"
+                f"attention={cls.name} has no option(s) {unknown}; valid options: "
+                f"{sorted(fields | {'kernel'})}"
             )
-        return cls(cls.Options(**given), dims)
+        return cls(cls.Options(**given), dims, kernel=kernel)
 
     def validate(self) -> None:
         """Raise ConfigError for impossible settings (checked before any data or weights exist)."""

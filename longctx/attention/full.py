@@ -13,7 +13,7 @@ from longctx.attention.base import Backend, Mixer, State
 from longctx.attention.masked import masked_attention
 from longctx.attention.registry import register
 from longctx.attention.softmax import AttentionCore, SoftmaxAttention
-from longctx.model.positions import alibi_bias
+from longctx.core.positions import alibi_bias
 
 
 class CausalCore(AttentionCore):

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from longctx.attention.base import Backend, HeadMixer, Mixer, ModelDims, State, split_qkv
 from longctx.attention.registry import register
+from longctx.core.dtypes import accumulation_dtype
 from longctx.errors import ConfigError
 
 # fast-transformers' value: keeps a zero denominator (possible with relu features) finite.
@@ -50,11 +51,6 @@ FEATURE_MAPS = {
     "elu": (elu_feature, lambda phi: phi.clamp(max=1.0)),  # x + 1 for x > 0, e^x = phi otherwise
     "relu": (F.relu, lambda phi: (phi > 0).to(phi.dtype)),
 }
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """States and normalisers accumulate in fp32 at least (fp64 stays fp64)."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _segment_length(n: int, per_position: int, chunk: int) -> int:
@@ -192,7 +188,7 @@ def chunked_linear_attention(
     out has the dtype of v, the state is kept in fp32 (fp64 for fp64 inputs).
     """
     lead, (n, dk), dv = q.shape[:-2], q.shape[-2:], v.shape[-1]
-    dtype = compute_dtype(v.dtype)
+    dtype = accumulation_dtype(v.dtype)
     with torch.autocast(q.device.type, enabled=False):
         flat = [t.to(dtype).reshape(-1, n, t.shape[-1]) for t in (q, k, v)]
         s0 = state.to(dtype).reshape(-1, dk, dv + 1)
@@ -207,7 +203,7 @@ def recurrent_linear_attention(
     """The same attention one position at a time:
     S' += phi(k_t) [v_t | 1]^T, o_t = phi(q_t)^T S'."""
     phi = FEATURE_MAPS[feature][0]
-    dtype = compute_dtype(v.dtype)
+    dtype = accumulation_dtype(v.dtype)
     s = state.to(dtype)
     outputs = []
     for qt, kt, vt in zip(*(t.to(dtype).unbind(-2) for t in (q, k, v))):
@@ -238,7 +234,7 @@ class LinearAttention(HeadMixer):
 
     def init_state(self, batch_size: int) -> State:
         weight = self.out.weight
-        dtype = compute_dtype(weight.dtype)
+        dtype = accumulation_dtype(weight.dtype)
         return weight.new_zeros(
             batch_size, self.n_head, self.head_dim, self.head_dim + 1, dtype=dtype
         )

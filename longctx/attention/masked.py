@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from longctx.model.positions import alibi_bias
+from longctx.core.positions import alibi_bias
 
 # predicate(h, i, j) -> bool tensor broadcastable to [H, nq, nk];
 # h: [H,1,1], i: [1,nq,1], j: [1,1,nk]

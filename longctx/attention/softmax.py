@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from longctx.attention.base import HeadMixer, ModelDims, State, split_qkv
-from longctx.model.positions import Rotary, alibi_slopes
+from longctx.core.positions import Rotary, alibi_slopes
 
 
 class AttentionCore(nn.Module, ABC):

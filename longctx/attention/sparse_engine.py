@@ -26,6 +26,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
+from longctx.core.dtypes import accumulation_dtype
+
 # Score elements of one (batch, head) slice per chunk of query blocks: a chunk's scores for
 # 8 heads stay around 1 MiB of fp32 (measured, see the report).
 CHUNK_SCORES = 1 << 15
@@ -110,11 +112,6 @@ def computed_pairs(part: Part, n: int) -> int:
     if isinstance(part, SelfPart):
         return n
     return sum((c.end - c.first) * c.width for c in part.chunks) * part.block * part.block
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Softmax statistics are kept in fp32 (fp64 when the inputs are fp64)."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def make_layout(

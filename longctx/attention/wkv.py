@@ -31,6 +31,8 @@ import math
 import torch
 from torch import Tensor
 
+from longctx.core.dtypes import accumulation_dtype
+
 # Exponent of an empty state: finite (unlike -inf) so empty - empty = 0, not NaN, and
 # e^{EMPTY - anything finite} = 0. The RWKV-4 reference kernels use the same value.
 EMPTY = -1e38
@@ -46,14 +48,9 @@ WKV_CHUNK = 32
 SEGMENT_ELEMENTS = 1 << 22
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Sums, states and maxima are kept in fp32 at least (fp64 stays fp64)."""
-    return torch.promote_types(dtype, torch.float32)
-
-
 def empty_wkv_state(shape: tuple[int, ...], like: Tensor) -> WkvState:
     """(a, b, p) for no positions yet, each of `shape` (the leading dims of k without N)."""
-    dtype = compute_dtype(like.dtype)
+    dtype = accumulation_dtype(like.dtype)
     zeros = like.new_zeros(shape, dtype=dtype)
     return zeros, zeros.clone(), torch.full_like(zeros, EMPTY)
 
@@ -84,7 +81,7 @@ def wkv_recurrent(
     k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: WkvState
 ) -> tuple[Tensor, WkvState]:
     """The reference recurrence over k, v [..., N, D]; w, u broadcast to [..., D]."""
-    dtype = compute_dtype(v.dtype)
+    dtype = accumulation_dtype(v.dtype)
     a, b, p = (s.to(dtype) for s in state)
     w, u = w.to(dtype), u.to(dtype)
     outputs = []
@@ -154,7 +151,7 @@ def wkv_chunked(
 
     N need not be a multiple of `chunk`: the remainder runs as one shorter chunk.
     """
-    dtype = compute_dtype(v.dtype)
+    dtype = accumulation_dtype(v.dtype)
     per_position = k[..., 0, :].numel()  # elements of one position across batch and heads
     longest = max(1, SEGMENT_ELEMENTS // per_position // chunk) * chunk
     count = -(-k.shape[-2] // longest)

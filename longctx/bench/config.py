@@ -12,6 +12,7 @@ import torch
 from longctx.attention import available_backends, backend_class
 from longctx.bench.allocator import check_cpu_allocator
 from longctx.bench.anchors import ANCHORS
+from longctx.core.device import resolve_device
 from longctx.errors import ConfigError
 
 DTYPES = {
@@ -152,14 +153,6 @@ def _backend_options(given: Mapping | None) -> dict[str, dict[str, Any]]:
     return options
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={device} but CUDA is not available here; use device=cpu or auto")
-    return device
-
-
 def settings_from_config(cfg: Mapping, missing_anchors: Mapping[str, str]) -> Settings:
     """Validate the Hydra config (all mistakes surface here, before anything is measured).
 
@@ -190,7 +183,7 @@ def settings_from_config(cfg: Mapping, missing_anchors: Mapping[str, str]) -> Se
         batch=int(cfg["batch"]),
         heads=int(cfg["heads"]),
         head_dim=int(cfg["head_dim"]),
-        device=resolve_device(str(cfg["device"])),
+        device=str(resolve_device(str(cfg["device"]))),
         warmup=int(cfg["warmup"]),
         repeats=int(cfg["repeats"]),
         decode_tokens=int(cfg["decode_tokens"]),

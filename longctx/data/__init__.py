@@ -1,7 +1,7 @@
 """Data layer: corpora, tokenizers, token caches, packed and ordered sampling, the DataModule."""
 
 from longctx.data.corpus import corpus_fingerprint, load_corpus
-from longctx.data.datamodule import LongDocDataModule
+from longctx.data.datamodule import LongDocDataModule, build_datamodule
 from longctx.data.packing import OrderedStream, PackedWindows
 from longctx.data.tokenizer import ByteTokenizer, HFTokenizer, build_tokenizer
 
@@ -11,6 +11,7 @@ __all__ = [
     "LongDocDataModule",
     "OrderedStream",
     "PackedWindows",
+    "build_datamodule",
     "build_tokenizer",
     "corpus_fingerprint",
     "load_corpus",

@@ -1,6 +1,6 @@
 """LongDocDataModule: corpus -> tokenizer -> cached token streams -> packed or ordered batches."""
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from functools import cached_property
 from pathlib import Path
 
@@ -247,3 +247,16 @@ class LongDocDataModule(L.LightningDataModule):
             )
         probs = counts[counts > 0] / counts.sum()
         return float(-(probs * np.log(probs)).sum())
+
+
+def build_datamodule(cfg: Mapping, ordered_stream: bool) -> LongDocDataModule:
+    """The DataModule of a composed root config (`data`, `tokenizer`, lengths, batch, seed)."""
+    return LongDocDataModule(
+        data_cfg=cfg["data"],
+        tokenizer_cfg=cfg["tokenizer"],
+        context_length=cfg["context_length"],
+        batch_size=cfg["batch_size"],
+        num_workers=cfg["num_workers"],
+        sampling="ordered" if ordered_stream else "packed",
+        seed=cfg["seed"],
+    )

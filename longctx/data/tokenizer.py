@@ -15,6 +15,7 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizerModel
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from longctx.core.files import atomic_write_text
 from longctx.data.config import to_plain_dict
 
 EOS_TOKEN = "<|endoftext|>"
@@ -103,13 +104,6 @@ def _take_bytes(texts: Iterable[str], max_bytes: int | None) -> Iterable[str]:
             return
 
 
-def _atomic_write_text(path: Path, content: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(content, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def build_tokenizer(
     tok_cfg,
     train_texts: TextSource | None = None,
@@ -151,6 +145,6 @@ def build_tokenizer(
         texts = train_texts() if callable(train_texts) else train_texts
         model = train_byte_level_bpe(texts, vocab_size, cfg.get("max_train_bytes"))
         if cached is not None:
-            _atomic_write_text(cached, model.to_str())
+            atomic_write_text(cached, model.to_str())
         return HFTokenizer(model, name="bpe", eos_token=EOS_TOKEN)
     raise ValueError(f"unknown tokenizer name {kind!r}; expected byte, bpe or file")

@@ -8,13 +8,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
-import tempfile
 from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from longctx.core.files import atomic_write_text
 from longctx.eval import plots
 from longctx.eval.perplexity import PerplexityRow
 
@@ -60,16 +59,6 @@ SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
         ),
     ),
 }
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same directory and rename,
-    so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def csv_text(records: list[list]) -> str:

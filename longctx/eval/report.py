@@ -22,9 +22,10 @@ from typing import Any
 import numpy as np
 from omegaconf import OmegaConf
 
+from longctx.core.files import atomic_write_text
 from longctx.eval import plots
 from longctx.eval.costs import load_bench, run_costs
-from longctx.eval.outputs import atomic_write_text, csv_text
+from longctx.eval.outputs import csv_text
 
 SUMMARY_COLUMNS = (
     "mechanism",

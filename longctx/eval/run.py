@@ -1,6 +1,6 @@
 """Evaluation runs: every metric on the test split, written to the run directory; or a report.
 
-`evaluate_model` is what train.py calls at the end of a fit; `evaluate_checkpoint` rebuilds a
+`evaluate_model` is what train.py runs after a fit (longctx.jobs); `evaluate_checkpoint` rebuilds a
 checkpoint's model and data for eval.py; `run_eval` is eval.py's dispatch (report or checkpoint).
 """
 
@@ -19,6 +19,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from longctx.checkpoints import model_from_checkpoint
+from longctx.core.device import resolve_device
+from longctx.data import build_datamodule
 from longctx.errors import ConfigError
 from longctx.eval.fact_recall import fact_recall, planted_facts
 from longctx.eval.outputs import log_to_wandb, write_results
@@ -31,12 +34,6 @@ from longctx.eval.streaming import streaming_perplexity
 from longctx.eval.token_bytes import byte_counter
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 @contextmanager
@@ -229,12 +226,9 @@ def _log_summary(sections: dict, timings: dict) -> None:
 
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     """eval.py: rebuild the model and data of a checkpoint's run, then evaluate with `cfg.eval`."""
-    from longctx.train.module import LanguageModelTask
-    from longctx.train.run import build_datamodule
-
     eval_settings(cfg.eval)  # a bad setting fails here, before the checkpoint and data load
-    task = LanguageModelTask.load_from_checkpoint(cfg.ckpt_path, map_location="cpu")
-    run_cfg = OmegaConf.create(task.hparams["cfg"])
+    model, saved_cfg = model_from_checkpoint(cfg.ckpt_path)
+    run_cfg = OmegaConf.create(saved_cfg)
     run_cfg.eval = cfg.eval
     # Data and tokenizer must be the checkpoint's (the vocabulary depends on them); only where
     # caches live may differ between machines.
@@ -244,7 +238,7 @@ def evaluate_checkpoint(cfg: DictConfig) -> dict:
     datamodule.setup("test")
     _start_logger(cfg)
     return evaluate_model(
-        task.model.float(), datamodule, run_cfg, Path(cfg.paths.output_dir), str(cfg.ckpt_path)
+        model, datamodule, run_cfg, Path(cfg.paths.output_dir), str(cfg.ckpt_path)
     )
 
 

@@ -19,12 +19,12 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from longctx.core.state import reset_rows
 from longctx.data.packing import OrderedStream
 from longctx.eval.perplexity import PerplexityRow
 from longctx.eval.position_loss import log_bins
 from longctx.eval.scoring import Scorer, Stopwatch
 from longctx.eval.token_bytes import ByteCounter
-from longctx.train.stream_state import reset_rows
 
 
 @torch.no_grad()

@@ -6,10 +6,10 @@ from collections.abc import Mapping
 from functools import partial
 
 from longctx.attention import ModelDims, build_backend
+from longctx.core.positions import POSITION_SCHEMES
 from longctx.errors import ConfigError
 from longctx.model.layers import MLPS, NORMS
 from longctx.model.lm import LanguageModel
-from longctx.model.positions import POSITION_SCHEMES
 
 
 def _choice(value: str, options, key: str) -> None:

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from longctx.train.stream_state import map_state
+from longctx.core.state import map_state
 
 log = logging.getLogger(__name__)
 

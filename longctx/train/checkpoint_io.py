@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from longctx.core.files import atomic_write
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes each checkpoint to a temporary file in the target's folder,
-    then renames it over the target.
+    """Writes each checkpoint through `longctx.core.files.atomic_write`.
 
-    The old file stays whole until the new one is complete on disk: os.replace within one
-    folder is atomic. Lightning's own writer stages the bytes in the system temp folder and
-    moves them into place; on a cluster that folder is usually another filesystem (local /tmp,
-    shared checkpoints), where the move is a copy into the target that a full disk interrupts
-    midway, truncating the previous last.ckpt. Remote URLs (s3://...) keep Lightning's writer:
-    object stores publish an upload only once it is complete.
+    Lightning's own writer stages the bytes in the system temp folder and moves them into
+    place; on a cluster that folder is usually another filesystem (local /tmp, shared
+    checkpoints), where the move is a copy into the target that a full disk interrupts midway,
+    truncating the previous last.ckpt. Remote URLs (s3://...) keep Lightning's writer: object
+    stores publish an upload only once it is complete.
     """
 
     def save_checkpoint(
@@ -35,27 +34,4 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise TypeError(
                 f"{type(self).__name__} takes no storage_options, got {storage_options!r}"
             )
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
-        try:
-            with open(partial, "wb") as handle:
-                torch.save(checkpoint, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(partial, target)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        _fsync_folder(target.parent)
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); Windows cannot open a folder for fsync."""
-    if os.name != "posix":
-        return
-    descriptor = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+        atomic_write(path, lambda handle: torch.save(checkpoint, handle))

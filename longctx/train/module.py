@@ -10,8 +10,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn import functional as F
 
+from longctx.core.state import detach_state, reset_rows
 from longctx.model import build_model
-from longctx.train.stream_state import detach_state, reset_rows
 
 
 class LanguageModelTask(pl.LightningModule):

@@ -1,10 +1,13 @@
-"""`train(cfg)`: validate, build the trainer, prepare data, fit with Lightning, evaluate.
-train.py is a thin Hydra wrapper."""
+"""`fit(cfg)`: validate, build the trainer, prepare data and fit with Lightning.
+
+`longctx.jobs` runs it for train.py and evaluates the result; training never imports evaluation.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -17,13 +20,11 @@ from lightning.pytorch.callbacks import (
     ThroughputMonitor,
 )
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.strategies import FSDPStrategy
 from omegaconf import DictConfig
 
 from longctx.attention import Backend, build_backend
-from longctx.data import LongDocDataModule
+from longctx.data import LongDocDataModule, build_datamodule
 from longctx.errors import ConfigError
-from longctx.eval.run import evaluate_model
 from longctx.flops import training_flops_per_token
 from longctx.model import build_model, model_dims
 from longctx.train.callbacks import NonFiniteLossGuard, RandomStateCheckpoint, StreamStateCheckpoint
@@ -83,18 +84,6 @@ def checkpoint_interval(cfg: DictConfig) -> int:
             f"checkpoint_every_n_steps must be a positive number of steps, got {every!r}"
         )
     return every
-
-
-def build_datamodule(cfg: DictConfig, ordered_stream: bool) -> LongDocDataModule:
-    return LongDocDataModule(
-        data_cfg=cfg.data,
-        tokenizer_cfg=cfg.tokenizer,
-        context_length=cfg.context_length,
-        batch_size=cfg.batch_size,
-        num_workers=cfg.num_workers,
-        sampling="ordered" if ordered_stream else "packed",
-        seed=cfg.seed,
-    )
 
 
 def build_callbacks(cfg: DictConfig, output_dir: Path) -> tuple[list[Callback], ModelCheckpoint]:
@@ -157,7 +146,19 @@ def resolve_ckpt_path(ckpt_path: str | None, output_dir: Path) -> str | None:
     return str(max(existing, key=lambda path: path.stat().st_mtime))
 
 
-def train(cfg: DictConfig) -> dict:
+@dataclass
+class FitResult:
+    """What a fit leaves for whoever runs next (evaluation after fit, tests)."""
+
+    metrics: dict[str, float]
+    task: LanguageModelTask
+    datamodule: LongDocDataModule
+    trainer: pl.Trainer
+    last_checkpoint: str
+
+
+def fit(cfg: DictConfig) -> FitResult:
+    """Validate, build the trainer, prepare data, and fit with Lightning."""
     os.environ.setdefault("WANDB_MODE", "offline")
     backend = validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
@@ -182,25 +183,7 @@ def train(cfg: DictConfig) -> dict:
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["unigram_entropy"] = datamodule.unigram_entropy()
     log.info("final metrics: %s", metrics)
-
-    if cfg.eval_after_fit and trainer.is_global_zero:
-        if isinstance(trainer.strategy, FSDPStrategy):
-            # The model's weights are sharded over the ranks: rank 0 alone cannot run it.
-            log.warning(
-                "eval_after_fit skipped under FSDP; consolidate the sharded checkpoint with "
-                "`python -m lightning.pytorch.utilities.consolidate_checkpoint %s` "
-                "and run eval.py on the result",
-                last_checkpoint.last_model_path,
-            )
-        else:
-            evaluate_model(
-                task.model.float(),
-                datamodule,
-                cfg,
-                output_dir,
-                checkpoint=last_checkpoint.last_model_path,
-            )
-    return metrics
+    return FitResult(metrics, task, datamodule, trainer, last_checkpoint.last_model_path)
 
 
 def training_flops_per_batch(task: LanguageModelTask, seq_len: int, tokens: int) -> float | None:
@@ -209,16 +192,3 @@ def training_flops_per_batch(task: LanguageModelTask, seq_len: int, tokens: int)
         return training_flops_per_token(task.model, seq_len) * tokens
     except NotImplementedError:
         return None
-
-
-def finish_wandb() -> None:
-    """Close the wandb run so that the next job of a multirun gets its own."""
-    import wandb
-
-    if wandb.run is not None:
-        wandb.finish()
-
-
-def set_matmul_precision() -> None:
-    if torch.cuda.is_available():
-        torch.set_float32_matmul_precision("high")

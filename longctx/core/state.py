@@ -1,4 +1,4 @@
-"""Operations on nested streaming states (tuples/lists/dicts of tensors) used by training."""
+"""Operations on nested streaming states (tuples, lists and dicts of tensors)."""
 
 from __future__ import annotations
 
