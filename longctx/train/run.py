@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,26 +23,42 @@ from lightning.pytorch.callbacks import (
     ThroughputMonitor,
 )
 from lightning.pytorch.plugins.io import CheckpointIO
-from omegaconf import DictConfig
+from lightning.pytorch.utilities import rank_zero_only
+from omegaconf import DictConfig, OmegaConf
 
 from longctx.attention import Backend, build_backend
+from longctx.checkpoints import inspect_checkpoint, local_checkpoint
+from longctx.core.files import remove_stale_partials
 from longctx.data import LongDocDataModule, build_datamodule
+from longctx.data.files import expand_patterns
 from longctx.errors import ConfigError
 from longctx.flops import training_flops_per_token
 from longctx.model import build_model, model_dims
-from longctx.train.callbacks import NonFiniteLossGuard, RandomStateCheckpoint, StreamStateCheckpoint
+from longctx.train.callbacks import (
+    CheckpointSchemaStamp,
+    FinalStepCheckpoint,
+    NonFiniteGuard,
+    RandomStateCheckpoint,
+    StreamStateCheckpoint,
+)
 from longctx.train.checkpoint_io import AtomicCheckpointIO
+from longctx.train.csv_history import ResumableCSVLogger
 from longctx.train.module import LanguageModelTask
+from longctx.train.resume import command_line_overrides, continue_run, explicit_setting
+from longctx.train.validation import validate_numbers
 
 log = logging.getLogger(__name__)
 
 SAMPLING_CHOICES = ("auto", "packed", "ordered")
 # Any vocabulary size builds the same layers; the real one is known only once the data is ready.
 _PLACEHOLDER_VOCAB = 2
+# In the run directory: held (locked) by the run that uses it.
+RUN_LOCK_FILE = ".run.lock"
 
 
 def validate_config(cfg: DictConfig) -> Backend:
     """Every config error a run can detect without data: raised before any data preparation."""
+    validate_numbers(cfg)
     backend = build_backend(cfg.attention, model_dims(cfg))
     backend.check_sequence_length(cfg.context_length)
     training_sampling(cfg, backend)
@@ -89,13 +108,17 @@ def checkpoint_interval(cfg: DictConfig) -> int:
 def build_callbacks(cfg: DictConfig, output_dir: Path) -> tuple[list[Callback], ModelCheckpoint]:
     """The run's callbacks, and the one that writes checkpoints/last.ckpt."""
     every = checkpoint_interval(cfg)
-    last = ModelCheckpoint(
+    last = FinalStepCheckpoint(
         dirpath=output_dir / "checkpoints",
         filename="step{step:06d}",
         auto_insert_metric_name=False,
         every_n_train_steps=every,
         save_top_k=0,
         save_last=True,
+        # Always last.ckpt, which ckpt_path=last reads: Lightning would write last-v1.ckpt next
+        # to a last.ckpt it did not write itself in this run (its state comes back from the
+        # checkpoint only while checkpoint_every_n_steps, part of its state key, is unchanged).
+        enable_version_counter=False,
     )
     # Saved when validation ends, so that it ranks the validation loss just measured.
     best = ModelCheckpoint(
@@ -108,7 +131,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> tuple[list[Callback], 
     callbacks = [
         last,
         best,
-        NonFiniteLossGuard(last),
+        NonFiniteGuard(last),
+        CheckpointSchemaStamp(),
         RandomStateCheckpoint(),
         StreamStateCheckpoint(every),
         LearningRateMonitor(logging_interval="step"),
@@ -155,22 +179,58 @@ class FitResult:
     datamodule: LongDocDataModule
     trainer: pl.Trainer
     last_checkpoint: str
+    cfg: DictConfig  # the config the run trained with (a resume restores parts of it)
 
 
-def fit(cfg: DictConfig) -> FitResult:
-    """Validate, build the trainer, prepare data, and fit with Lightning."""
+def fit(cfg: DictConfig) -> FitResult | None:
+    """Validate, build the trainer, prepare data, and fit with Lightning.
+
+    None when the checkpoint resumed is already at trainer.max_steps: a requeued finished run
+    says so and leaves its outputs untouched.
+    """
     os.environ.setdefault("WANDB_MODE", "offline")
-    backend = validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    with ExitStack() as stack:
+        local_ckpt = stack.enter_context(local_checkpoint(ckpt_path)) if ckpt_path else None
+        start_step = 0
+        if local_ckpt is not None:
+            info = inspect_checkpoint(local_ckpt, shown=ckpt_path, for_resume=True)
+            cfg = continue_run(cfg, info.cfg, ckpt_path, explicit_setting(command_line_overrides()))
+            start_step = info.global_step
+        backend = validate_config(cfg)
+        if start_step >= cfg.trainer.max_steps:
+            log.warning(
+                "%s is at step %d and trainer.max_steps=%d: the run is finished, nothing to do "
+                "(its outputs are left as they are). Raise trainer.max_steps to train further",
+                ckpt_path,
+                start_step,
+                cfg.trainer.max_steps,
+            )
+            return None
+        stack.enter_context(claim_run_dir(output_dir))
+        refuse_another_runs_dir(output_dir, ckpt_path)
+        if rank_zero_only.rank == 0:
+            for folder in (output_dir, output_dir / "checkpoints"):
+                remove_stale_partials(folder)
+        return _fit(cfg, backend, output_dir, local_ckpt, start_step)
+
+
+def _fit(
+    cfg: DictConfig, backend: Backend, output_dir: Path, ckpt: Path | None, start_step: int
+) -> FitResult:
     callbacks, last_checkpoint = build_callbacks(cfg, output_dir)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = build_logger(cfg, start_step)
     # Before the data: a wrong trainer setting fails in seconds, not after tokenising a corpus.
     trainer = build_trainer(cfg, callbacks, logger)
 
+    check_data_sources(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg, training_sampling(cfg, backend) == "ordered")
+    sampling = training_sampling(cfg, backend)
+    datamodule = build_datamodule(cfg, sampling == "ordered")
     datamodule.prepare_data()
     datamodule.setup("fit")
+    check_enough_data(cfg, datamodule, sampling, trainer.world_size)
     task = LanguageModelTask(cfg, datamodule.vocab_size)
     tokens_per_batch = cfg.batch_size * cfg.context_length
     task.flops_per_batch = training_flops_per_batch(task, cfg.context_length, tokens_per_batch)
@@ -179,11 +239,144 @@ def fit(cfg: DictConfig) -> FitResult:
             {"model/params": task.model.num_parameters(), "data/vocab_size": datamodule.vocab_size}
         )
 
-    trainer.fit(task, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, output_dir))
+    # weights_only: Lightning would otherwise unpickle whatever a checkpoint holds.
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    if trainer.global_step <= start_step and not trainer.interrupted:
+        raise ConfigError(
+            f"the run trained no step (it stopped at step {trainer.global_step}): check "
+            "trainer.limit_train_batches and trainer.max_epochs against trainer.max_steps"
+        )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["unigram_entropy"] = datamodule.unigram_entropy()
     log.info("final metrics: %s", metrics)
-    return FitResult(metrics, task, datamodule, trainer, last_checkpoint.last_model_path)
+    return FitResult(metrics, task, datamodule, trainer, last_checkpoint.last_model_path, cfg)
+
+
+def build_logger(cfg: DictConfig, start_step: int):
+    """cfg.logger instantiated (False without one); a CSV history continues at `start_step`."""
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    if isinstance(logger, ResumableCSVLogger):
+        logger.resume_step = start_step
+    return logger
+
+
+def check_data_sources(cfg: DictConfig) -> None:
+    """Every data.data_files glob matches a file and a tokenizer file exists: said before the
+    corpus is read, not as a failure halfway through preparing it."""
+    if OmegaConf.is_missing(cfg.data, "data_files"):
+        raise ConfigError(
+            f"data={cfg.data.get('name')} needs data.data_files: a glob such as "
+            "data.data_files='/books/**/*.txt', or {train: <glob>, validation: <glob>, "
+            "test: <glob>}"
+        )
+    data_files = cfg.data.get("data_files")
+    if data_files and cfg.data.get("source") in ("files", "hub"):
+        plain = (
+            OmegaConf.to_container(data_files, resolve=True)
+            if OmegaConf.is_config(data_files)
+            else data_files
+        )
+        per_split = plain if isinstance(plain, dict) else {"all": plain}
+        for split, patterns in per_split.items():
+            for pattern in [patterns] if isinstance(patterns, str) else patterns:
+                if not expand_patterns(pattern):
+                    where = "" if split == "all" else f" ({split})"
+                    raise ConfigError(
+                        f"data.data_files{where} pattern {pattern!r} matches no file; "
+                        "check the path (** matches folders recursively)"
+                    )
+    tokenizer = cfg.get("tokenizer") or {}
+    if (
+        tokenizer.get("name") == "file"
+        and not Path(str(tokenizer.get("path"))).expanduser().is_file()
+    ):
+        raise ConfigError(
+            f"tokenizer.path={tokenizer.get('path')} does not exist; give the path of a "
+            "tokenizer.json"
+        )
+
+
+def check_enough_data(
+    cfg: DictConfig, datamodule: LongDocDataModule, sampling: str, world_size: int
+) -> None:
+    """At least one training batch per rank, and one validation batch when validating.
+
+    Counted as longctx.data.packing cuts the splits: packed windows of context_length + 1
+    tokens dealt to the ranks, or one ordered row per batch element and rank.
+    """
+    splits = ["train"]
+    if cfg.trainer.get("limit_val_batches") != 0:
+        splits.append("validation")
+    for split in splits:
+        tokens = len(datamodule.split_tokens(split))
+        length, rows = cfg.context_length, cfg.batch_size * world_size
+        if sampling == "ordered":
+            batches = (tokens // rows - 1) // length
+            have = f"{tokens} tokens, cut into {rows} rows of {tokens // rows}"
+        else:
+            windows = max((tokens - 1) // length, 0)
+            batches = windows // rows if split == "train" else windows
+            have = f"{windows} windows of context_length + 1 = {length + 1} tokens"
+        if batches < 1:
+            need = (
+                f"one batch needs batch_size={cfg.batch_size} x {world_size} rank(s) = {rows} "
+                + ("rows of more than context_length" if sampling == "ordered" else "windows")
+                if split == "train" or sampling == "ordered"
+                else "one window is needed"
+            )
+            raise ConfigError(
+                f"the {split} split has {have}: too little for {need}. Lower batch_size or "
+                "context_length, or give the corpus more text"
+            )
+
+
+def refuse_another_runs_dir(output_dir: Path, ckpt_path: str | None) -> None:
+    """A run never writes over another run's checkpoints: a run directory that already holds
+    one is only resumed (ckpt_path=last), never started again or fed another run's checkpoint."""
+    existing = output_dir / "checkpoints" / "last.ckpt"
+    if not existing.exists():
+        return
+    if ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(output_dir.resolve()):
+        return
+    raise ConfigError(
+        f"{output_dir} already holds a run ({existing}); resume it with ckpt_path=last, or start "
+        "this run in a new directory (leave hydra.run.dir unset)"
+    )
+
+
+@contextmanager
+def claim_run_dir(output_dir: Path) -> Iterator[None]:
+    """Hold the run directory for this run: a second run started in it meanwhile is refused.
+
+    An advisory lock on a file in the directory, released by the OS when the process ends,
+    however it ends, so a killed run never leaves its directory locked. Rank 0 holds it for all
+    ranks. Where the filesystem has no locks the run goes on unguarded.
+    """
+    if os.name != "posix" or rank_zero_only.rank != 0:
+        yield
+        return
+    import fcntl
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with open(output_dir / RUN_LOCK_FILE, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "another process"
+            raise ConfigError(
+                f"{output_dir} is in use by another run ({owner}); wait for it to end, or start "
+                "this run in a new directory (leave hydra.run.dir unset)"
+            ) from None
+        except OSError as error:
+            log.warning("cannot lock %s (%s): concurrent runs are not detected", output_dir, error)
+            yield
+            return
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        handle.flush()
+        yield
 
 
 def training_flops_per_batch(task: LanguageModelTask, seq_len: int, tokens: int) -> float | None:
