@@ -1,11 +1,11 @@
-"""A resumed run is the run it continues: what makes it that run comes from its checkpoint.
+"""A resumed run is the run it continues: its settings come from its checkpoint.
 
-The checkpoint holds the resolved config of the run that wrote it. Its architecture, data and
-data order (the sections and keys below) are restored from it, so that
-`python train.py hydra.run.dir=<run> ckpt_path=last` resumes any run without repeating its
-overrides. A command-line override that contradicts them is refused, naming the setting: the
-weights could not continue under it. Everything else (optimizer, trainer, logging, evaluation)
-is this run's own, and each change against the checkpoint is logged. docs/resume.md lists both.
+The checkpoint holds the resolved config of the run that wrote it. Every setting the command
+line does not give is restored from it, so that `python train.py hydra.run.dir=<run>
+ckpt_path=last` resumes any run without repeating its overrides. A setting the command line
+gives applies, and is logged, unless it changes what makes the run that run (its architecture,
+data and data order: RUN_SECTIONS and RUN_KEYS): the weights could not continue under it, so
+that is refused, naming the setting. docs/resume.md lists both kinds.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 # position of the checkpoint counts windows and rows cut by them.
 RUN_SECTIONS = ("attention", "model", "data", "tokenizer")
 RUN_KEYS = ("context_length", "sampling", "batch_size", "seed")
-# Inside those sections, how or where rather than what: this run's values always apply.
+# How or where rather than what, or this run's own place: this run's values always apply.
 FREE_KEYS = frozenset(
     {
         "attention.kernel",
@@ -35,6 +35,7 @@ FREE_KEYS = frozenset(
         "data.cache_dir",
         "data.num_proc",
         "data.max_eval_windows",
+        "trainer.default_root_dir",
     }
 )
 # Where files are: restored unless given; given, a new location of the same files.
@@ -70,51 +71,53 @@ def explicit_setting(overrides: list[str] | None) -> Callable[[str], bool]:
 def continue_run(
     cfg: DictConfig, saved: dict[str, Any], shown: str, explicit: Callable[[str], bool]
 ) -> DictConfig:
-    """This run's config with the checkpoint's run settings restored; a ConfigError for any
-    that the command line contradicts. `shown` names the checkpoint in messages."""
+    """This run's config for continuing the checkpoint's run.
+
+    A setting the command line does not give is the checkpoint's. One it gives applies and is
+    logged, unless it is one of the run's own settings (RUN_SECTIONS, RUN_KEYS) with another
+    value: that is a ConfigError naming it. `shown` names the checkpoint in messages.
+    """
     merged = copy.deepcopy(cfg)
-    conflicts, restored, relocated = [], [], []
-    blocks = [(section, section + ".") for section in RUN_SECTIONS] + [(None, "")]
-    for section, prefix in blocks:
-        if section is None:  # the root keys
-            current = {key: _plain(cfg, key) for key in RUN_KEYS if key in cfg}
-            before = {key: saved[key] for key in RUN_KEYS if key in saved}
-        else:
-            current = _flat(_plain(cfg, section) or {}, prefix)
-            before = _flat(saved.get(section) or {}, prefix)
-        replaced = section is not None and current.get(prefix + "name") != before.get(
-            prefix + "name"
-        )
+    conflicts, changed, restored, relocated = [], [], [], []
+    for top in sorted((set(cfg) | set(saved)) - NOT_COMPARED):
+        own = top in RUN_SECTIONS or top in RUN_KEYS
+        current = _flat({top: _plain(cfg, top)}, "") if top in cfg else {}
+        before = _flat({top: saved[top]}, "") if top in saved else {}
+        # Another backend, corpus or tokenizer: its options are the checkpoint's, all of them.
+        replaced = top in RUN_SECTIONS and current.get(f"{top}.name") != before.get(f"{top}.name")
         result = {}
-        for key in sorted(current.keys() | before.keys()):
+        # The section's name first: the one difference that explains the others.
+        keys = sorted(current.keys() | before.keys(), key=lambda k: (k != f"{top}.name", k))
+        for key in keys:
             now, then = current.get(key, _ABSENT), before.get(key, _ABSENT)
-            if key in FREE_KEYS or now == then:
-                value = now if key in FREE_KEYS else then
-            elif explicit(key) and key in LOCATION_KEYS and now is not _ABSENT:
+            if key in FREE_KEYS:
+                value = now
+            elif now == then:
+                value = then
+            elif explicit(key) and own and key in LOCATION_KEYS and now is not _ABSENT:
                 value = now
                 relocated.append(f"{key}={now!r} (the checkpoint's run read {then!r})")
-            elif explicit(key):
+            elif explicit(key) and own:
                 conflicts.append(
                     f"{key} is {_shown(then)} in the checkpoint but {_shown(now)} here"
                 )
                 continue
-            elif then is _ABSENT:
-                # A setting the run did not have: dropped with a section restored whole (another
-                # backend's option), kept otherwise (a setting newer than the checkpoint).
-                if replaced:
-                    continue
+            elif explicit(key):
                 value = now
+                changed.append(f"{key}: {_shown(then)} -> {_shown(now)}")
+            elif then is _ABSENT:
+                # Not in the checkpoint's run: another backend's option goes with its backend; a
+                # setting newer than the checkpoint keeps its default.
+                value = _ABSENT if replaced else now
             else:
                 value = then
-                restored.append(f"{key}={then!r}")
+                restored.append((own, key, f"{key}={then!r}"))
             if value is not _ABSENT:
                 result[key] = value
-        with open_dict(merged):
-            if section is None:
-                for key, value in result.items():
-                    merged[key] = value
-            else:
-                merged[section] = _nested(result, prefix)
+        nested = _nested(result)
+        if top in nested:
+            with open_dict(merged):
+                merged[top] = nested[top]
     if conflicts:
         raise ConfigError(
             f"ckpt_path={shown} continues another run: {_listed(conflicts)}. These settings make "
@@ -122,28 +125,12 @@ def continue_run(
             "run (they are restored from it), or start a new run without ckpt_path"
         )
     if restored:
-        log.warning("resuming: restored from the checkpoint: %s", _listed(restored))
+        log.warning("resuming: restored from the checkpoint: %s", _restored_summary(restored))
+    if changed:
+        log.warning("resuming with settings changed on the command line: %s", "; ".join(changed))
     for line in relocated:
         log.warning("resuming: reading files from a new place: %s", line)
-    _log_changes(merged, saved)
     return merged
-
-
-def _log_changes(cfg: DictConfig, saved: dict[str, Any]) -> None:
-    """Each setting of this run that differs from the checkpoint's run (applied, not refused)."""
-    changed = []
-    for key in cfg:
-        if key in NOT_COMPARED or key in RUN_SECTIONS or key in RUN_KEYS:
-            continue
-        now = _flat({key: _plain(cfg, key)}, "")
-        then = _flat({key: saved[key]} if key in saved else {}, "")
-        for leaf in sorted(now.keys() | then.keys()):
-            if now.get(leaf, _ABSENT) != then.get(leaf, _ABSENT):
-                changed.append(
-                    f"{leaf}: {_shown(then.get(leaf, _ABSENT))} -> {_shown(now.get(leaf, _ABSENT))}"
-                )
-    if changed:
-        log.warning("resuming with settings changed since the checkpoint: %s", "; ".join(changed))
 
 
 def _plain(cfg: DictConfig, key: str) -> Any:
@@ -164,15 +151,25 @@ def _flat(node: dict[str, Any], prefix: str) -> dict[str, Any]:
     return flat
 
 
-def _nested(flat: dict[str, Any], prefix: str) -> dict[str, Any]:
+def _nested(flat: dict[str, Any]) -> dict[str, Any]:
     nested: dict[str, Any] = {}
     for key, value in flat.items():
-        *parents, leaf = key.removeprefix(prefix).split(".")
+        *parents, leaf = key.split(".")
         node = nested
         for parent in parents:
             node = node.setdefault(parent, {})
         node[leaf] = value
     return nested
+
+
+def _restored_summary(restored: list[tuple[bool, str, str]]) -> str:
+    """The run's own settings one by one, the others counted by section."""
+    named = [text for own, _, text in restored if own]
+    others = sorted({key.split(".")[0] for own, key, _ in restored if not own})
+    count = sum(1 for own, _, _ in restored if not own)
+    if count:
+        named.append(f"and {count} setting(s) of {', '.join(others)}")
+    return "; ".join(named)
 
 
 def _shown(value: Any) -> str:
