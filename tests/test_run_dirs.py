@@ -15,7 +15,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from longctx.errors import ConfigError
-from longctx.jobs import errors_in_one_line, train
+from longctx.jobs import errors_in_one_line, finish_wandb, train, wandb_files_inside
 from longctx.train.run import claim_run_dir
 
 SMALL_RUN = [
@@ -132,3 +132,42 @@ def test_two_runs_started_in_the_same_second_get_their_own_directories(tmp_path)
     assert len(directories) == 2
     for directory in directories:
         assert torch.load(directory / "checkpoints" / "last.ckpt")["global_step"] == 1
+
+
+def test_wandb_folders_point_into_the_run_directory_unless_the_user_chose_them(
+    tmp_path, monkeypatch
+):
+    monkeypatch.delenv("WANDB_CACHE_DIR", raising=False)
+    monkeypatch.delenv("WANDB_DATA_DIR", raising=False)
+    monkeypatch.setenv("WANDB_DIR", "/users/own/choice")
+    with wandb_files_inside(tmp_path):
+        assert os.environ["WANDB_CACHE_DIR"] == str(tmp_path / "wandb" / "cache")
+        assert os.environ["WANDB_DATA_DIR"] == str(tmp_path / "wandb" / "data")
+        assert os.environ["WANDB_DIR"] == "/users/own/choice"
+    assert "WANDB_CACHE_DIR" not in os.environ and "WANDB_DATA_DIR" not in os.environ
+    assert os.environ["WANDB_DIR"] == "/users/own/choice"
+
+
+def test_wandb_tables_of_a_run_stay_inside_its_directory(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for name in ("WANDB_DIR", "WANDB_CACHE_DIR", "WANDB_DATA_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "run"
+    overrides = [
+        "logger=wandb",
+        "eval_after_fit=true",
+        "trainer.max_steps=1",
+        "eval.context_lengths=[16,32]",
+        "eval.max_tokens=128",
+        "+eval.strides=[null]",
+        "+eval.passkey={enabled:false}",
+        "+eval.prefix_ablation={enabled:false}",
+    ]
+    try:
+        train(configure(out, *overrides))
+    finally:
+        finish_wandb()
+    assert any((out / "wandb" / "data" / "artifacts").rglob("*")), "tables were staged"
+    assert not (home / ".local" / "share" / "wandb").exists()
