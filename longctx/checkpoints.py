@@ -154,8 +154,8 @@ def _check_readable_file(local: Path, shown: str) -> None:
     if not local.exists():
         hint = "" if local.parent.is_dir() else f" (folder {local.parent} does not exist either)"
         raise ConfigError(
-            f"ckpt_path={shown}: no such file{hint}; pass the path of a .ckpt file, or "
-            "ckpt_path=last with hydra.run.dir=<run dir> to resume a run"
+            f"ckpt_path={shown}: no such file{hint}; pass the path of a .ckpt file "
+            "(or, for train.py, ckpt_path=last with hydra.run.dir=<run dir>)"
         )
     if local.is_dir():
         raise ConfigError(

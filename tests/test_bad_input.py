@@ -474,8 +474,8 @@ def test_a_corpus_smaller_than_one_batch_fails_with_counts(tmp_path):
     )
     with pytest.raises(
         ConfigError,
-        match=r"the train split has \d+ windows of context_length \+ 1 = 33 tokens: too little "
-        r"for one batch needs batch_size=64 x 1 rank\(s\) = 64 windows",
+        match=r"the train split has \d+ windows of context_length \+ 1 = 33 tokens, fewer than "
+        r"one batch of batch_size=64 x 1 rank\(s\) = 64 windows\. Lower batch_size",
     ):
         train(cfg)
     assert not (tmp_path / "run" / "checkpoints").exists()

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf, open_dict
 
 from longctx.errors import ConfigError
 from longctx.jobs import errors_in_one_line, finish_wandb, train, wandb_files_inside
-from longctx.train.run import claim_run_dir
+from longctx.train.run_dir import claim_run_dir
 
 SMALL_RUN = [
     "model=tiny",

@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,14 +21,11 @@ from lightning.pytorch.callbacks import (
     ThroughputMonitor,
 )
 from lightning.pytorch.plugins.io import CheckpointIO
-from lightning.pytorch.utilities import rank_zero_only
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from longctx.attention import Backend, build_backend
 from longctx.checkpoints import inspect_checkpoint, local_checkpoint
-from longctx.core.files import remove_stale_partials
 from longctx.data import LongDocDataModule, build_datamodule
-from longctx.data.files import expand_patterns
 from longctx.errors import ConfigError
 from longctx.flops import training_flops_per_token
 from longctx.model import build_model, model_dims
@@ -43,8 +38,10 @@ from longctx.train.callbacks import (
 )
 from longctx.train.checkpoint_io import AtomicCheckpointIO
 from longctx.train.csv_history import ResumableCSVLogger
+from longctx.train.data_checks import check_data_sources, check_enough_data
 from longctx.train.module import LanguageModelTask
 from longctx.train.resume import command_line_overrides, continue_run, explicit_setting
+from longctx.train.run_dir import claim_run_dir, refuse_another_runs_dir, remove_stale_partial_files
 from longctx.train.validation import validate_numbers
 
 log = logging.getLogger(__name__)
@@ -52,8 +49,6 @@ log = logging.getLogger(__name__)
 SAMPLING_CHOICES = ("auto", "packed", "ordered")
 # Any vocabulary size builds the same layers; the real one is known only once the data is ready.
 _PLACEHOLDER_VOCAB = 2
-# In the run directory: held (locked) by the run that uses it.
-RUN_LOCK_FILE = ".run.lock"
 
 
 def validate_config(cfg: DictConfig) -> Backend:
@@ -210,9 +205,7 @@ def fit(cfg: DictConfig) -> FitResult | None:
             return None
         stack.enter_context(claim_run_dir(output_dir))
         refuse_another_runs_dir(output_dir, ckpt_path)
-        if rank_zero_only.rank == 0:
-            for folder in (output_dir, output_dir / "checkpoints"):
-                remove_stale_partials(folder)
+        remove_stale_partial_files(output_dir)
         return _fit(cfg, backend, output_dir, local_ckpt, start_step)
 
 
@@ -258,125 +251,6 @@ def build_logger(cfg: DictConfig, start_step: int):
     if isinstance(logger, ResumableCSVLogger):
         logger.resume_step = start_step
     return logger
-
-
-def check_data_sources(cfg: DictConfig) -> None:
-    """Every data.data_files glob matches a file and a tokenizer file exists: said before the
-    corpus is read, not as a failure halfway through preparing it."""
-    if OmegaConf.is_missing(cfg.data, "data_files"):
-        raise ConfigError(
-            f"data={cfg.data.get('name')} needs data.data_files: a glob such as "
-            "data.data_files='/books/**/*.txt', or {train: <glob>, validation: <glob>, "
-            "test: <glob>}"
-        )
-    data_files = cfg.data.get("data_files")
-    if data_files and cfg.data.get("source") in ("files", "hub"):
-        plain = (
-            OmegaConf.to_container(data_files, resolve=True)
-            if OmegaConf.is_config(data_files)
-            else data_files
-        )
-        per_split = plain if isinstance(plain, dict) else {"all": plain}
-        for split, patterns in per_split.items():
-            for pattern in [patterns] if isinstance(patterns, str) else patterns:
-                if not expand_patterns(pattern):
-                    where = "" if split == "all" else f" ({split})"
-                    raise ConfigError(
-                        f"data.data_files{where} pattern {pattern!r} matches no file; "
-                        "check the path (** matches folders recursively)"
-                    )
-    tokenizer = cfg.get("tokenizer") or {}
-    if (
-        tokenizer.get("name") == "file"
-        and not Path(str(tokenizer.get("path"))).expanduser().is_file()
-    ):
-        raise ConfigError(
-            f"tokenizer.path={tokenizer.get('path')} does not exist; give the path of a "
-            "tokenizer.json"
-        )
-
-
-def check_enough_data(
-    cfg: DictConfig, datamodule: LongDocDataModule, sampling: str, world_size: int
-) -> None:
-    """At least one training batch per rank, and one validation batch when validating.
-
-    Counted as longctx.data.packing cuts the splits: packed windows of context_length + 1
-    tokens dealt to the ranks, or one ordered row per batch element and rank.
-    """
-    splits = ["train"]
-    if cfg.trainer.get("limit_val_batches") != 0:
-        splits.append("validation")
-    for split in splits:
-        tokens = len(datamodule.split_tokens(split))
-        length, rows = cfg.context_length, cfg.batch_size * world_size
-        if sampling == "ordered":
-            batches = (tokens // rows - 1) // length
-            have = f"{tokens} tokens, cut into {rows} rows of {tokens // rows}"
-        else:
-            windows = max((tokens - 1) // length, 0)
-            batches = windows // rows if split == "train" else windows
-            have = f"{windows} windows of context_length + 1 = {length + 1} tokens"
-        if batches < 1:
-            need = (
-                f"one batch needs batch_size={cfg.batch_size} x {world_size} rank(s) = {rows} "
-                + ("rows of more than context_length" if sampling == "ordered" else "windows")
-                if split == "train" or sampling == "ordered"
-                else "one window is needed"
-            )
-            raise ConfigError(
-                f"the {split} split has {have}: too little for {need}. Lower batch_size or "
-                "context_length, or give the corpus more text"
-            )
-
-
-def refuse_another_runs_dir(output_dir: Path, ckpt_path: str | None) -> None:
-    """A run never writes over another run's checkpoints: a run directory that already holds
-    one is only resumed (ckpt_path=last), never started again or fed another run's checkpoint."""
-    existing = output_dir / "checkpoints" / "last.ckpt"
-    if not existing.exists():
-        return
-    if ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(output_dir.resolve()):
-        return
-    raise ConfigError(
-        f"{output_dir} already holds a run ({existing}); resume it with ckpt_path=last, or start "
-        "this run in a new directory (leave hydra.run.dir unset)"
-    )
-
-
-@contextmanager
-def claim_run_dir(output_dir: Path) -> Iterator[None]:
-    """Hold the run directory for this run: a second run started in it meanwhile is refused.
-
-    An advisory lock on a file in the directory, released by the OS when the process ends,
-    however it ends, so a killed run never leaves its directory locked. Rank 0 holds it for all
-    ranks. Where the filesystem has no locks the run goes on unguarded.
-    """
-    if os.name != "posix" or rank_zero_only.rank != 0:
-        yield
-        return
-    import fcntl
-
-    output_dir.mkdir(parents=True, exist_ok=True)
-    with open(output_dir / RUN_LOCK_FILE, "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            owner = handle.read().strip() or "another process"
-            raise ConfigError(
-                f"{output_dir} is in use by another run ({owner}); wait for it to end, or start "
-                "this run in a new directory (leave hydra.run.dir unset)"
-            ) from None
-        except OSError as error:
-            log.warning("cannot lock %s (%s): concurrent runs are not detected", output_dir, error)
-            yield
-            return
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        handle.flush()
-        yield
 
 
 def training_flops_per_batch(task: LanguageModelTask, seq_len: int, tokens: int) -> float | None:
