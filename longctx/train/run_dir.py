@@ -62,15 +62,20 @@ def _lock(handle, output_dir: Path) -> bool:
 
 def refuse_another_runs_dir(output_dir: Path, ckpt_path: str | None) -> None:
     """A run never writes over another run's checkpoints: a run directory that already holds
-    one is only resumed (ckpt_path=last), never started again or fed another run's checkpoint."""
-    existing = output_dir / "checkpoints" / "last.ckpt"
-    if not existing.exists():
+    one is only resumed (ckpt_path=last), never started again or fed another run's checkpoint.
+
+    SLURM's hpc_ckpt_*.ckpt count too: given none, Lightning would resume from one by itself,
+    past every check of the resume.
+    """
+    held = [output_dir / "checkpoints" / "last.ckpt", *sorted(output_dir.glob("hpc_ckpt_*.ckpt"))]
+    existing = [path for path in held if path.exists()]
+    if not existing:
         return
     if ckpt_path is not None and Path(ckpt_path).resolve().is_relative_to(output_dir.resolve()):
         return
     raise ConfigError(
-        f"{output_dir} already holds a run ({existing}); resume it with ckpt_path=last, or start "
-        "this run in a new directory (leave hydra.run.dir unset)"
+        f"{output_dir} already holds a run ({existing[0]}); resume it with ckpt_path=last, or "
+        "start this run in a new directory (leave hydra.run.dir unset)"
     )
 
 
