@@ -3,6 +3,7 @@ a full disk while checkpointing."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import errno
 import os
@@ -17,9 +18,10 @@ import pytest
 import torch
 from conftest import ROOT, compose_config
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
 from lightning.pytorch.callbacks import Callback
-from omegaconf import open_dict
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import longctx.attention.registry as registry
 from longctx.attention import Backend, available_backends, backend_class, register
@@ -447,9 +449,31 @@ BAD_NUMBERS = [
 ]
 
 
+CONFIG_GROUPS = {"attention", "model", "data", "tokenizer", "trainer", "logger"}
+_COMPOSED: dict[tuple[str, ...], DictConfig] = {}
+
+
+def configure_quickly(tmp_path: Path, overrides: list[str]) -> DictConfig:
+    """configure(), with Hydra composing once per choice of groups: the values are parsed by
+    Hydra's own override parser and set on a copy, so the table stays fast."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    groups = tuple(o for o, p in zip(overrides, parsed) if p.key_or_group in CONFIG_GROUPS)
+    if groups not in _COMPOSED:
+        _COMPOSED[groups] = configure(tmp_path, *groups)
+    cfg = copy.deepcopy(_COMPOSED[groups])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.data.cache_dir = str(tmp_path / "cache")
+        for override in parsed:
+            if override.key_or_group not in CONFIG_GROUPS:
+                OmegaConf.update(cfg, override.key_or_group, override.value(), force_add=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
 @pytest.mark.parametrize("overrides,key", BAD_NUMBERS, ids=[" ".join(o) for o, _ in BAD_NUMBERS])
 def test_every_bad_number_is_a_clear_error_before_data(tmp_path, overrides, key):
-    cfg = configure(tmp_path, *overrides)
+    cfg = configure_quickly(tmp_path, overrides)
     with pytest.raises(ConfigError, match=re.escape(key)) as error:
         train(cfg)
     assert "\n" not in str(error.value)
