@@ -549,7 +549,7 @@ def spoiled_callbacks(what: str):
     [
         (
             "gradients",
-            r"the gradients of \d+ of \d+ parameter tensors \(e.g. model\.embed\.weight\)",
+            r"\d+ of \d+ parameter tensors' gradients \(e.g. model\.embed\.weight\)",
         ),
         ("weights", r"1 of \d+ weight tensors \(e.g. model\.embed\.weight\)"),
     ],

@@ -123,14 +123,14 @@ _ADVICE = (
 def _non_finite_description(pl_module: pl.LightningModule, gradients_ok: bool) -> str:
     """Which tensors are at fault, for the error message (the run is stopping anyway)."""
     named = list(pl_module.named_parameters())
-    if not gradients_ok:
+    if gradients_ok:
+        what = "weight tensors"
+        bad = [n for n, p in named if not bool(torch.isfinite(p).all())]
+    else:
+        what = "parameter tensors' gradients"
         bad = [n for n, p in named if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
-        return (
-            f"the gradients of {len(bad)} of {len(named)} parameter tensors "
-            f"(e.g. {bad[0]}) hold NaN or inf"
-        )
-    bad = [n for n, p in named if not bool(torch.isfinite(p).all())]
-    return f"{len(bad)} of {len(named)} weight tensors (e.g. {bad[0]}) hold NaN or inf"
+    example = f" (e.g. {bad[0]})" if bad else ""
+    return f"{len(bad)} of {len(named)} {what}{example} hold NaN or inf"
 
 
 class RandomStateCheckpoint(Callback):
