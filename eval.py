@@ -8,15 +8,16 @@ python eval.py report.runs='outputs/train/multiruns/<time>/*'   # report mode: n
 import hydra
 from omegaconf import DictConfig
 
-from longctx.jobs import evaluate, finish_wandb
+from longctx.jobs import errors_in_one_line, evaluate, finish_wandb
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    finally:
-        finish_wandb()
+    with errors_in_one_line():
+        try:
+            evaluate(cfg)
+        finally:
+            finish_wandb()
 
 
 if __name__ == "__main__":

@@ -3,16 +3,17 @@
 import hydra
 from omegaconf import DictConfig
 
-from longctx.jobs import finish_wandb, set_matmul_precision, train
+from longctx.jobs import errors_in_one_line, finish_wandb, set_matmul_precision, train
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float:
-    set_matmul_precision()
-    try:
-        metrics = train(cfg)
-    finally:
-        finish_wandb()
+    with errors_in_one_line():
+        set_matmul_precision()
+        try:
+            metrics = train(cfg)
+        finally:
+            finish_wandb()
     return metrics.get("val/loss", float("nan"))
 
 

@@ -1,5 +1,6 @@
 """longctx: train decoder-only LMs with efficient attention and compare them on long documents."""
 
+import secrets
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -11,6 +12,12 @@ from longctx.model import LanguageModel, build_model
 OmegaConf.register_new_resolver(
     "project_root", lambda: str(Path(__file__).resolve().parents[1]), replace=True
 )
+
+# `${run_id:}` in conf/hydra: a token drawn once per process, so that runs started in the same
+# second get different directories (and longctx.jobs knows which directory this process made).
+# Cached, so that Hydra hands the launcher's value to the jobs of a multirun with the config.
+_RUN_ID = secrets.token_hex(3)
+OmegaConf.register_new_resolver("run_id", lambda: _RUN_ID, replace=True, use_cache=True)
 
 __all__ = ["LanguageModel", "build_model"]
 __version__ = "0.1.0"

@@ -3,27 +3,32 @@ a full disk while checkpointing."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import errno
 import os
+import re
 import resource
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from conftest import ROOT, compose_config
 from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
-from omegaconf import open_dict
+from lightning.pytorch.callbacks import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 import longctx.attention.registry as registry
 from longctx.attention import Backend, available_backends, backend_class, register
 from longctx.attention.full import FullAttention
 from longctx.errors import ConfigError
 from longctx.jobs import train
-from longctx.train.callbacks import NonFiniteLossError
+from longctx.train.callbacks import NonFiniteLossError, NonFiniteStepError
 from longctx.train.checkpoint_io import AtomicCheckpointIO
 from longctx.train.module import LanguageModelTask
 
@@ -377,4 +382,219 @@ def test_checkpoint_io_is_used_by_the_trainer(tmp_path):
     assert (
         type(build_trainer(cfg, callbacks=[], logger=False).strategy.checkpoint_io).__name__
         == "TorchCheckpointIO"
+    )
+
+
+# --- every numeric setting: zero, negative, NaN -> a clear error before data work ----------
+
+# (overrides, the key the message must name). One row per bad value a user could type.
+BAD_NUMBERS = [
+    *[([f"context_length={v}"], "context_length") for v in (0, -32, "nan")],
+    *[([f"batch_size={v}"], "batch_size") for v in (0, -4, "nan")],
+    (["num_workers=-1"], "num_workers"),
+    (["seed=-1"], "seed"),
+    (["seed=nan"], "seed"),
+    *[([f"checkpoint_every_n_steps={v}"], "checkpoint_every_n_steps") for v in (0, -2, "nan")],
+    *[([f"optim.lr={v}"], "optim.lr") for v in (0, -1e-3, "nan", "inf")],
+    *[([f"optim.min_lr_ratio={v}"], "optim.min_lr_ratio") for v in (-0.1, 1.5, "nan")],
+    *[([f"optim.weight_decay={v}"], "optim.weight_decay") for v in (-0.1, "nan")],
+    *[([f"optim.betas={v}"], "optim.betas") for v in ("[0.9,1.0]", "[nan,0.95]", "[0.9]")],
+    *[([f"optim.warmup_steps={v}"], "optim.warmup_steps") for v in (-1, "nan")],
+    *[([f"trainer.max_steps={v}"], "trainer.max_steps") for v in (0, -1, "nan")],
+    *[([f"trainer.val_check_interval={v}"], "trainer.val_check_interval") for v in (0, -1, "nan")],
+    *[([f"trainer.limit_val_batches={v}"], "trainer.limit_val_batches") for v in (-1, "nan", 1.5)],
+    *[
+        ([f"+trainer.limit_train_batches={v}"], "trainer.limit_train_batches")
+        for v in (0, -1, "nan")
+    ],
+    *[
+        ([f"trainer.accumulate_grad_batches={v}"], "trainer.accumulate_grad_batches")
+        for v in (0, -1, "nan")
+    ],
+    *[([f"trainer.gradient_clip_val={v}"], "trainer.gradient_clip_val") for v in (-1.0, "nan")],
+    *[([f"trainer.log_every_n_steps={v}"], "trainer.log_every_n_steps") for v in (0, -1)],
+    (["trainer.num_sanity_val_steps=-2"], "trainer.num_sanity_val_steps"),
+    (["trainer.devices=0"], "trainer.devices"),
+    (["+trainer.num_nodes=0"], "trainer.num_nodes"),
+    *[([f"model.n_layer={v}"], "model.n_layer") for v in (0, -1, "nan")],
+    *[([f"model.n_head={v}"], "model.n_head") for v in (0, -4, "nan")],
+    *[([f"model.d_model={v}"], "model.d_model") for v in (0, -64, "nan")],
+    *[([f"model.mlp_hidden={v}"], "model.mlp_hidden") for v in (0, -1)],
+    *[([f"model.rope_base={v}"], "model.rope_base") for v in (0, -1.0, "nan")],
+    *[([f"model.dropout={v}"], "model.dropout") for v in (-0.1, 1.0, "nan")],
+    (["data.split_fractions={train:0.5,validation:0.1,test:0.1}"], "data.split_fractions"),
+    (["data.split_fractions={train:1.2,validation:-0.1,test:-0.1}"], "data.split_fractions"),
+    (["data.split_fractions={train:nan,validation:0.5,test:0.5}"], "data.split_fractions"),
+    (["data.split_seed=-1"], "data.split_seed"),
+    (["data.num_proc=0"], "data.num_proc"),
+    *[([f"data.max_eval_windows={v}"], "data.max_eval_windows") for v in (0, -1)],
+    *[(["data=synthetic", f"data.num_docs={v}"], "data.num_docs") for v in (0, -5)],
+    (["data=synthetic", "data.distances=[0,64]"], "data.distances"),
+    (["data=synthetic", "data.distractor_rate=nan"], "data.distractor_rate"),
+    (["tokenizer=bpe", "tokenizer.vocab_size=0"], "tokenizer.vocab_size"),
+    (["tokenizer=bpe", "tokenizer.max_train_bytes=-1"], "tokenizer.max_train_bytes"),
+    (["attention=sliding_window", "attention.window=nan"], "attention.window"),
+    (["attention=sliding_window", "attention.window=0"], "window >= 1"),  # the backend's words
+    (["attention=linear", "attention.chunk_size=nan"], "attention.chunk_size"),
+    *[
+        (["eval_after_fit=true", f"eval.context_lengths={v}"], "eval.context_lengths")
+        for v in ("[0,32]", "[-16]", "[nan]")
+    ],
+    *[(["eval_after_fit=true", f"eval.max_tokens={v}"], "eval.max_tokens") for v in (0, "nan")],
+    *[(["eval_after_fit=true", f"eval.batch_size={v}"], "eval.batch_size") for v in (0, -1)],
+    (["eval_after_fit=true", "+eval.strides=[0]"], "eval.strides"),
+    (["eval_after_fit=true", "+eval.passkey={trials:0}"], "eval.passkey"),
+    (["eval_after_fit=true", "+eval.prefix_ablation={samples:0}"], "eval.prefix_ablation"),
+    (["eval_after_fit=true", "+eval.streaming={max_tokens:0}"], "eval.streaming.max_tokens"),
+]
+
+
+CONFIG_GROUPS = {"attention", "model", "data", "tokenizer", "trainer", "logger"}
+_COMPOSED: dict[tuple[str, ...], DictConfig] = {}
+
+
+def configure_quickly(tmp_path: Path, overrides: list[str]) -> DictConfig:
+    """configure(), with Hydra composing once per choice of groups: the values are parsed by
+    Hydra's own override parser and set on a copy, so the table stays fast."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    groups = tuple(o for o, p in zip(overrides, parsed) if p.key_or_group in CONFIG_GROUPS)
+    if groups not in _COMPOSED:
+        _COMPOSED[groups] = configure(tmp_path, *groups)
+    cfg = copy.deepcopy(_COMPOSED[groups])
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+        cfg.data.cache_dir = str(tmp_path / "cache")
+        for override in parsed:
+            if override.key_or_group not in CONFIG_GROUPS:
+                OmegaConf.update(cfg, override.key_or_group, override.value(), force_add=True)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+@pytest.mark.parametrize("overrides,key", BAD_NUMBERS, ids=[" ".join(o) for o, _ in BAD_NUMBERS])
+def test_every_bad_number_is_a_clear_error_before_data(tmp_path, overrides, key):
+    cfg = configure_quickly(tmp_path, overrides)
+    with pytest.raises(ConfigError, match=re.escape(key)) as error:
+        train(cfg)
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "cache").exists(), "the error came after data work"
+
+
+# --- runs that would do nothing fail, with counts ---------------------------------------------
+
+
+def test_a_corpus_smaller_than_one_batch_fails_with_counts(tmp_path):
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    for i in range(3):
+        (docs / f"doc{i}.txt").write_text(f"Document {i}. " * 20)
+    cfg = configure(
+        tmp_path,
+        "data=local",
+        f"data.data_files={docs / '*.txt'}",
+        "data.num_proc=1",
+        "data.split_fractions={train: 0.34, validation: 0.33, test: 0.33}",
+        "batch_size=64",
+    )
+    with pytest.raises(
+        ConfigError,
+        match=r"the train split has \d+ windows of context_length \+ 1 = 33 tokens, fewer than "
+        r"one batch of batch_size=64 x 1 rank\(s\) = 64 windows\. Lower batch_size",
+    ):
+        train(cfg)
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_missing_corpus_file_is_named_before_data_work(tmp_path):
+    cfg = configure(tmp_path, "data=local", f"data.data_files={tmp_path / 'none' / '*.jsonl'}")
+    with pytest.raises(ConfigError, match=r"data.data_files pattern .*none/\*\.jsonl.* no file"):
+        train(cfg)
+    assert not (tmp_path / "cache").exists()
+
+
+# --- the NaN guard keeps only finite states --------------------------------------------------
+
+
+class SpoilsStep3(Callback):
+    """Makes step 3's gradients NaN, or its weights infinite after the optimizer step."""
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if self.what == "gradients" and trainer.global_step == 2:
+            next(pl_module.parameters()).grad.fill_(float("nan"))
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if self.what == "weights" and trainer.global_step == 3:
+            with torch.no_grad():
+                next(pl_module.parameters())[0, 0] = float("inf")
+
+
+def spoiled_callbacks(what: str):
+    """build_callbacks with the spoiler first, so that it acts before the guard looks."""
+    from longctx.train import run
+
+    build = run.build_callbacks
+
+    def with_spoiler(cfg, output_dir):
+        callbacks, last = build(cfg, output_dir)
+        return [SpoilsStep3(what), *callbacks], last
+
+    return with_spoiler
+
+
+@pytest.mark.parametrize(
+    "what,message",
+    [
+        (
+            "gradients",
+            r"\d+ of \d+ parameter tensors' gradients \(e.g. model\.embed\.weight\)",
+        ),
+        ("weights", r"1 of \d+ weight tensors \(e.g. model\.embed\.weight\)"),
+    ],
+)
+def test_non_finite_steps_are_never_checkpointed(tmp_path, monkeypatch, what, message):
+    from longctx.train import run
+
+    monkeypatch.setattr(run, "build_callbacks", spoiled_callbacks(what))
+    cfg = configure(tmp_path, "trainer.max_steps=6", "checkpoint_every_n_steps=1")
+    with pytest.raises(
+        NonFiniteStepError,
+        match=rf"{message} hold NaN or inf after optimizer step 3 .*stopped before any checkpoint "
+        r"of them was written, the last good checkpoint is .*last\.ckpt "
+        r"\(its weights verified finite\).*Lower optim\.lr",
+    ):
+        train(cfg)
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert load_checkpoint(checkpoints / "last.ckpt")["global_step"] == 2
+    for path in checkpoints.glob("*.ckpt"):
+        saved = load_checkpoint(path)
+        assert saved["global_step"] <= 2
+        assert all(torch.isfinite(v).all() for v in saved["state_dict"].values())
+
+
+def test_the_advice_after_a_non_finite_step_works_on_resume(tmp_path, monkeypatch):
+    from longctx.train import run
+
+    with monkeypatch.context() as patch:
+        patch.setattr(run, "build_callbacks", spoiled_callbacks("gradients"))
+        with pytest.raises(NonFiniteStepError, match="Lower optim.lr"):
+            train(configure(tmp_path, "trainer.max_steps=5", "checkpoint_every_n_steps=1"))
+    train(configure(tmp_path, "trainer.max_steps=5", "ckpt_path=last", "optim.lr=1e-4"))
+    resumed = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert resumed["global_step"] == 5
+    assert resumed["optimizer_states"][0]["param_groups"][0]["initial_lr"] == 1e-4
+    assert all(torch.isfinite(v).all() for v in resumed["state_dict"].values())
+
+
+def test_a_last_checkpoint_that_is_not_finite_is_not_called_good(tmp_path):
+    from longctx.train.callbacks import NonFiniteGuard
+
+    path = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {"model.w": torch.tensor([1.0, float("nan")])}}, path)
+    guard = NonFiniteGuard(SimpleNamespace(last_model_path=str(path)))
+    assert guard._last_good_checkpoint() == (
+        f"but the last checkpoint {path} holds non-finite weights too (1 tensors, e.g. "
+        "model.w): resume from an earlier checkpoint"
     )

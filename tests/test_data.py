@@ -1,6 +1,7 @@
 """Data layer: corpora and splits, tokenizers, the token cache, packed and ordered sampling."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -19,10 +20,12 @@ from longctx.data import (
     OrderedStream,
     PackedWindows,
     build_tokenizer,
+    corpus_fingerprint,
     load_corpus,
 )
 from longctx.data.splits import split_counts
 from longctx.data.synthetic import FactSettings, generate_synthetic_documents
+from longctx.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 SPLITS = ("train", "validation", "test")
@@ -134,6 +137,66 @@ def test_corpus_without_usable_document_fails_naming_the_glob(tmp_path):
     ):
         load_corpus(data_config("local", tmp_path / "cache", data_files=pattern))
     assert pattern in str(error.value)
+
+
+def test_explicit_splits_are_kept_and_a_held_out_file_never_reaches_training(tmp_path):
+    """local.yaml sets split_fractions too: a {train, validation, test} mapping must win."""
+    docs = tmp_path / "docs"
+    for split, count in (("train", 4), ("validation", 2), ("test", 2)):
+        (docs / split).mkdir(parents=True)
+        for i in range(count):
+            (docs / split / f"{split}{i}.txt").write_text(f"HELD-{split}-{i} " * 40)
+    files = {split: str(docs / split / "*.txt") for split in SPLITS}
+    cfg = data_config("local", tmp_path / "cache", data_files=files, num_proc=1)
+    assert cfg.split_fractions  # the preset's pooling settings are present, and ignored
+    corpus = load_corpus(cfg)
+    for split in SPLITS:
+        assert sorted(corpus[split]["title"]) == sorted(p.stem for p in (docs / split).iterdir())
+    dm = LongDocDataModule(cfg, {"name": "byte"}, context_length=32, batch_size=2)
+    dm.prepare_data()
+    trained_text = dm.tokenizer.decode(dm.split_tokens("train"))
+    assert "HELD-train-0" in trained_text
+    assert "HELD-test" not in trained_text and "HELD-validation" not in trained_text
+
+
+def test_a_file_in_two_explicit_splits_is_refused(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "book.txt").write_text("A book. " * 40)
+    both = str(tmp_path / "docs" / "*.txt")
+    files = {"train": both, "validation": both, "test": both}
+    with pytest.raises(ConfigError, match=r"book.txt matches the data.data_files globs of both"):
+        load_corpus(data_config("local", tmp_path / "cache", data_files=files, num_proc=1))
+
+
+@pytest.mark.parametrize(
+    "lines,message",
+    [
+        (['{"text": "fine"}', '{"text": "broken" '], r"notes.jsonl line 2 is not valid JSON"),
+        (['{"text": "fine"}', '{"text": 5}'], r"notes.jsonl line 2: 'text' is a int, not a string"),
+        (['{"text": 5}', '{"text": 6}'], r"notes.jsonl line 1: 'text' is a int, not a string"),
+        (['{"text": "fine"}', '["a", "list"]'], r"notes.jsonl line 2 is a JSON list, not an"),
+        (['{"text": ["a"]}'], r"notes.jsonl line 1: 'text' is a list, not a string"),
+    ],
+    ids=["malformed", "mixed types", "numbers only", "not an object", "a list"],
+)
+def test_bad_jsonl_records_name_their_file_and_line(tmp_path, lines, message):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "notes.jsonl").write_text("\n".join(lines) + "\n")
+    cfg = data_config(
+        "local", tmp_path / "cache", data_files=str(tmp_path / "docs" / "*.jsonl"), num_proc=1
+    )
+    with pytest.raises(ConfigError, match=message):
+        load_corpus(cfg)
+
+
+def test_a_non_text_parquet_column_is_named(tmp_path):
+    (tmp_path / "docs").mkdir()
+    pq.write_table(pa.table({"text": [1, 2, 3]}), tmp_path / "docs" / "numbers.parquet")
+    cfg = data_config(
+        "local", tmp_path / "cache", data_files=str(tmp_path / "docs" / "*.parquet"), num_proc=1
+    )
+    with pytest.raises(ConfigError, match=r"column 'text' of files .*numbers.parquet.* not text"):
+        load_corpus(cfg)
 
 
 def test_pg19_code_path_on_local_parquet(tmp_path):
@@ -328,6 +391,20 @@ def test_token_cache_is_reused(tmp_path, monkeypatch):
     assert not [
         p for p in first.token_cache.parent.iterdir() if p.name.startswith(".")
     ]  # no leftover staging dir
+
+
+def test_an_edit_that_keeps_size_and_mtime_changes_the_corpus_identity(tmp_path):
+    book = tmp_path / "docs" / "book.txt"
+    book.parent.mkdir()
+    book.write_text("The cat sat on the mat. " * 40)
+    cfg = data_config("local", tmp_path / "cache", data_files=str(book), num_proc=1)
+    before = corpus_fingerprint(cfg)
+    assert corpus_fingerprint(cfg) == before  # stable, and now served from the digest memo
+    stat = book.stat()
+    book.write_text("The dog sat on the mat. " * 40)  # same size
+    os.utime(book, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # same mtime, as rsync -t leaves it
+    assert book.stat().st_size == stat.st_size and book.stat().st_mtime_ns == stat.st_mtime_ns
+    assert corpus_fingerprint(cfg) != before
 
 
 def test_split_streams_bytes_and_documents(bundled_byte):

@@ -5,10 +5,13 @@ Sources (`data.source`):
   hub        a Hugging Face dataset id with parquet files (pg19, wikitext103, proof_pile);
              setting `data_files` points the very same processing at local copies
   synthetic  generated documents with planted long-range facts (see synthetic.py)
-Splits come from `split_fractions` (documents pooled, then split by document)
-or, without it, from the source's own splits renamed by `splits`.
+Splits: a `data_files` mapping {train, validation, test} of globs is used as given, and so are
+a hub dataset's own splits (renamed by `splits`). `split_fractions` splits one pool of documents
+by document: a glob or list of globs, a synthetic corpus, or a hub dataset whose config asks
+for it; it never re-splits splits the user gave.
 """
 
+import logging
 import os
 import re
 import warnings
@@ -18,9 +21,12 @@ from dataclasses import fields
 from datasets import Dataset, DatasetDict, concatenate_datasets, load_dataset
 
 from longctx.data.config import stable_digest, to_plain_dict, worker_processes
-from longctx.data.files import expand_patterns, load_document_files
+from longctx.data.files import content_digest, expand_patterns, load_document_files
 from longctx.data.splits import SPLITS, split_by_document
 from longctx.data.synthetic import FactSettings, generate_synthetic_documents
+from longctx.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 # Bump when the processing below changes, so caches keyed on the fingerprint are rebuilt.
 PROCESSING_VERSION = 2  # 2: synthetic documents state several facts (FactSettings)
@@ -35,8 +41,8 @@ def hf_cache_dir(cfg: dict) -> str:
 
 
 def corpus_fingerprint(data_cfg) -> str:
-    """Cheap identity of a corpus:
-    its content-defining config plus size and mtime of local files."""
+    """Identity of a corpus: its content-defining config plus the size and content digest of
+    each local file (an edit that keeps a file's size and mtime still changes it)."""
     cfg = to_plain_dict(data_cfg)
     content = {k: v for k, v in cfg.items() if k not in NON_CONTENT_KEYS}
     data_files = cfg.get("data_files")
@@ -45,8 +51,9 @@ def corpus_fingerprint(data_cfg) -> str:
         if isinstance(data_files, dict)
         else data_files
     )
+    memo = os.path.join(cfg["cache_dir"], "digests") if cfg.get("cache_dir") else None
     stats = (
-        [(p, os.path.getsize(p), os.stat(p).st_mtime_ns) for p in expand_patterns(patterns)]
+        [(p, os.path.getsize(p), content_digest(p, memo)) for p in expand_patterns(patterns)]
         if patterns
         else []
     )
@@ -62,28 +69,40 @@ def load_corpus(data_cfg) -> DatasetDict:
     if cfg.get("group_lines") == "wikitext":
         raw = DatasetDict({name: group_wikitext_articles(ds, cfg) for name, ds in raw.items()})
     raw = DatasetDict({name: _drop_empty(ds, name, num_proc) for name, ds in raw.items()})
-    if cfg.get("split_fractions"):
+    given_splits = isinstance(cfg.get("data_files"), dict)
+    if cfg.get("split_fractions") and not given_splits:
         pool = (
             concatenate_datasets(list(raw.values())) if len(raw) > 1 else next(iter(raw.values()))
         )
         if len(pool) == 0:
-            raise ValueError(
+            raise ConfigError(
                 f"no usable document in corpus {cfg.get('name')!r} ({_describe_source(cfg)})"
             )
         return split_by_document(
             pool, cfg["split_fractions"], int(cfg.get("split_seed", 0)), num_proc
         )
+    if given_splits and cfg.get("split_fractions"):
+        log.info(
+            "data.data_files gives the splits %s: used as given, data.split_fractions does not "
+            "apply",
+            sorted(cfg["data_files"]),
+        )
     names = cfg.get("splits") or {s: s for s in SPLITS}
     missing = [names[s] for s in SPLITS if names[s] not in raw]
     if missing:
-        raise ValueError(
-            f"corpus {cfg.get('name')!r} has splits {list(raw)}, not {missing}; "
-            "set data.splits or data.split_fractions"
+        fix = (
+            "give data.data_files a glob for each of train, validation and test, or one glob "
+            "that data.split_fractions splits"
+            if given_splits
+            else "set data.splits or data.split_fractions"
+        )
+        raise ConfigError(
+            f"corpus {cfg.get('name')!r} has splits {list(raw)}, not {missing}; {fix}"
         )
     corpus = DatasetDict({s: raw[names[s]] for s in SPLITS})
     empty = [s for s, ds in corpus.items() if len(ds) == 0]
     if empty:
-        raise ValueError(
+        raise ConfigError(
             f"no usable document in split(s) {empty} of corpus {cfg.get('name')!r} "
             f"({_describe_source(cfg)})"
         )
@@ -115,14 +134,15 @@ def _load_source(cfg: dict) -> DatasetDict:
             {name: _standard_columns(ds, text_column, title_column) for name, ds in loaded.items()}
         )
     if source not in ("files", "hub"):
-        raise ValueError(f"unknown data.source {source!r}; expected files, hub or synthetic")
+        raise ConfigError(f"unknown data.source {source!r}; expected files, hub or synthetic")
     data_files = cfg.get("data_files")
     if not data_files:
-        raise ValueError(
+        raise ConfigError(
             f"corpus {cfg.get('name')!r} needs data.data_files "
             "(a glob, a list of globs, or split -> globs)"
         )
     per_split = data_files if isinstance(data_files, dict) else {"train": data_files}
+    _refuse_files_in_two_splits(per_split)
     return DatasetDict(
         {
             name: load_document_files(
@@ -131,6 +151,20 @@ def _load_source(cfg: dict) -> DatasetDict:
             for name, patterns in per_split.items()
         }
     )
+
+
+def _refuse_files_in_two_splits(per_split: dict) -> None:
+    """Splits given as globs must not share a file: its documents would be trained on and
+    held out at once."""
+    seen: dict[str, str] = {}
+    for split, patterns in per_split.items():
+        for path in expand_patterns(patterns):
+            if path in seen and seen[path] != split:
+                raise ConfigError(
+                    f"{path} matches the data.data_files globs of both {seen[path]!r} and "
+                    f"{split!r}; each file must belong to one split"
+                )
+            seen[path] = split
 
 
 def _standard_columns(ds: Dataset, text_column: str, title_column: str) -> Dataset:

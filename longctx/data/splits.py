@@ -5,6 +5,8 @@ import hashlib
 import numpy as np
 from datasets import Dataset, DatasetDict
 
+from longctx.errors import ConfigError
+
 SPLITS = ("train", "validation", "test")
 
 
@@ -26,15 +28,15 @@ def split_counts(num_docs: int, fractions: dict[str, float]) -> dict[str, int]:
         or any(f < 0 for f in fractions.values())
         or not np.isclose(sum(fractions.values()), 1.0)
     ):
-        raise ValueError(
+        raise ConfigError(
             "split_fractions must give non-negative train/validation/test fractions summing to 1, "
             f"got {fractions}"
         )
     wanted = [s for s in SPLITS if fractions[s] > 0]
     if num_docs < len(wanted):
-        raise ValueError(
+        raise ConfigError(
             f"{num_docs} documents cannot fill the {len(wanted)} splits {wanted} "
-            "(splits are by document)"
+            "(splits are by document); give the corpus more documents"
         )
     counts = {
         s: (max(1, round(fractions[s] * num_docs)) if fractions[s] > 0 else 0)
@@ -42,8 +44,9 @@ def split_counts(num_docs: int, fractions: dict[str, float]) -> dict[str, int]:
     }
     counts["train"] = num_docs - counts["validation"] - counts["test"]
     if fractions["train"] > 0 and counts["train"] < 1:
-        raise ValueError(
-            f"{num_docs} documents leave none for train with split_fractions {fractions}"
+        raise ConfigError(
+            f"{num_docs} documents leave none for train with split_fractions {fractions}; "
+            "raise data.split_fractions.train or give the corpus more documents"
         )
     return counts
 

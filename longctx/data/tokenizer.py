@@ -17,6 +17,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from longctx.core.files import atomic_write_text
 from longctx.data.config import to_plain_dict
+from longctx.errors import ConfigError
 
 EOS_TOKEN = "<|endoftext|>"
 
@@ -125,7 +126,9 @@ def build_tokenizer(
     if kind == "file":
         path = Path(cfg["path"]).expanduser()
         if not path.is_file():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist (tokenizer.path)")
+            raise ConfigError(
+                f"tokenizer.path={path} does not exist; give the path of a tokenizer.json"
+            )
         return HFTokenizer(
             HFTokenizerModel.from_file(str(path)),
             name=f"file:{path.stem}",
@@ -147,4 +150,4 @@ def build_tokenizer(
         if cached is not None:
             atomic_write_text(cached, model.to_str())
         return HFTokenizer(model, name="bpe", eos_token=EOS_TOKEN)
-    raise ValueError(f"unknown tokenizer name {kind!r}; expected byte, bpe or file")
+    raise ConfigError(f"unknown tokenizer name {kind!r}; expected byte, bpe or file")

@@ -12,6 +12,7 @@ from torch.nn import functional as F
 
 from longctx.core.state import detach_state, reset_rows
 from longctx.model import build_model
+from longctx.train.schedule import warmup_cosine
 
 
 class LanguageModelTask(pl.LightningModule):
@@ -73,37 +74,46 @@ class LanguageModelTask(pl.LightningModule):
         if loss is not None:
             self.log("val/ppl", torch.exp(loss), sync_dist=True)
 
+    def _param_groups(self) -> list[dict]:
+        """Decay matrices and embeddings only; norms, biases and per-channel gains/decays stay
+        free."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        return [
+            {
+                "params": [p for p in params if p.ndim >= 2],
+                "weight_decay": self.cfg["optim"]["weight_decay"],
+            },
+            {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+        ]
+
     def configure_optimizers(self):
         optim = self.cfg["optim"]
-        # Decay matrices and embeddings only; norms, biases and per-channel gains/decays stay free.
-        decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in self.model.parameters() if p.requires_grad and p.ndim < 2]
         optimizer = torch.optim.AdamW(
-            [
-                {"params": decay, "weight_decay": optim["weight_decay"]},
-                {"params": no_decay, "weight_decay": 0.0},
-            ],
-            lr=optim["lr"],
-            betas=tuple(optim["betas"]),
-            fused=False,
+            self._param_groups(), lr=optim["lr"], betas=tuple(optim["betas"]), fused=False
         )
-        total = max(int(self.trainer.max_steps), 1)
-        warmup = min(int(optim["warmup_steps"]), total - 1)
-        schedulers = [
-            torch.optim.lr_scheduler.CosineAnnealingLR(
-                optimizer, T_max=max(total - warmup, 1), eta_min=optim["lr"] * optim["min_lr_ratio"]
-            )
-        ]
-        if warmup > 0:
-            schedulers.insert(
-                0, torch.optim.lr_scheduler.LinearLR(optimizer, 1.0 / warmup, 1.0, warmup)
-            )
-        scheduler = (
-            schedulers[0]
-            if len(schedulers) == 1
-            else torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers, milestones=[warmup])
+        schedule = warmup_cosine(
+            optim["warmup_steps"], self.trainer.max_steps, optim["min_lr_ratio"]
         )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step"},
         }
+
+    def on_train_start(self) -> None:
+        """This run's optimizer settings, also when resuming.
+
+        Restoring a checkpoint puts back the optimizer's lr, betas and weight decay and the
+        schedule's base lr as they were; a resumed run applies its own (docs/resume.md). On a
+        fresh run this changes nothing.
+        """
+        optim = self.cfg["optim"]
+        optimizer = self.optimizers(use_pl_optimizer=False)
+        scheduler = self.lr_schedulers()
+        factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+        for group, configured in zip(optimizer.param_groups, self._param_groups()):
+            group["weight_decay"] = configured["weight_decay"]
+            group["betas"] = tuple(optim["betas"])
+            group["initial_lr"] = optim["lr"]
+            group["lr"] = optim["lr"] * factor
+        scheduler.base_lrs = [optim["lr"]] * len(optimizer.param_groups)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,13 +24,25 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from omegaconf import DictConfig
 
 from longctx.attention import Backend, build_backend
+from longctx.checkpoints import inspect_checkpoint, local_checkpoint
 from longctx.data import LongDocDataModule, build_datamodule
 from longctx.errors import ConfigError
 from longctx.flops import training_flops_per_token
 from longctx.model import build_model, model_dims
-from longctx.train.callbacks import NonFiniteLossGuard, RandomStateCheckpoint, StreamStateCheckpoint
+from longctx.train.callbacks import (
+    CheckpointSchemaStamp,
+    FinalStepCheckpoint,
+    NonFiniteGuard,
+    RandomStateCheckpoint,
+    StreamStateCheckpoint,
+)
 from longctx.train.checkpoint_io import AtomicCheckpointIO
+from longctx.train.csv_history import ResumableCSVLogger
+from longctx.train.data_checks import check_data_sources, check_enough_data
 from longctx.train.module import LanguageModelTask
+from longctx.train.resume import command_line_overrides, continue_run, explicit_setting
+from longctx.train.run_dir import claim_run_dir, refuse_another_runs_dir, remove_stale_partial_files
+from longctx.train.validation import validate_numbers
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +53,7 @@ _PLACEHOLDER_VOCAB = 2
 
 def validate_config(cfg: DictConfig) -> Backend:
     """Every config error a run can detect without data: raised before any data preparation."""
+    validate_numbers(cfg)
     backend = build_backend(cfg.attention, model_dims(cfg))
     backend.check_sequence_length(cfg.context_length)
     training_sampling(cfg, backend)
@@ -89,13 +103,17 @@ def checkpoint_interval(cfg: DictConfig) -> int:
 def build_callbacks(cfg: DictConfig, output_dir: Path) -> tuple[list[Callback], ModelCheckpoint]:
     """The run's callbacks, and the one that writes checkpoints/last.ckpt."""
     every = checkpoint_interval(cfg)
-    last = ModelCheckpoint(
+    last = FinalStepCheckpoint(
         dirpath=output_dir / "checkpoints",
         filename="step{step:06d}",
         auto_insert_metric_name=False,
         every_n_train_steps=every,
         save_top_k=0,
         save_last=True,
+        # Always last.ckpt, which ckpt_path=last reads: Lightning would write last-v1.ckpt next
+        # to a last.ckpt it did not write itself in this run (its state comes back from the
+        # checkpoint only while checkpoint_every_n_steps, part of its state key, is unchanged).
+        enable_version_counter=False,
     )
     # Saved when validation ends, so that it ranks the validation loss just measured.
     best = ModelCheckpoint(
@@ -108,7 +126,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> tuple[list[Callback], 
     callbacks = [
         last,
         best,
-        NonFiniteLossGuard(last),
+        NonFiniteGuard(last),
+        CheckpointSchemaStamp(),
         RandomStateCheckpoint(),
         StreamStateCheckpoint(every),
         LearningRateMonitor(logging_interval="step"),
@@ -155,22 +174,56 @@ class FitResult:
     datamodule: LongDocDataModule
     trainer: pl.Trainer
     last_checkpoint: str
+    cfg: DictConfig  # the config the run trained with (a resume restores parts of it)
 
 
-def fit(cfg: DictConfig) -> FitResult:
-    """Validate, build the trainer, prepare data, and fit with Lightning."""
+def fit(cfg: DictConfig) -> FitResult | None:
+    """Validate, build the trainer, prepare data, and fit with Lightning.
+
+    None when the checkpoint resumed is already at trainer.max_steps: a requeued finished run
+    says so and leaves its outputs untouched.
+    """
     os.environ.setdefault("WANDB_MODE", "offline")
-    backend = validate_config(cfg)
     output_dir = Path(cfg.paths.output_dir)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), output_dir)
+    with ExitStack() as stack:
+        local_ckpt = stack.enter_context(local_checkpoint(ckpt_path)) if ckpt_path else None
+        start_step = 0
+        if local_ckpt is not None:
+            info = inspect_checkpoint(local_ckpt, shown=ckpt_path, for_resume=True)
+            cfg = continue_run(cfg, info.cfg, ckpt_path, explicit_setting(command_line_overrides()))
+            start_step = info.global_step
+        backend = validate_config(cfg)
+        if start_step >= cfg.trainer.max_steps:
+            log.warning(
+                "%s is at step %d and trainer.max_steps=%d: the run is finished, nothing to do "
+                "(its outputs are left as they are). Raise trainer.max_steps to train further",
+                ckpt_path,
+                start_step,
+                cfg.trainer.max_steps,
+            )
+            return None
+        stack.enter_context(claim_run_dir(output_dir))
+        refuse_another_runs_dir(output_dir, ckpt_path)
+        remove_stale_partial_files(output_dir)
+        return _fit(cfg, backend, output_dir, local_ckpt, start_step)
+
+
+def _fit(
+    cfg: DictConfig, backend: Backend, output_dir: Path, ckpt: Path | None, start_step: int
+) -> FitResult:
     callbacks, last_checkpoint = build_callbacks(cfg, output_dir)
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    logger = build_logger(cfg, start_step)
     # Before the data: a wrong trainer setting fails in seconds, not after tokenising a corpus.
     trainer = build_trainer(cfg, callbacks, logger)
 
+    check_data_sources(cfg)
     pl.seed_everything(cfg.seed, workers=True)
-    datamodule = build_datamodule(cfg, training_sampling(cfg, backend) == "ordered")
+    sampling = training_sampling(cfg, backend)
+    datamodule = build_datamodule(cfg, sampling == "ordered")
     datamodule.prepare_data()
     datamodule.setup("fit")
+    check_enough_data(cfg, datamodule, sampling, trainer.world_size)
     task = LanguageModelTask(cfg, datamodule.vocab_size)
     tokens_per_batch = cfg.batch_size * cfg.context_length
     task.flops_per_batch = training_flops_per_batch(task, cfg.context_length, tokens_per_batch)
@@ -179,11 +232,25 @@ def fit(cfg: DictConfig) -> FitResult:
             {"model/params": task.model.num_parameters(), "data/vocab_size": datamodule.vocab_size}
         )
 
-    trainer.fit(task, datamodule=datamodule, ckpt_path=resolve_ckpt_path(cfg.ckpt_path, output_dir))
+    # weights_only: Lightning would otherwise unpickle whatever a checkpoint holds.
+    trainer.fit(task, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    if trainer.global_step <= start_step and not trainer.interrupted:
+        raise ConfigError(
+            f"the run trained no step (it stopped at step {trainer.global_step}): check "
+            "trainer.limit_train_batches and trainer.max_epochs against trainer.max_steps"
+        )
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     metrics["unigram_entropy"] = datamodule.unigram_entropy()
     log.info("final metrics: %s", metrics)
-    return FitResult(metrics, task, datamodule, trainer, last_checkpoint.last_model_path)
+    return FitResult(metrics, task, datamodule, trainer, last_checkpoint.last_model_path, cfg)
+
+
+def build_logger(cfg: DictConfig, start_step: int):
+    """cfg.logger instantiated (False without one); a CSV history continues at `start_step`."""
+    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    if isinstance(logger, ResumableCSVLogger):
+        logger.resume_step = start_step
+    return logger
 
 
 def training_flops_per_batch(task: LanguageModelTask, seq_len: int, tokens: int) -> float | None:
