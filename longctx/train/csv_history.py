@@ -65,9 +65,7 @@ class HistoryKeepingWriter(ExperimentWriter):
         writer = csv.DictWriter(text, fieldnames=fields)
         writer.writeheader()
         writer.writerows(kept)
-        mode = path.stat().st_mode
         atomic_write_text(path, text.getvalue())
-        path.chmod(mode)  # the temporary file's private mode would otherwise replace the file's
         self.metrics_keys = fields
 
 
