@@ -12,7 +12,6 @@ from torch.nn import functional as F
 
 from longctx import build_model
 from longctx.attention import ModelDims, build_backend
-from longctx.attention.masked import reference_attention
 from longctx.attention.memory_compressed import (
     QUERY_CHUNK,
     BlockLocalCore,
@@ -21,6 +20,7 @@ from longctx.attention.memory_compressed import (
 )
 from longctx.core.positions import alibi_bias, alibi_slopes
 from longctx.errors import ConfigError
+from longctx.ops.softmax.masked import reference_attention
 
 VOCAB = 37
 

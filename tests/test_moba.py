@@ -20,12 +20,13 @@ import torch
 from conftest import model_config
 
 from longctx import build_model
-from longctx.attention import ModelDims, build_backend, moba, moba_kernel
-from longctx.attention.masked import masked_attention
+from longctx.attention import ModelDims, build_backend, moba
 from longctx.attention.moba import MobaCore, block_key_sums, select_blocks
-from longctx.attention.moba_kernel import block_sparse_attention
 from longctx.core.positions import alibi_slopes
 from longctx.errors import ConfigError
+from longctx.ops.moba import engine as moba_kernel
+from longctx.ops.moba.engine import block_sparse_attention
+from longctx.ops.softmax.masked import masked_attention
 
 VOCAB = 37
 KERNELS = sorted(moba_kernel.KERNELS)

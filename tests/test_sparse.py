@@ -20,12 +20,13 @@ import torch
 from conftest import model_config
 
 from longctx import build_model
-from longctx.attention import ModelDims, build_backend, sparse_engine
-from longctx.attention.masked import pattern_mask, reference_attention
+from longctx.attention import ModelDims, build_backend
 from longctx.attention.sparse_core import SparseCore
-from longctx.attention.sparse_flex import FLEX_BLOCK, block_layout, flex_pattern_attention
-from longctx.attention.sparse_patterns import component_parts
 from longctx.errors import ConfigError
+from longctx.ops.softmax.masked import pattern_mask, reference_attention
+from longctx.ops.sparse import engine as sparse_engine
+from longctx.ops.sparse.flex import FLEX_BLOCK, block_layout, flex_pattern_attention
+from longctx.ops.sparse.patterns import component_parts
 
 N_HEAD, N_LAYER, HEAD_DIM = 4, 2, 16
 SEQ = 53  # a multiple of no window, block, stride or engine tile below; >= 4x the largest reach

@@ -10,10 +10,10 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from longctx.attention.base import Backend, Mixer, State
-from longctx.attention.masked import masked_attention
 from longctx.attention.registry import register
 from longctx.attention.softmax import AttentionCore, SoftmaxAttention
 from longctx.core.positions import alibi_bias
+from longctx.ops.softmax.masked import masked_attention
 
 
 class CausalCore(AttentionCore):

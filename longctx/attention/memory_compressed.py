@@ -32,11 +32,11 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from longctx.attention.base import Backend, HeadMixer, Mixer, ModelDims, State, split_qkv
-from longctx.attention.masked import masked_attention
 from longctx.attention.registry import register
 from longctx.attention.softmax import AttentionCore, SoftmaxAttention
 from longctx.core.positions import Rotary, alibi_bias, alibi_slopes
 from longctx.errors import ConfigError
+from longctx.ops.softmax.masked import masked_attention
 
 # About this many queries per SDPA call of the compressed layer (rounded down to whole blocks):
 # a call's mask and copied keys are then QUERY_CHUNK x (visible slots + QUERY_CHUNK), and the

@@ -35,10 +35,10 @@ import torch
 from torch import Tensor
 
 from longctx.attention.base import Backend, Mixer, State
-from longctx.attention.moba_kernel import block_sparse_attention
 from longctx.attention.registry import register
 from longctx.attention.softmax import AttentionCore, SoftmaxAttention
 from longctx.errors import ConfigError
+from longctx.ops.moba.engine import block_sparse_attention
 
 # Gate scores are computed for about this many (head, query, block) entries at a time.
 GATE_CHUNK_ENTRIES = 1 << 20

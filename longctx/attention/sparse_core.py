@@ -14,10 +14,10 @@ import torch
 from torch import Tensor
 
 from longctx.attention.base import Backend, Mixer, State
-from longctx.attention.masked import masked_attention, pattern_mask
 from longctx.attention.softmax import AttentionCore, SoftmaxAttention
-from longctx.attention.sparse_flex import flex_pattern_attention
-from longctx.attention.sparse_patterns import LayerPattern
+from longctx.ops.softmax.masked import masked_attention, pattern_mask
+from longctx.ops.sparse.flex import flex_pattern_attention
+from longctx.ops.sparse.patterns import LayerPattern
 
 # Queries per streaming sub-step: a long prompt given to step() is attended in pieces so the
 # dense mask over cache + piece stays small (the result is the same for any piece size).

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from longctx.attention.sparse_engine import BlockLayout, PositionPredicate, make_layout
+from longctx.ops.sparse.engine import BlockLayout, PositionPredicate, make_layout
 
 # Tile size. Measured side by side at N=16K, W=512 (fp32 fwd+bwd, see the report): 64 beats
 # 32 (small matmuls) and 128 (more masked waste: ceil(511/b)+1 blocks per query block).

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from longctx.attention.sparse_engine import Part, SelfPart, attend_parts, computed_pairs
-from longctx.attention.sparse_layouts import (
+from longctx.ops.sparse.engine import Part, SelfPart, attend_parts, computed_pairs
+from longctx.ops.sparse.layouts import (
     band_layout,
     engine_block,
     prefix_layout,
@@ -282,7 +282,7 @@ class LayerPattern:
         return cls(n_head, tuple((k * size, (k + 1) * size, c) for k, c in enumerate(components)))
 
     def allowed(self, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
-        """The spec predicate P(i, j) of head h (longctx.attention.masked.Predicate)."""
+        """The spec predicate P(i, j) of head h (longctx.ops.softmax.masked.Predicate)."""
         return _by_head(h, self.groups, [c.allowed(i, j) for _, _, c in self.groups])
 
     def first_key(self, h: Tensor, i: Tensor) -> Tensor:
