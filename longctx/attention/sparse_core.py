@@ -1,9 +1,10 @@
 """The attention core and backend base shared by every sparse softmax pattern.
 
-`SparseCore` runs a `LayerPattern`: FlexAttention with a BlockMask on CUDA, our block-sparse
-engine elsewhere (FlexAttention has no CPU backward), and a streaming cache that keeps exactly
-the keys the pattern can still reach. `SparseBackend` turns "which pattern in layer l" into
-mixers and FLOP counts.
+`SparseCore` runs a `LayerPattern` with the kernel the seam picks (longctx.ops.seam): `flex`,
+FlexAttention with a BlockMask (the GPU kernel; its compiled forward also runs on a CPU), or
+`torch`, the block-sparse engine (the CPU training path: FlexAttention has no CPU backward).
+Streaming keeps exactly the keys the pattern can still reach. `SparseBackend` turns "which
+pattern in layer l" into mixers and FLOP counts.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from longctx.attention.base import Backend, Mixer, State
 from longctx.attention.softmax import AttentionCore, SoftmaxAttention
+from longctx.ops.seam import AUTO, FLEX, TORCH, resolve_kernel
 from longctx.ops.softmax.masked import masked_attention, pattern_mask
 from longctx.ops.sparse.flex import flex_pattern_attention
 from longctx.ops.sparse.patterns import LayerPattern
@@ -25,12 +27,16 @@ STEP_QUERIES = 512
 
 
 class SparseCore(AttentionCore):
-    def __init__(self, pattern: LayerPattern):
+    # The kernels of every sparse pattern, fastest on a GPU first.
+    kernels = (FLEX, TORCH)
+
+    def __init__(self, pattern: LayerPattern, kernel: str = AUTO):
         super().__init__()
         self.pattern = pattern
+        self.kernel = kernel
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None) -> Tensor:
-        if q.is_cuda:
+        if resolve_kernel(self.kernel, self.kernels, q.device) == FLEX:
             return flex_pattern_attention(q, k, v, self.pattern, slopes)
         return self.pattern.attend(q, k, v, slopes)
 
@@ -59,19 +65,21 @@ class SparseCore(AttentionCore):
 class SparseBackend(Backend):
     """A backend whose layers are softmax attention under a `LayerPattern`."""
 
+    kernels = SparseCore.kernels
+
     @abstractmethod
     def pattern(self, layer: int) -> LayerPattern:
         """The head groups and their components in layer `layer`."""
 
     def mixer(self, layer: int) -> Mixer:
-        return SoftmaxAttention(self.dims, SparseCore(self.pattern(layer)))
+        return SoftmaxAttention(self.dims, SparseCore(self.pattern(layer), self.kernel))
 
     def attention_flops(self, seq_len: int) -> float:
         """4 x head_dim x the (query, key) pairs the CPU engine computes, summed over heads.
 
         Pairs are whole tiles read (the masked part of partially allowed tiles and a chunk's
-        padding to its widest row included, see sparse_engine.computed_pairs), averaged over
-        the layers when they differ (the MFU counter multiplies by n_layer).
+        padding to its widest row included, see longctx.ops.sparse.engine.computed_pairs),
+        averaged over the layers when they differ (the MFU counter multiplies by n_layer).
         """
         layers = range(self.dims.n_layer)
         pairs = (

@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from longctx.core.dtypes import accumulation_dtype
+from longctx.ops.softmax.merge import merge_by_lse
 
 # Score elements of one (batch, head) slice per chunk of query blocks: a chunk's scores for
 # 8 heads stay around 1 MiB of fp32 (measured, see the report).
@@ -443,11 +444,4 @@ def attend_parts(
             results.append(_self_attention(q, k, v, part))
         else:
             results.append(_BlockSparseAttention.apply(q, k, v, slopes, part.to(q.device)))
-    if len(results) == 1:
-        return results[0][0]
-    # Exact merge of softmaxes over disjoint key sets: weights exp(lse_p - lse).
-    lse = torch.logsumexp(torch.stack([r[1] for r in results]), 0)
-    merged = sum(
-        torch.exp(part_lse - lse)[..., None] * out.to(lse.dtype) for out, part_lse in results
-    )
-    return merged.to(q.dtype)
+    return merge_by_lse(results, q.dtype)
