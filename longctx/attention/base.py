@@ -136,11 +136,11 @@ class Backend(ABC):
     ordered_stream: ClassVar[bool] = False
 
     def __init__(self, options: Any, dims: ModelDims, kernel: str = AUTO):
-        check_kernel_choice(self.name, kernel, self.kernels)
         self.options = options
         self.dims = dims
         self.kernel = kernel
         self.validate()
+        check_kernel_choice(self.name, kernel, self.supported_kernels())
 
     @classmethod
     def from_config(cls, attn_cfg: Mapping, dims: ModelDims) -> Backend:
@@ -162,6 +162,10 @@ class Backend(ABC):
     def validate(self) -> None:
         """Raise ConfigError for impossible settings (checked before any data or weights exist)."""
         return None
+
+    def supported_kernels(self) -> tuple[str, ...]:
+        """The kernels `attention.kernel` may name for this backend (fastest on a GPU first)."""
+        return self.kernels
 
     @abstractmethod
     def mixer(self, layer: int) -> Mixer:
