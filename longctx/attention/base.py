@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from longctx.errors import ConfigError
@@ -70,6 +71,11 @@ class Mixer(nn.Module, ABC):
 
     def init_weights(self, n_layer: int) -> None:
         """Called after the model's default normal init; override for mechanism-specific init."""
+
+    def prepare(self, seq_len: int, device: torch.device) -> None:
+        """Build what the kernel caches per sequence length (FlexAttention's BlockMasks) before
+        `forward` runs: called outside compiled regions, so a compiled block reads the cache
+        as inputs instead of tracing its construction into every step."""
 
 
 class HeadMixer(Mixer):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 from torch.nn import functional as F
 
@@ -36,6 +37,10 @@ class CausalCore(SparseCore):
         if slopes is None:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.pattern.attend(q, k, v, slopes)
+
+    def prepare(self, seq_len: int, device: torch.device) -> None:
+        if resolve_kernel(self.kernel, (FLEX, TORCH), device) == FLEX:
+            super().prepare(seq_len, device)
 
 
 @register

@@ -24,6 +24,9 @@ class AttentionCore(nn.Module, ABC):
     def forward(self, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None) -> Tensor:
         """Causal attention over n positions from an empty cache (`slopes`: ALiBi, or None)."""
 
+    def prepare(self, seq_len: int, device: torch.device) -> None:
+        """See Mixer.prepare."""
+
     @abstractmethod
     def init_cache(self, batch: int, heads: int, head_dim: int, like: Tensor) -> State:
         """The streaming cache before any token (dtype and device of `like`)."""
@@ -59,6 +62,9 @@ class SoftmaxAttention(HeadMixer):
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return self.core(q, k, v, self.slopes)
+
+    def prepare(self, seq_len: int, device: torch.device) -> None:
+        self.core.prepare(seq_len, device)
 
     def init_state(self, batch_size: int) -> State:
         return self.core.init_cache(batch_size, self.n_head, self.head_dim, self.out.weight)

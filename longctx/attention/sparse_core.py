@@ -18,7 +18,7 @@ from longctx.attention.base import Backend, Mixer, State
 from longctx.attention.softmax import AttentionCore, SoftmaxAttention
 from longctx.ops.seam import AUTO, FLEX, TORCH, resolve_kernel
 from longctx.ops.softmax.masked import masked_attention, pattern_mask
-from longctx.ops.sparse.flex import flex_pattern_attention
+from longctx.ops.sparse.flex import flex_pattern_attention, prepare_flex_pattern
 from longctx.ops.sparse.patterns import LayerPattern
 
 # Queries per streaming sub-step: a long prompt given to step() is attended in pieces so the
@@ -39,6 +39,10 @@ class SparseCore(AttentionCore):
         if resolve_kernel(self.kernel, self.kernels, q.device) == FLEX:
             return flex_pattern_attention(q, k, v, self.pattern, slopes)
         return self.pattern.attend(q, k, v, slopes)
+
+    def prepare(self, seq_len: int, device: torch.device) -> None:
+        if resolve_kernel(self.kernel, self.kernels, device) == FLEX:
+            prepare_flex_pattern(self.pattern, seq_len, device)
 
     def init_cache(self, batch: int, heads: int, head_dim: int, like: Tensor) -> State:
         empty = like.new_zeros(batch, heads, 0, head_dim)

@@ -263,23 +263,6 @@ def memory_length(model: nn.Module, mem_len: int) -> Iterator[None]:
             layer.mem_len = value
 
 
-@torch.no_grad()
-def loss_by_segment_offset(model: nn.Module, ids: Tensor) -> Tensor:
-    """Mean next-token loss [L] at each offset r = position mod segment_length
-    of the predicting token.
-
-    Compare it with and without memory (`with memory_length(model, 0): ...`): with a useful
-    memory the first offsets of a segment gain the most.
-    """
-    seg = transformer_xl_layers(model)[0].segment_length
-    logits = model(ids[:, :-1])
-    loss = F.cross_entropy(logits.transpose(1, 2).float(), ids[:, 1:], reduction="none")  # [B, N-1]
-    offsets = torch.arange(loss.shape[1], device=ids.device) % seg
-    totals = torch.zeros(seg, device=ids.device).index_add_(0, offsets, loss.sum(0))
-    counts = torch.bincount(offsets, minlength=seg) * loss.shape[0]
-    return totals / counts
-
-
 @register
 class TransformerXL(Backend):
     name = "transformer_xl"

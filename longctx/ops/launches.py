@@ -83,25 +83,25 @@ def _has_mask_index(args) -> bool:
 
 
 def run_opaque(
-    fn: Callable[[], Tensor | tuple[Tensor, ...]],
+    fn: Callable[..., Tensor | tuple[Tensor, ...]],
     inputs: Sequence[Tensor],
     forward_launches: int,
     backward_launches: int,
 ) -> Tensor | tuple[Tensor, ...]:
-    """`fn()`, a compiled kernel that takes `inputs`; under a LaunchCounter, one opaque unit.
+    """`fn(*inputs)`, a compiled kernel; under a LaunchCounter, one opaque unit.
 
     Compiled code cannot run under a Python dispatch mode (dynamo refuses to trace there), and
     what it launches on a GPU is not what it dispatches on the CPU. So while a counter is active
-    the call runs with the mode suspended and counts `forward_launches`; its backward, which may
-    not exist on the CPU (FlexAttention's), is stood in for by zero gradients counted as
-    `backward_launches`. Values under a counter therefore serve counting only.
+    the call runs on detached inputs with the mode suspended and counts `forward_launches`; its
+    backward, which may not exist on the CPU (FlexAttention's), is stood in for by zero gradients
+    counted as `backward_launches`. Values under a counter therefore serve counting only.
     """
     if not _active:
-        return fn()
+        return fn(*inputs)
     counter = _active[-1]
     counter.opaque_launches += forward_launches
     with _disable_current_modes(), torch.no_grad():
-        output = fn()
+        output = fn(*(t.detach() for t in inputs))
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in inputs)):
         return output
     single = isinstance(output, Tensor)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from longctx.ops.softmax.flex import TILE, alibi_score_mod, block_mask_from_tiles, bucket, flex
+from longctx.ops.softmax.flex import TILE, block_mask_from_tiles, bucket, flex, mask_input
 
 
 def _tile_grids(selected: Tensor, block_size: int, length: int) -> tuple[Tensor, Tensor]:
@@ -66,7 +66,7 @@ def flex_moba_attention(
     def padded(x: Tensor, value: float = 0.0) -> Tensor:
         return torch.nn.functional.pad(x, (0, 0, 0, length - n), value=value)
 
-    q, k, v, selected = padded(q), padded(k), padded(v), padded(selected, -1)
+    q, k, v, selected = padded(q), padded(k), padded(v), mask_input(padded(selected, -1))
     slots = selected.shape[-1]
 
     def mask_mod(batch, head, q_idx, kv_idx):
@@ -79,9 +79,10 @@ def flex_moba_attention(
     read, full = _tile_grids(selected, block_size, length)
     block_mask = block_mask_from_tiles(read, full, mask_mod, length, length)
     score_mod = None
-    if slopes is not None:
-        positions = torch.arange(length, device=q.device)
-        score_mod = alibi_score_mod(
-            slopes.to(device=q.device, dtype=torch.float32), positions, positions
-        )
+    if slopes is not None:  # natural order: slot indices are the positions
+        slopes = mask_input(slopes.to(device=q.device, dtype=torch.float32))
+
+        def score_mod(score, batch, head, q_idx, kv_idx):
+            return score - slopes[head] * (q_idx - kv_idx)
+
     return flex(q, k, v, block_mask, score_mod)[:, :, :n]

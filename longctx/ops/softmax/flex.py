@@ -42,6 +42,26 @@ def _compiled() -> Callable:
     return torch.compile(flex_attention, dynamic=False)
 
 
+@torch.library.custom_op("longctx::materialized", mutates_args=())
+def _materialized(x: Tensor) -> Tensor:
+    return x.clone()
+
+
+@_materialized.register_fake
+def _(x: Tensor) -> Tensor:
+    return torch.empty_like(x)
+
+
+def mask_input(x: Tensor) -> Tensor:
+    """A tensor that mask_mod or score_mod reads, as a stored buffer inside a compiled region.
+
+    Inductor's CPU FlexAttention template cannot read a tensor that is still a fused computation
+    (torch 2.13 fails with NoValidChoicesError); an opaque copy stores it. Outside compiled
+    code, and for tensors that already are inputs (cached tables), nothing is done.
+    """
+    return _materialized(x) if torch.compiler.is_compiling() else x
+
+
 def _lse_request() -> dict:
     """The keyword that asks flex_attention for the log-sum-exp (`return_aux` from torch 2.9)."""
     from torch.nn.attention import flex_attention as module
@@ -71,14 +91,12 @@ def flex(
     if torch.compiler.is_compiling():  # traced into the caller's compiled region
         return _unpack(flex_attention(q, k, v, **kwargs), with_lse)
 
-    def call():
+    def call(q: Tensor, k: Tensor, v: Tensor):
         limits = {"recompile_limit": RECOMPILE_LIMIT, "fail_on_recompile_limit_hit": True}
         with torch._dynamo.config.patch(**limits):
-            return _compiled()(q, k, v, **kwargs)
+            return _unpack(_compiled()(q, k, v, **kwargs), with_lse)
 
-    return run_opaque(
-        lambda: _unpack(call(), with_lse), (q, k, v), FORWARD_LAUNCHES, BACKWARD_LAUNCHES
-    )
+    return run_opaque(call, (q, k, v), FORWARD_LAUNCHES, BACKWARD_LAUNCHES)
 
 
 def _unpack(result, with_lse: bool):

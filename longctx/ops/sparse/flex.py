@@ -19,7 +19,6 @@ Flex calls merged by their log-sum-exps; all other components are one call per h
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -172,10 +171,27 @@ def _prepare(plan: SlotPlan) -> _Prepared:
     )
 
 
-@functools.lru_cache(maxsize=64)
+# A plain dict, not an lru_cache: dynamo traces through lru_cache wrappers, but reads a dict
+# entry that exists as it is, so a compiled block takes the cached tables as inputs.
+_PREPARED: dict[tuple, tuple[_Prepared, ...]] = {}
+# Entries kept: (component, length, device) combinations of a run; past this the cache restarts.
+PREPARED_ENTRIES = 256
+
+
 def prepared_plans(component, n: int, device: torch.device) -> tuple[_Prepared, ...]:
     """A component's plans with their BlockMasks, built once per length and device."""
-    return tuple(_prepare(plan) for plan in component.slot_plans(n, device))
+    key = (component, n, device)
+    if key not in _PREPARED:
+        if len(_PREPARED) >= PREPARED_ENTRIES:
+            _PREPARED.clear()
+        _PREPARED[key] = tuple(_prepare(plan) for plan in component.slot_plans(n, device))
+    return _PREPARED[key]
+
+
+def prepare_flex_pattern(pattern, n: int, device: torch.device) -> None:
+    """Build the plans of every head group of `pattern` for length n (outside compiled code)."""
+    for _, _, component in pattern.groups:
+        prepared_plans(component, n, device)
 
 
 def _slots(x: Tensor, positions: Tensor, natural: bool) -> Tensor:
