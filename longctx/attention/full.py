@@ -14,17 +14,18 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from longctx.attention.base import Backend, Mixer
+from longctx.attention.base import Backend, Mixer, State
 from longctx.attention.registry import register
 from longctx.attention.softmax import SoftmaxAttention
-from longctx.attention.sparse_core import SparseCore
+from longctx.attention.sparse_core import STEP_QUERIES, SparseCore
 from longctx.ops.seam import FLEX, TORCH, resolve_kernel
+from longctx.ops.softmax.masked import masked_attention
 from longctx.ops.sparse.flex import flex_pattern_attention
 from longctx.ops.sparse.patterns import Causal, LayerPattern
 
 
 class CausalCore(SparseCore):
-    """The causal pattern; streaming keeps a growing KV cache."""
+    """The causal pattern; streaming keeps a growing KV cache (every key, so no positions)."""
 
     def __init__(self, n_head: int, kernel: str):
         super().__init__(LayerPattern.uniform(n_head, Causal()), kernel)
@@ -41,6 +42,22 @@ class CausalCore(SparseCore):
     def prepare(self, seq_len: int, device: torch.device) -> None:
         if resolve_kernel(self.kernel, (FLEX, TORCH), device) == FLEX:
             super().prepare(seq_len, device)
+
+    def init_cache(self, batch: int, heads: int, head_dim: int, like: Tensor) -> State:
+        empty = like.new_zeros(batch, heads, 0, head_dim)
+        return {"k": empty, "v": empty}
+
+    def step(self, q, k, v, cache, start, slopes):
+        keys = torch.cat((cache["k"], k), dim=2)
+        values = torch.cat((cache["v"], v), dim=2)
+        k_pos = torch.arange(keys.shape[-2], device=q.device)
+        outputs = []
+        for offset in range(0, q.shape[-2], STEP_QUERIES):  # a long prompt in pieces
+            q_piece = q[:, :, offset : offset + STEP_QUERIES]
+            q_pos = start + offset + torch.arange(q_piece.shape[-2], device=q.device)
+            allowed = (k_pos[None, :] <= q_pos[:, None])[None]
+            outputs.append(masked_attention(q_piece, keys, values, allowed, q_pos, k_pos, slopes))
+        return torch.cat(outputs, 2), {"k": keys, "v": values}
 
 
 @register
