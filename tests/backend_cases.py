@@ -4,7 +4,7 @@ Every backend must appear here (a test checks it), so the common tests in
 test_backends_common.py cover it without new code. Keys:
 - options: attention options small enough for short sequences (N >= 4x the largest window/block)
 - seq_len: a length that is not a multiple of any block/chunk/window size
-- state: "grows" | "bounded" | "constant" (ATTENTION_SPEC.md, "Streaming state")
+- state: "grows" | "bounded" | "constant" (docs/attention.md, "Streaming state")
 - chunks: chunk sizes used to stream the sequence through step() (default: mixed sizes)
 - model: extra config overrides (e.g. model.n_head=4)
 - reference: the naive form of the layer (backend_references.py), held equal to every layer of

@@ -19,7 +19,7 @@ from longctx.attention.memory_compressed import (
 )
 from longctx.core.positions import alibi_slopes
 from longctx.errors import ConfigError
-from longctx.ops.softmax.masked import reference_attention
+from longctx.ops.sparse.reference import reference_attention
 
 VOCAB = 37
 
@@ -197,6 +197,7 @@ def test_attention_flops_count_the_allowed_pairs(alternate):
     assert backend.attention_flops(n) == pytest.approx(float(4 * pairs * 32))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_matches_cpu():
     mixer = _mixer(3, dtype=torch.float32)

@@ -1,4 +1,4 @@
-"""`moba` (content-based block sparsity) against ATTENTION_SPEC.md and the module docstring.
+"""`moba` (content-based block sparsity) against docs/attention.md and the module docstring.
 
 The gate is re-written here as a plain per-query Python loop; the engine is held equal to the
 dense masked reference built from the SAME selection (outputs and dq, dk, dv in fp64, fp32 and
@@ -24,8 +24,8 @@ from longctx.attention import ModelDims, build_backend
 from longctx.attention.moba import MobaCore
 from longctx.core.positions import alibi_slopes
 from longctx.errors import ConfigError
+from longctx.ops import pieces
 from longctx.ops.moba import engine as moba_kernel
-from longctx.ops.moba import gate
 from longctx.ops.moba.engine import block_sparse_attention
 from longctx.ops.moba.flex import _tile_grids, flex_moba_attention
 from longctx.ops.moba.gate import block_key_sums, select_blocks
@@ -94,7 +94,7 @@ def test_selection_equals_the_naive_gate(inputs, gate_dtype, monkeypatch):
     sums = block_key_sums(k, 5, gate_dtype)
     assert sums.dtype == gate_dtype
     assert torch.equal(select_blocks(q, sums, 0, 5, 3), expected)
-    monkeypatch.setattr(gate, "GATE_CHUNK_ENTRIES", 7)  # a few queries per gate chunk
+    monkeypatch.setattr(pieces, "TRANSIENT_SCORES", 7)  # a few queries per gate chunk
     assert torch.equal(select_blocks(q, sums, 0, 5, 3), expected)
     # Queries given from a later block boundary, as streaming does, select the same blocks.
     assert torch.equal(select_blocks(q[:, :, 20:], sums, 20, 5, 3), expected[:, :, 20:])
@@ -493,6 +493,7 @@ def test_attention_flops_count_the_pairs_computed(n, block_size, top_k):
 # GPU (the matmul kernel on CUDA against the CPU engine)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("alibi", [False, True], ids=["rope", "alibi"])
 def test_cuda_engine_equals_cpu(alibi):

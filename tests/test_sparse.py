@@ -1,5 +1,5 @@
 """The sparse softmax family (sliding_window, local, dilated, longformer, sparse_strided,
-sparse_fixed, blockwise) against ATTENTION_SPEC.md.
+sparse_fixed, blockwise) against docs/attention.md.
 
 The spec predicates are re-written here in plain Python, independently of
 longctx/attention/sparse_patterns.py, and every check compares against them: the pattern
@@ -24,12 +24,14 @@ from longctx import build_model
 from longctx.attention import ModelDims, build_backend
 from longctx.attention.sparse_core import SparseCore
 from longctx.errors import ConfigError
+from longctx.ops import pieces
 from longctx.ops.softmax import flex as softmax_flex
 from longctx.ops.softmax.flex import TILE
-from longctx.ops.softmax.masked import pattern_mask, reference_attention
+from longctx.ops.softmax.masked import pattern_mask
 from longctx.ops.sparse import engine as sparse_engine
 from longctx.ops.sparse.flex import tile_counts, tile_grids
 from longctx.ops.sparse.patterns import component_parts
+from longctx.ops.sparse.reference import reference_attention
 
 N_HEAD, N_LAYER, HEAD_DIM = 4, 2, 16
 SEQ = 53  # a multiple of no window, block, stride or engine tile below; >= 4x the largest reach
@@ -75,7 +77,7 @@ IDS = [f"{name}-" + "-".join(f"{k}={v}" for k, v in options.items()) for name, o
 def spec_allowed(
     name: str, o: dict, h: int, i: int, j: int, layer: int = 0, n_head: int = N_HEAD
 ) -> bool:
-    """ATTENTION_SPEC.md, "Softmax over a sparse pattern", for one (head, query, key)."""
+    """docs/attention.md, "Softmax over a sparse pattern", for one (head, query, key)."""
     if j > i:
         return False
     if j == i:  # always allowed: no row is ever empty
@@ -554,3 +556,16 @@ def test_spec_defaults_build_with_the_default_context(name):
     """`attention=<name>` alone (spec defaults, context_length 256) builds and runs."""
     model = build_model(model_config(name), VOCAB)
     assert model(torch.randint(0, VOCAB, (1, 300))).shape == (1, 300, VOCAB)
+
+
+@pytest.mark.parametrize(("name", "options"), EXTRA_STREAMING[:2], ids=lambda c: str(c))
+def test_a_long_prompt_given_to_step_is_attended_in_pieces(name, options, monkeypatch):
+    """With a budget of a few scores, step() takes its queries a few at a time: same logits."""
+    torch.manual_seed(0)
+    model = build_model(model_config(name, options), VOCAB).double().eval()
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        whole, _ = model.step(ids, model.init_state(2))
+        monkeypatch.setattr(pieces, "TRANSIENT_SCORES", 2 * N_HEAD * SEQ * 3)
+        pieced, _ = model.step(ids, model.init_state(2))
+    torch.testing.assert_close(pieced, whole, rtol=1e-10, atol=1e-10)

@@ -9,13 +9,14 @@ from conftest import model_config
 from probes import receptive_field
 
 from longctx import build_model
-from longctx.attention import ModelDims, backend_class, build_backend, transformer_xl
+from longctx.attention import ModelDims, backend_class, build_backend
 from longctx.attention.transformer_xl import (
     TransformerXLAttention,
     memory_length,
     relative_shift,
 )
 from longctx.errors import ConfigError
+from longctx.ops import pieces
 
 VOCAB = 37
 
@@ -64,9 +65,7 @@ def test_grouped_segments_equal_the_dense_reference(segments_per_group, monkeypa
     """mix scores a few segments at a time on long inputs:
     groups (and a short last one) change nothing."""
     mixer = _mixer(4, 6)
-    monkeypatch.setattr(
-        transformer_xl, "SCORES_PER_GROUP", segments_per_group * 2 * 4 * 4 * (6 + 4)
-    )
+    monkeypatch.setattr(pieces, "TRANSIENT_SCORES", segments_per_group * 2 * 4 * 4 * (6 + 4))
     x = torch.randn(2, 19, 32, dtype=torch.float64, requires_grad=True)
     fast = mixer(x)
     (grad_fast,) = torch.autograd.grad(fast.sum(), x)

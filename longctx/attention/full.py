@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from longctx.attention.base import Backend, Mixer, State
 from longctx.attention.registry import register
 from longctx.attention.softmax import SoftmaxAttention
-from longctx.attention.sparse_core import STEP_QUERIES, SparseCore
+from longctx.attention.sparse_core import SparseCore, step_rows
 from longctx.ops.seam import FLEX, TORCH, resolve_kernel
 from longctx.ops.softmax.masked import masked_attention
 from longctx.ops.sparse.flex import flex_pattern_attention
@@ -51,9 +51,9 @@ class CausalCore(SparseCore):
         keys = torch.cat((cache["k"], k), dim=2)
         values = torch.cat((cache["v"], v), dim=2)
         k_pos = torch.arange(keys.shape[-2], device=q.device)
-        outputs = []
-        for offset in range(0, q.shape[-2], STEP_QUERIES):  # a long prompt in pieces
-            q_piece = q[:, :, offset : offset + STEP_QUERIES]
+        outputs, rows = [], step_rows(q, cache["k"].shape[2])
+        for offset in range(0, q.shape[-2], rows):  # a long prompt in pieces
+            q_piece = q[:, :, offset : offset + rows]
             q_pos = start + offset + torch.arange(q_piece.shape[-2], device=q.device)
             allowed = (k_pos[None, :] <= q_pos[:, None])[None]
             outputs.append(masked_attention(q_piece, keys, values, allowed, q_pos, k_pos, slopes))

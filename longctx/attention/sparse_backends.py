@@ -1,4 +1,4 @@
-"""The sparse softmax backends of ATTENTION_SPEC.md:
+"""The sparse softmax backends of docs/attention.md:
 options, validation, and the pattern of each layer.
 
 sliding_window, local, dilated, longformer, sparse_strided, sparse_fixed, blockwise. The

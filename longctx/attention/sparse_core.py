@@ -16,14 +16,17 @@ from torch import Tensor
 
 from longctx.attention.base import Backend, Mixer, State
 from longctx.attention.softmax import AttentionCore, SoftmaxAttention
+from longctx.ops.pieces import rows_per_piece
 from longctx.ops.seam import AUTO, FLEX, TORCH, resolve_kernel
 from longctx.ops.softmax.masked import masked_attention, pattern_mask
 from longctx.ops.sparse.flex import flex_pattern_attention, prepare_flex_pattern
 from longctx.ops.sparse.patterns import LayerPattern
 
-# Queries per streaming sub-step: a long prompt given to step() is attended in pieces so the
-# dense mask over cache + piece stays small (the result is the same for any piece size).
-STEP_QUERIES = 512
+
+def step_rows(q: Tensor, cached: int) -> int:
+    """Queries per piece of a streaming step over `cached` earlier keys plus q's own."""
+    batch, heads, n, _ = q.shape
+    return rows_per_piece(batch * heads * (cached + n))
 
 
 class SparseCore(AttentionCore):
@@ -50,8 +53,10 @@ class SparseCore(AttentionCore):
 
     def step(self, q, k, v, cache, start, slopes):
         outputs = []
-        for offset in range(0, q.shape[-2], STEP_QUERIES):
-            piece = slice(offset, offset + STEP_QUERIES)
+        # A long prompt in pieces: the dense mask over cache + piece stays within the budget.
+        rows = step_rows(q, cache["k"].shape[2])
+        for offset in range(0, q.shape[-2], rows):
+            piece = slice(offset, offset + rows)
             q_piece = q[:, :, piece]
             q_pos = torch.arange(
                 start + offset, start + offset + q_piece.shape[-2], device=q.device
