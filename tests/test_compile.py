@@ -112,3 +112,26 @@ def test_compile_false_leaves_the_model_eager():
     task.configure_model()
     assert not task.blocks_compiled
     assert all(block._compiled_call_impl is None for block in task.model.blocks)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["full", "sliding_window", "sparse_strided", "moba"])
+def test_cuda_compiled_blocks_train_like_eager(name):
+    """`compile: true` on a GPU: Flex's forward and backward inside the compiled blocks give the
+    eager model's loss and gradients."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    cfg = _gpu_kernel_config(name)
+    torch.manual_seed(0)
+    compiled = LanguageModelTask(_task_config(cfg, compile=True), VOCAB).cuda()
+    eager = build_model(cfg, VOCAB).cuda()
+    eager.load_state_dict(compiled.model.state_dict())
+    compiled.configure_model()
+    ids = _ids(CASES[name]["seq_len"] + 1).cuda()
+    grads = []
+    for model in (compiled.model, eager):
+        logits = model(ids[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+        grads.append([p.grad for p in model.parameters()])
+    for got, want in zip(*grads):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)

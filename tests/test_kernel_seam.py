@@ -18,7 +18,16 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from longctx import build_model
 from longctx.attention import backend_class
 from longctx.errors import ConfigError
-from longctx.ops.seam import AUTO, FLA, FLEX, TORCH, resolve_kernel, unavailable_reason
+from longctx.ops.seam import (
+    AUTO,
+    FLA,
+    FLEX,
+    TORCH,
+    TORCH_FLOOR,
+    resolve_kernel,
+    torch_version,
+    unavailable_reason,
+)
 
 CPU = torch.device("cpu")
 VOCAB = 37
@@ -171,3 +180,42 @@ def test_hybrid_accepts_any_kernel_of_its_parts_and_passes_it_on():
 def test_every_backend_lists_torch_its_cpu_kernel():
     for name in CASES:
         assert TORCH in backend_class(name).kernels
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("position", ["rope", "alibi"])
+@pytest.mark.parametrize("name", SEVERAL_KERNELS)
+def test_cuda_auto_kernel_trains_like_the_torch_kernel(name, position):
+    """On a GPU, `auto` (Flex, fla) against the torch kernel: logits and every weight's gradient
+    of one training step, fp32 (TF32 off)."""
+    if name == "transformer_xl" and position == "alibi":
+        pytest.skip("transformer_xl refuses ALiBi")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    results = []
+    for kernel in (AUTO, TORCH):
+        case = CASES[name]
+        cfg = model_config(
+            name, {**case["options"], "kernel": kernel}, f"model.position={position}"
+        )
+        cfg.context_length = max(cfg.context_length, SEQ)
+        torch.manual_seed(0)
+        model = build_model(cfg, VOCAB).cuda()
+        ids = torch.randint(0, VOCAB, (BATCH, SEQ + 1), generator=torch.Generator().manual_seed(1))
+        ids = ids.cuda()
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        results.append([logits.detach()] + [p.grad for p in model.parameters()])
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_the_torch_floor_is_stated_once_and_met():
+    """pyproject.toml requires the floor the seam states, and this torch meets it (on an older
+    torch this test fails, as the Flex kernels would)."""
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    floor = ".".join(map(str, TORCH_FLOOR))
+    assert f'"torch>={floor}"' in pyproject
+    assert torch_version() >= TORCH_FLOOR, f"torch {torch.__version__} is older than {floor}"
+    assert unavailable_reason(FLEX, CPU) is None

@@ -133,3 +133,23 @@ def test_flex_needs_fewer_launches_than_the_cpu_engine_and_no_sync():
     assert engine["opaque_launches"] == 0
     assert flex["kernel_launches"] < engine["kernel_launches"]
     assert flex["kernel_launches"] == flex["aten_ops"] + flex["opaque_launches"]
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_cuda_training_step_never_waits_for_the_device(name):
+    """The same check on a GPU, by CUDA itself: any synchronising call raises."""
+    case = CASES[name]
+    cfg = model_config(name, case["options"], *case.get("model", ()))
+    model = build_model(cfg, VOCAB).cuda()
+    ids = torch.randint(0, VOCAB, (2, case["seq_len"] + 1), device="cuda")
+    with torch.no_grad():
+        model(ids[:, :-1])  # per-length caches, as a run's first step fills them
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logits = model(ids[:, :-1])
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
