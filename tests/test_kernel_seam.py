@@ -28,6 +28,7 @@ from longctx.ops.seam import (
     torch_version,
     unavailable_reason,
 )
+from longctx.ops.softmax.flex import TILE, bucket
 
 CPU = torch.device("cpu")
 VOCAB = 37
@@ -219,3 +220,31 @@ def test_the_torch_floor_is_stated_once_and_met():
     assert f'"torch>={floor}"' in pyproject
     assert torch_version() >= TORCH_FLOOR, f"torch {torch.__version__} is older than {floor}"
     assert unavailable_reason(FLEX, CPU) is None
+
+
+def test_lengths_share_a_few_buckets_per_octave():
+    """Flex kernels are compiled per padded length: at most 8 sizes per octave, whole tiles, and
+    never more than an eighth of padding beyond the last tile."""
+    sizes = [bucket(n) for n in range(1, 1 << 16)]
+    assert all(s % TILE == 0 and s >= n for n, s in zip(range(1, 1 << 16), sizes))
+    for octave in range(7, 16):
+        assert len({s for s in sizes if (1 << octave) < s <= (1 << (octave + 1))}) <= 8
+    assert all(s - n < TILE + n / 8 for n, s in zip(range(1, 1 << 16), sizes))
+
+
+def test_reaching_the_recompile_limit_raises_instead_of_running_unfused(monkeypatch):
+    """Past the limit dynamo would run Flex eagerly (N x N scores) without a word: it raises."""
+    from longctx.ops.softmax import flex as softmax_flex
+
+    monkeypatch.setattr(softmax_flex, "RECOMPILE_LIMIT", 1)
+    torch._dynamo.reset()
+    pattern = build_model(model_config("sliding_window", {"window": 4}), VOCAB).blocks[0]
+    core = pattern.mixer.core
+    core.kernel = FLEX
+    q = torch.randn(1, 4, 100, 16)
+    with torch.no_grad():
+        core(q, q, q, None)  # the first compiled kernel
+        with pytest.raises(Exception, match="(?i)recompil"):
+            q2 = torch.randn(1, 4, 200, 16)  # another bucket: a second kernel, past the limit
+            core(q2, q2, q2, None)
+    torch._dynamo.reset()

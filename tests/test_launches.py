@@ -3,6 +3,8 @@ backend's GPU path in a training step, and the bench's `launches` mode (kernel_l
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from backend_cases import CASES
@@ -153,3 +155,32 @@ def test_cuda_training_step_never_waits_for_the_device(name):
         torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten()).backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_triton_launches_count_once_each_and_not_the_interpreters_copies():
+    """A plain and an autotuned Triton kernel: two launches, and no aten op of the interpreter's
+    argument copies (runs where triton can launch here: a GPU, or TRITON_INTERPRET=1)."""
+    triton = pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("triton launches need a GPU or TRITON_INTERPRET=1")
+    import triton.language as tl
+
+    @triton.jit
+    def plus_one(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n) + 1, mask=i < n)
+
+    @triton.autotune(configs=[triton.Config({"BLOCK": 16})], key=["n"])
+    @triton.jit
+    def tuned(x_ptr, y_ptr, n, BLOCK: tl.constexpr):
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(y_ptr + i, tl.load(x_ptr + i, mask=i < n) + 1, mask=i < n)
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.arange(40.0, device=device)
+    y = torch.empty_like(x)
+    with LaunchCounter() as counter:
+        plus_one[(3,)](x, y, 40, BLOCK=16)
+        tuned[(3,)](x, y, 40)
+    assert counter.triton_launches == 2 and counter.aten_ops == 0
+    assert torch.equal(y, x + 1)

@@ -9,6 +9,8 @@
   (boolean indexing, one-argument `torch.where`) and `masked_select`, on any device, so that a
   CPU run shows the syncs a GPU run would make;
 - `triton_launches`: Triton kernels launched (through triton's launcher, when triton is loaded);
+  under TRITON_INTERPRET=1 a launch also dispatches the aten ops that copy its arguments to host
+  buffers and back: they are the interpreter's, not the kernel's, and are not counted;
 - `opaque_launches`: compiled kernels run as one unit (`run_opaque`: FlexAttention), counted as
   the launches they make on a GPU, stated by their caller.
 
@@ -41,6 +43,7 @@ class LaunchCounter(TorchDispatchMode):
         self.ops: Counter[str] = Counter()
         self.triton_launches = 0
         self.opaque_launches = 0
+        self.inside_triton = 0  # depth of Triton launches running now
         self._unpatch: Callable[[], None] | None = None
 
     @property
@@ -57,6 +60,8 @@ class LaunchCounter(TorchDispatchMode):
         return self.aten_ops + self.triton_launches + self.opaque_launches
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.inside_triton:  # the interpreter's own copies, not the step's
+            return func(*args, **(kwargs or {}))
         name = func._schema.name
         if name in MASK_INDEXING_OPS and _has_mask_index(args):
             name = "aten::nonzero"  # counted as the sync it makes, once per mask
@@ -146,17 +151,16 @@ def _count_triton_launches(counter: LaunchCounter) -> Callable[[], None] | None:
         cls = getattr(sys.modules.get(module_name), class_name, None)
         if cls is not None and "run" in vars(cls):
             runners.append(cls)
-    depth = [0]
 
     def wrap(run):
         def counted(self, *args, **kwargs):
-            if depth[0] == 0:
+            if counter.inside_triton == 0 and not kwargs.get("warmup"):
                 counter.triton_launches += 1
-            depth[0] += 1
+            counter.inside_triton += 1
             try:
                 return run(self, *args, **kwargs)
             finally:
-                depth[0] -= 1
+                counter.inside_triton -= 1
 
         return counted
 
