@@ -10,7 +10,7 @@ from conftest import model_config
 from probes import receptive_field
 
 from longctx import build_model
-from longctx.attention import ModelDims, build_backend
+from longctx.attention import ModelSettings, build_backend
 from longctx.attention.memory_compressed import (
     QUERY_CHUNK,
     BlockLocalCore,
@@ -24,8 +24,10 @@ from longctx.ops.sparse.reference import reference_attention
 VOCAB = 37
 
 
-def _dims(position: str = "rope", n_layer: int = 1) -> ModelDims:
-    return ModelDims(n_layer=n_layer, n_head=4, d_model=32, context_length=1024, position=position)
+def _dims(position: str = "rope", n_layer: int = 1) -> ModelSettings:
+    return ModelSettings(
+        n_layer=n_layer, n_head=4, d_model=32, context_length=1024, position=position
+    )
 
 
 def _mixer(

@@ -20,7 +20,7 @@ import torch
 from conftest import model_config
 
 from longctx import build_model
-from longctx.attention import ModelDims, build_backend
+from longctx.attention import ModelSettings, build_backend
 from longctx.attention.moba import MobaCore
 from longctx.core.positions import alibi_slopes
 from longctx.errors import ConfigError
@@ -452,7 +452,7 @@ def test_cuda_flex_forward_and_backward_equal_reference(block_size, top_k, alibi
 
 
 def _backend(context_length=64, d_model=32, **options):
-    dims = ModelDims(n_layer=1, n_head=4, d_model=d_model, context_length=context_length)
+    dims = ModelSettings(n_layer=1, n_head=4, d_model=d_model, context_length=context_length)
     return build_backend({"name": "moba", **options}, dims)
 
 

@@ -21,7 +21,7 @@ from conftest import model_config
 from probes import changed_outputs, receptive_field
 
 from longctx import build_model
-from longctx.attention import ModelDims, build_backend
+from longctx.attention import ModelSettings, build_backend
 from longctx.attention.sparse_core import SparseCore
 from longctx.errors import ConfigError
 from longctx.ops import pieces
@@ -121,8 +121,8 @@ def spec_mask(name, options, n, layer=0, n_head=N_HEAD) -> torch.Tensor:
     )
 
 
-def _dims(context_length: int = 256, n_layer: int = N_LAYER) -> ModelDims:
-    return ModelDims(
+def _dims(context_length: int = 256, n_layer: int = N_LAYER) -> ModelSettings:
+    return ModelSettings(
         n_layer=n_layer, n_head=N_HEAD, d_model=N_HEAD * HEAD_DIM, context_length=context_length
     )
 
@@ -428,7 +428,7 @@ def test_sparse_transformer_reads_few_causal_tiles_at_32k_under_flex(name, optio
     """Regrouped by residue (strided) and with the summary columns as their own key region
     (fixed), the Sparse Transformer patterns read at most a quarter of the causal tiles that
     dense attention reads (docs/kernels.md lists the fractions)."""
-    backend = build_backend({"name": name, **options}, ModelDims(2, 8, 512, 32768))
+    backend = build_backend({"name": name, **options}, ModelSettings(2, 8, 512, 32768))
     for layer in range(N_LAYER):
         read, causal = tile_counts(backend.pattern(layer), 32768)
         assert read <= 0.25 * causal, (layer, read / causal)

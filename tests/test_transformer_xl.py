@@ -9,7 +9,7 @@ from conftest import model_config
 from probes import receptive_field
 
 from longctx import build_model
-from longctx.attention import ModelDims, backend_class, build_backend
+from longctx.attention import ModelSettings, backend_class, build_backend
 from longctx.attention.transformer_xl import (
     TransformerXLAttention,
     memory_length,
@@ -25,7 +25,7 @@ def _mixer(
     segment_length: int, mem_len: int, dtype=torch.float64, seed: int = 0
 ) -> TransformerXLAttention:
     torch.manual_seed(seed)
-    dims = ModelDims(n_layer=1, n_head=4, d_model=32, context_length=1024)
+    dims = ModelSettings(n_layer=1, n_head=4, d_model=32, context_length=1024)
     backend = build_backend(
         {"name": "transformer_xl", "segment_length": segment_length, "mem_len": mem_len}, dims
     )
@@ -219,7 +219,7 @@ def test_trains_on_ordered_streams():
 
 def test_attention_flops_count_the_work():
     seg, mem, n, d = 5, 7, 23, 32
-    dims = ModelDims(n_layer=2, n_head=4, d_model=d, context_length=n)
+    dims = ModelSettings(n_layer=2, n_head=4, d_model=d, context_length=n)
     backend = build_backend({"name": "transformer_xl", "segment_length": seg, "mem_len": mem}, dims)
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
     pairs = ((j <= i) & (i - j <= mem + i % seg)).sum()

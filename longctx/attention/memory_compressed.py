@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from longctx.attention.base import Backend, HeadMixer, Mixer, ModelDims, State, split_qkv
+from longctx.attention.base import Backend, HeadMixer, Mixer, ModelSettings, State, split_qkv
 from longctx.attention.registry import register
 from longctx.attention.softmax import AttentionCore, SoftmaxAttention
 from longctx.core.positions import Rotary, alibi_bias, alibi_slopes
@@ -183,7 +183,7 @@ def _chunk_attention(
 
 
 class MemoryCompressedAttention(HeadMixer):
-    def __init__(self, dims: ModelDims, compression: int):
+    def __init__(self, dims: ModelSettings, compression: int):
         super().__init__()
         self.n_head = dims.n_head
         self.head_dim = dims.head_dim

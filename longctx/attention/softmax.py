@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
-from longctx.attention.base import HeadMixer, ModelDims, State, split_qkv
+from longctx.attention.base import HeadMixer, ModelSettings, State, split_qkv
 from longctx.core.positions import Rotary, alibi_slopes
 
 
@@ -39,7 +39,7 @@ class AttentionCore(nn.Module, ABC):
 
 
 class SoftmaxAttention(HeadMixer):
-    def __init__(self, dims: ModelDims, core: AttentionCore):
+    def __init__(self, dims: ModelSettings, core: AttentionCore):
         super().__init__()
         if dims.d_model % dims.n_head:
             raise ValueError(f"d_model={dims.d_model} is not divisible by n_head={dims.n_head}")

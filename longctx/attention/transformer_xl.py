@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from longctx.attention.base import Backend, HeadMixer, Mixer, ModelDims, State
+from longctx.attention.base import Backend, HeadMixer, Mixer, ModelSettings, State
 from longctx.attention.registry import register
 from longctx.errors import ConfigError
 from longctx.ops.pieces import rows_per_piece, split_into_pieces
@@ -52,7 +52,7 @@ def sinusoid(distances: Tensor, d_model: int) -> Tensor:
 
 
 class TransformerXLAttention(HeadMixer):
-    def __init__(self, dims: ModelDims, segment_length: int, mem_len: int):
+    def __init__(self, dims: ModelSettings, segment_length: int, mem_len: int):
         super().__init__()
         self.n_head = dims.n_head
         self.head_dim = dims.head_dim

@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from longctx.attention import Backend, ModelDims, build_backend
+from longctx.attention import Backend, ModelSettings, build_backend
 from longctx.bench import anchors
 from longctx.bench.config import DTYPES, Config
 from longctx.bench.measure import MIB, state_size, synchronize
@@ -39,8 +39,8 @@ class Workload:
     )  # extra row fields (state size, prefill time)
 
 
-def dims_for(config: Config) -> ModelDims:
-    return ModelDims(
+def dims_for(config: Config) -> ModelSettings:
+    return ModelSettings(
         n_layer=1,
         n_head=config.heads,
         d_model=config.heads * config.head_dim,

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from longctx.attention.base import Backend, Mixer, ModelDims, State
+from longctx.attention.base import Backend, Mixer, ModelSettings, State
 
 
 class Block(nn.Module):
@@ -44,7 +44,7 @@ class Block(nn.Module):
 class LanguageModel(nn.Module):
     def __init__(
         self,
-        dims: ModelDims,
+        dims: ModelSettings,
         backend: Backend,
         vocab_size: int,
         make_ffn,
