@@ -1,6 +1,10 @@
 """The training engine of `moba`:
 softmax attention over each query's own block and its selected blocks.
 
+Apart from the sparse patterns' engine (longctx/ops/sparse/engine.py) because each query here
+reads its own data-dependent blocks, so work is grouped by (query, selected block) pair; the
+patterns' keys are fixed by position and shared by a whole tile of queries.
+
 Query t (absolute position q_start + t, in block c) attends with ONE softmax to the keys j <= t of
 block c and to every key of the blocks listed in `selected[..., t, :]` (earlier, complete blocks).
 The two parts are computed separately, each with its log-sum-exp, and merged exactly:

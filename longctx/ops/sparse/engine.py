@@ -1,5 +1,9 @@
 """The block-sparse softmax engine (CPU training path, and any device when called directly).
 
+Apart from moba's engine (longctx/ops/moba/engine.py) because here the keys a query reads are a
+fixed function of positions, shared by every query of a tile, so tiles of a pattern are read
+whole; moba's keys depend on each query's own gate, so that engine pairs queries with blocks.
+
 A pattern is cut into disjoint *parts*. A `BlockLayout` part reorders the queries and keys
 (identity, or regrouped by residue so that dilated/strided patterns become contiguous
 windows), cuts them into blocks of `block` slots, and lists for every query block the key
