@@ -2,6 +2,8 @@
 # train.py's arguments (docs/cluster.md). torch, CUDA, cuDNN and NCCL come from the base image and stay:
 # the install step is the README's, after its `pip install torch==...`, constrained to the base's torch.
 # Another base: docker build --build-arg BASE_IMAGE=nvcr.io/nvidia/pytorch:<yy.mm>-py3 .
+# Its torch must be at least the floor in pyproject.toml (2.8: the GPU kernels' FlexAttention and
+# dynamo APIs); scripts/gpu_check.sh checks a GPU image end to end.
 ARG BASE_IMAGE=pytorch/pytorch:2.8.0-cuda12.9-cudnn9-runtime
 FROM ${BASE_IMAGE}
 

@@ -60,6 +60,34 @@ def test_yaml_lists_the_spec_defaults(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_every_layer_equals_its_reference(name):
+    """Each layer's output and gradients (inputs and weights) against the table's naive form of
+    the backend (backend_references.py), fp64, random inputs, every layer of the model."""
+    case = CASES[name]
+    model = _model(name)
+    for layer, block in enumerate(model.blocks):
+        mixer = block.mixer
+        x = torch.randn(
+            2,
+            case["seq_len"],
+            model.dims.d_model,
+            dtype=torch.float64,
+            generator=torch.Generator().manual_seed(layer),
+        ).requires_grad_()
+        weights = torch.randn(
+            x.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(9)
+        )
+        leaves = [x, *(p for p in mixer.parameters() if p.requires_grad)]
+        results = []
+        for out in (mixer(x), case["reference"](mixer, x, layer, case["options"])):
+            results.append((out, *torch.autograd.grad((out * weights).sum(), leaves)))
+        for index, (got, want) in enumerate(zip(*results)):
+            torch.testing.assert_close(
+                got, want, rtol=1e-8, atol=1e-8, msg=f"layer {layer}, #{index}"
+            )
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_chunked_step_equals_forward(name):
     case = CASES[name]
     model = _model(name)

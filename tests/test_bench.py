@@ -19,7 +19,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from longctx import build_model, flops
 from longctx.attention import ModelDims, build_backend
 from longctx.attention.full import FullAttention
-from longctx.attention.masked import pattern_mask
 from longctx.bench import allocator, anchors, environment, report, worker
 from longctx.bench.config import Config, settings_from_config
 from longctx.bench.isolation import IsolatedRunner
@@ -34,6 +33,7 @@ from longctx.flops import (
     peak_flops,
     training_flops_per_token,
 )
+from longctx.ops.softmax.masked import pattern_mask
 
 B, H, DH = 1, 2, 8
 TINY = dict(

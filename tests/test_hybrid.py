@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import compose_config, model_config
+from probes import receptive_field
 
 from longctx import build_model
 from longctx.errors import ConfigError
@@ -22,19 +23,6 @@ def one_layer(attention: str, options: dict, seed: int = 0):
     cfg = model_config(attention, options, "model.n_layer=1", "context_length=64")
     torch.manual_seed(seed)
     return build_model(cfg, 29).double()
-
-
-def receptive_field(model, n: int = 40) -> torch.Tensor:
-    """[n, n] bool: does input j change output i (gradient test on the embeddings)?"""
-    captured = {}
-    model.embed.register_forward_hook(lambda m, i, out: captured.update(x=out) or out.retain_grad())
-    ids = torch.randint(0, 29, (1, n), generator=torch.Generator().manual_seed(3))
-    field = torch.zeros(n, n, dtype=torch.bool)
-    for i in range(n):
-        model.zero_grad()
-        model(ids)[0, i].sum().backward()
-        field[i] = captured["x"].grad[0].abs().sum(-1) > 0
-    return field
 
 
 @pytest.mark.parametrize(
@@ -55,7 +43,7 @@ def test_each_layer_type_has_its_parts_receptive_field_and_output(part, other):
     ids = torch.randint(0, 29, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(hybrid(ids), pure(ids))
-    assert torch.equal(receptive_field(hybrid), receptive_field(pure))
+    assert torch.equal(receptive_field(hybrid.eval(), 40), receptive_field(pure.eval(), 40))
 
 
 def two_layers(attention: str, options: dict, seed: int = 0):

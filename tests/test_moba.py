@@ -1,4 +1,4 @@
-"""`moba` (content-based block sparsity) against ATTENTION_SPEC.md and the module docstring.
+"""`moba` (content-based block sparsity) against docs/attention.md and the module docstring.
 
 The gate is re-written here as a plain per-query Python loop; the engine is held equal to the
 dense masked reference built from the SAME selection (outputs and dq, dk, dv in fp64, fp32 and
@@ -20,12 +20,17 @@ import torch
 from conftest import model_config
 
 from longctx import build_model
-from longctx.attention import ModelDims, build_backend, moba, moba_kernel
-from longctx.attention.masked import masked_attention
-from longctx.attention.moba import MobaCore, block_key_sums, select_blocks
-from longctx.attention.moba_kernel import block_sparse_attention
+from longctx.attention import ModelSettings, build_backend
+from longctx.attention.moba import MobaCore
 from longctx.core.positions import alibi_slopes
 from longctx.errors import ConfigError
+from longctx.ops import pieces
+from longctx.ops.moba import engine as moba_kernel
+from longctx.ops.moba.engine import block_sparse_attention
+from longctx.ops.moba.flex import _tile_grids, flex_moba_attention
+from longctx.ops.moba.gate import block_key_sums, select_blocks
+from longctx.ops.moba.reference import reference_moba_attention, selection_mask
+from longctx.ops.softmax.flex import TILE
 
 VOCAB = 37
 KERNELS = sorted(moba_kernel.KERNELS)
@@ -68,44 +73,31 @@ def naive_selection(
     return out
 
 
-def selection_mask(selected: torch.Tensor, block_size: int, n: int) -> torch.Tensor:
-    """allowed [B, H, n, n]: own block up to the query, plus every key of the selected blocks."""
-    pos = torch.arange(n)
-    block = pos // block_size
-    allowed = (block[None, :] == block[:, None]) & (pos[None, :] <= pos[:, None])
-    chosen = (selected[..., None] == block).any(
-        -2
-    )  # [B, H, n, n]: key's block is among the query's
-    return allowed | chosen
-
-
 def dense_reference(q, k, v, selected, block_size, slopes=None):
-    pos = torch.arange(q.shape[2])
-    allowed = selection_mask(selected, block_size, q.shape[2])
-    return masked_attention(
-        q, k, v, allowed, pos, pos, None if slopes is None else slopes.to(q.dtype)
-    )
+    return reference_moba_attention(q, k, v, selected, block_size, slopes)
 
 
 # ---------------------------------------------------------------------------------------------
 # The gate
 
 
+@pytest.mark.parametrize("gate_dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
 @pytest.mark.parametrize("inputs", ["random", "identical_blocks", "integers"])
-def test_selection_equals_the_naive_gate(inputs, monkeypatch):
+def test_selection_equals_the_naive_gate(inputs, gate_dtype, monkeypatch):
+    """Both gate dtypes (torch kernel: fp64, flex kernel: fp32) select the exact top-k here."""
     q, k, _ = _qkv(n=45, dim=4, dtype=torch.float32)
     if inputs == "identical_blocks":  # every block has the same mean: exact ties everywhere
         k = k[:, :, :5].repeat(1, 1, 9, 1)
     if inputs == "integers":  # many exactly equal scores
         q, k = q.round(), k.round()
     expected = naive_selection(q, k, 5, 3)
-    assert torch.equal(select_blocks(q, block_key_sums(k, 5), 0, 5, 3), expected)
-    monkeypatch.setattr(moba, "GATE_CHUNK_ENTRIES", 7)  # a few queries per gate chunk
-    assert torch.equal(select_blocks(q, block_key_sums(k, 5), 0, 5, 3), expected)
+    sums = block_key_sums(k, 5, gate_dtype)
+    assert sums.dtype == gate_dtype
+    assert torch.equal(select_blocks(q, sums, 0, 5, 3), expected)
+    monkeypatch.setattr(pieces, "TRANSIENT_SCORES", 7)  # a few queries per gate chunk
+    assert torch.equal(select_blocks(q, sums, 0, 5, 3), expected)
     # Queries given from a later block boundary, as streaming does, select the same blocks.
-    assert torch.equal(
-        select_blocks(q[:, :, 20:], block_key_sums(k, 5), 20, 5, 3), expected[:, :, 20:]
-    )
+    assert torch.equal(select_blocks(q[:, :, 20:], sums, 20, 5, 3), expected[:, :, 20:])
 
 
 def test_block_key_sums_are_the_same_whichever_call_computes_them():
@@ -349,11 +341,118 @@ def test_model_streams_like_forward(position):
 
 
 # ---------------------------------------------------------------------------------------------
+# The Flex kernel: BlockMask from the selection on the device
+
+
+FLEX_N = 300  # several 128-tiles and a partial one
+# (block_size, top_k): blocks inside a tile, straddling tiles, and spanning several tiles.
+FLEX_BLOCKS = [(24, 3), (48, 2), (160, 1)]
+
+
+def _random_selection(n, block_size, top_k, batch=2, heads=4, seed=0):
+    """A valid selection (distinct complete earlier blocks, ascending, -1 padded), as random as
+    the gate could ever be: neighbouring queries share nothing."""
+    g = torch.Generator().manual_seed(seed)
+    slots = min(top_k, n // block_size)
+    selected = torch.full((batch, heads, n, slots), -1, dtype=torch.long)
+    for i in range(n):
+        candidates = i // block_size
+        if candidates:
+            picks = torch.rand(batch, heads, candidates, generator=g).argsort(-1)[..., :slots]
+            picks = picks.sort(-1).values
+            selected[:, :, i, : picks.shape[-1]] = picks
+    return selected
+
+
+@pytest.mark.parametrize(("block_size", "top_k"), FLEX_BLOCKS)
+def test_flex_tiles_cover_the_selection_and_full_tiles_need_no_mask(block_size, top_k):
+    n = 3 * TILE  # whole tiles, so every row of a tile is a real query
+    selected = _random_selection(n, block_size, top_k)
+    # Every query of the last tile selects block 0 (complete and earlier for all of them): with
+    # blocks of at least a tile, key tile 0 is then full for that query tile.
+    last = selected[:, :, 2 * TILE :]
+    last[..., 0] = torch.where((last == 0).any(-1), last[..., 0], 0)
+    selected[:, :, 2 * TILE :] = last.sort(-1).values
+    read, full = _tile_grids(selected, block_size, n)
+    allowed = selection_mask(selected, block_size, n).view(2, 4, 3, TILE, 3, TILE)
+    needed = allowed.any(-1).any(-2)
+    all_allowed = allowed.all(-1).all(-2)
+    assert not (needed & ~read).any()
+    assert not (full & ~all_allowed).any()
+    assert full[..., 2, 0].all() == (block_size >= TILE)
+
+
+@pytest.mark.parametrize(
+    ("block_size", "top_k", "alibi"),
+    [(b, k, False) for b, k in FLEX_BLOCKS] + [(*FLEX_BLOCKS[1], True)],
+    ids=lambda c: str(c),
+)
+def test_compiled_flex_forward_on_cpu_equals_reference_and_engine(block_size, top_k, alibi):
+    """The compiled CPU Flex forward, with the same selection as the dense reference and the
+    CPU engine, at a length that is no multiple of the tile. (Each top_k compiles its own
+    kernel, about half a minute on a CPU: ALiBi is checked with one block layout.)"""
+    q, k, v = _qkv(batch=2, heads=4, n=FLEX_N, dim=16, dtype=torch.float32)
+    selected = _random_selection(FLEX_N, block_size, top_k)
+    slopes = alibi_slopes(4) if alibi else None
+    with torch.no_grad():
+        got = flex_moba_attention(q, k, v, selected, block_size, slopes)
+        engine = block_sparse_attention(q, k, v, selected, block_size, slopes)
+    want = dense_reference(q, k, v, selected, block_size, slopes)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, engine, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_flex_forward_on_cpu_bf16_is_close_to_fp32():
+    q, k, v = _qkv(batch=2, heads=4, n=FLEX_N, dim=16, dtype=torch.float32)
+    selected = _random_selection(FLEX_N, 48, 2)
+    low = [t.bfloat16() for t in (q, k, v)]
+    with torch.no_grad():
+        got = flex_moba_attention(*low, selected, 48, None)
+    want = dense_reference(*[t.float() for t in low], selected, 48)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=3e-2, atol=3e-2)
+
+
+def test_flex_core_forced_through_the_seam_equals_the_torch_core():
+    """MobaCore with kernel=flex (fp32 gate) against kernel=torch (fp64 gate): same selection on
+    these inputs, same outputs."""
+    q, k, v = _qkv(batch=2, heads=4, n=FLEX_N, dim=16, dtype=torch.float32)
+    with torch.no_grad():
+        got = MobaCore(48, 2, "flex")(q, k, v, None)
+        want = MobaCore(48, 2, "torch")(q, k, v, None)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Flex backward needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
+@pytest.mark.parametrize(("block_size", "top_k"), FLEX_BLOCKS)
+def test_cuda_flex_forward_and_backward_equal_reference(block_size, top_k, alibi, dtype):
+    q, k, v = (t.to(dtype).float().cuda() for t in _qkv(2, 4, FLEX_N, 16, torch.float32))
+    selected = _random_selection(FLEX_N, block_size, top_k).cuda()
+    slopes = alibi_slopes(4).cuda() if alibi else None
+    grad = torch.randn_like(q).to(dtype).float()
+    results = []
+    for attend, inputs_dtype in (
+        (lambda *a: flex_moba_attention(*a, selected, block_size, slopes), dtype),
+        (lambda *a: dense_reference(*a, selected, block_size, slopes), torch.float32),
+    ):
+        leaves = [t.to(inputs_dtype).requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves)
+        grads = torch.autograd.grad(out, leaves, grad.to(out.dtype))
+        results.append([t.float() for t in (out, *grads)])
+    tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    for label, got, want in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(got, want, msg=label, **tol)
+
+
+# ---------------------------------------------------------------------------------------------
 # Backend: config, FLOPs
 
 
 def _backend(context_length=64, d_model=32, **options):
-    dims = ModelDims(n_layer=1, n_head=4, d_model=d_model, context_length=context_length)
+    dims = ModelSettings(n_layer=1, n_head=4, d_model=d_model, context_length=context_length)
     return build_backend({"name": "moba", **options}, dims)
 
 
@@ -394,6 +493,7 @@ def test_attention_flops_count_the_pairs_computed(n, block_size, top_k):
 # GPU (the matmul kernel on CUDA against the CPU engine)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("alibi", [False, True], ids=["rope", "alibi"])
 def test_cuda_engine_equals_cpu(alibi):

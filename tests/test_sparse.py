@@ -1,5 +1,5 @@
 """The sparse softmax family (sliding_window, local, dilated, longformer, sparse_strided,
-sparse_fixed, blockwise) against ATTENTION_SPEC.md.
+sparse_fixed, blockwise) against docs/attention.md.
 
 The spec predicates are re-written here in plain Python, independently of
 longctx/attention/sparse_patterns.py, and every check compares against them: the pattern
@@ -18,14 +18,20 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import model_config
+from probes import changed_outputs, receptive_field
 
 from longctx import build_model
-from longctx.attention import ModelDims, build_backend, sparse_engine
-from longctx.attention.masked import pattern_mask, reference_attention
+from longctx.attention import ModelSettings, build_backend
 from longctx.attention.sparse_core import SparseCore
-from longctx.attention.sparse_flex import FLEX_BLOCK, block_layout, flex_pattern_attention
-from longctx.attention.sparse_patterns import component_parts
 from longctx.errors import ConfigError
+from longctx.ops import pieces
+from longctx.ops.softmax import flex as softmax_flex
+from longctx.ops.softmax.flex import TILE
+from longctx.ops.softmax.masked import pattern_mask
+from longctx.ops.sparse import engine as sparse_engine
+from longctx.ops.sparse.flex import tile_counts, tile_grids
+from longctx.ops.sparse.patterns import component_parts
+from longctx.ops.sparse.reference import reference_attention
 
 N_HEAD, N_LAYER, HEAD_DIM = 4, 2, 16
 SEQ = 53  # a multiple of no window, block, stride or engine tile below; >= 4x the largest reach
@@ -71,7 +77,7 @@ IDS = [f"{name}-" + "-".join(f"{k}={v}" for k, v in options.items()) for name, o
 def spec_allowed(
     name: str, o: dict, h: int, i: int, j: int, layer: int = 0, n_head: int = N_HEAD
 ) -> bool:
-    """ATTENTION_SPEC.md, "Softmax over a sparse pattern", for one (head, query, key)."""
+    """docs/attention.md, "Softmax over a sparse pattern", for one (head, query, key)."""
     if j > i:
         return False
     if j == i:  # always allowed: no row is ever empty
@@ -115,8 +121,8 @@ def spec_mask(name, options, n, layer=0, n_head=N_HEAD) -> torch.Tensor:
     )
 
 
-def _dims(context_length: int = 256, n_layer: int = N_LAYER) -> ModelDims:
-    return ModelDims(
+def _dims(context_length: int = 256, n_layer: int = N_LAYER) -> ModelSettings:
+    return ModelSettings(
         n_layer=n_layer, n_head=N_HEAD, d_model=N_HEAD * HEAD_DIM, context_length=context_length
     )
 
@@ -239,21 +245,6 @@ def test_core_gradient_to_the_future_is_exactly_zero(name, options):
         assert dv[:, :, i].abs().sum() > 0  # j = i is always read
 
 
-def _changed_outputs(forward, x, n):
-    """changed[i, j]: perturbing input j changes output i (fp64, threshold far below real effects).
-
-    One batched call: row 0 is x, row 1 + j is x with position j perturbed.
-    """
-    batch = x.repeat(n + 1, *([1] * (x.dim() - 1)))
-    positions = torch.arange(n)
-    if x.dtype == torch.long:
-        batch[1 + positions, positions] = (batch[1 + positions, positions] + 1) % VOCAB
-    else:
-        batch[1 + positions, positions] += 1.0
-    outputs = forward(batch)
-    return ((outputs[1:] - outputs[:1]).abs().amax(-1) > 1e-9).T
-
-
 @pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
 def test_one_layer_receptive_field_is_the_spec_pattern(name, options):
     """Input positions that change output i of a one-layer model == union over heads of P(i, j)."""
@@ -263,10 +254,7 @@ def test_one_layer_receptive_field_is_the_spec_pattern(name, options):
     cfg = model_config(name, options, "model.n_layer=1")
     torch.manual_seed(0)
     model = build_model(cfg, VOCAB).double().eval()
-    ids = torch.randint(0, VOCAB, (1, SEQ), generator=torch.Generator().manual_seed(3))
-    with torch.no_grad():
-        changed = _changed_outputs(model, ids, SEQ)
-    assert torch.equal(changed, spec_mask(name, options, SEQ).any(0))
+    assert torch.equal(receptive_field(model, SEQ), spec_mask(name, options, SEQ).any(0))
 
 
 @pytest.mark.parametrize(
@@ -281,9 +269,7 @@ def test_second_layer_mixer_receptive_field(name, options):
     x = torch.randn(
         1, SEQ, N_HEAD * HEAD_DIM, dtype=torch.float64, generator=torch.Generator().manual_seed(4)
     )
-    with torch.no_grad():
-        changed = _changed_outputs(mixer, x, SEQ)
-    assert torch.equal(changed, spec_mask(name, options, SEQ, layer=1).any(0))
+    assert torch.equal(changed_outputs(mixer, x), spec_mask(name, options, SEQ, layer=1).any(0))
 
 
 @pytest.mark.parametrize(("name", "options"), CONFIGS, ids=IDS)
@@ -368,66 +354,168 @@ FLEX_CONFIGS = [
         },
     ),
     ("sparse_strided", {"stride": 100, "layout": "heads"}),
+    ("sparse_fixed", {"stride": 100, "summary": 20, "layout": "heads"}),
     ("sparse_fixed", {"stride": 100, "summary": 20, "layout": "union"}),
     ("blockwise", {"block_size": 150, "shifts": [0, 1]}),
 ]
+# Flex's compiled CPU forward cannot return a log-sum-exp (torch 2.13), which the union of
+# sparse_strided's two query orders needs to merge: that layout is checked with the unfused
+# Flex forward here (test_union_of_two_query_orders_...) and compiled on the GPU.
+FLEX_N = 300  # several 128-tiles, a partial last one; batch 2 and the tiny model's heads, so
+# the model-level kernel tests (test_kernel_seam.py) reuse these compiled kernels
 
 
-@pytest.mark.parametrize(("name", "options"), FLEX_CONFIGS, ids=lambda c: str(c))
-def test_flex_block_layout_covers_the_pattern(name, options):
-    """Every tile holding an allowed pair is in the BlockMask layout
-    (built without an N x N mask)."""
-    n = 700
-    pattern = _backend(name, options, context_length=n).pattern(0)
-    pos = torch.arange(n)
-    tiles = -(-n // FLEX_BLOCK)
-    mask = torch.nn.functional.pad(
-        pattern_mask(pattern.allowed, N_HEAD, pos, pos), (0, tiles * FLEX_BLOCK - n) * 2
-    )
-    needed = mask.view(N_HEAD, tiles, FLEX_BLOCK, tiles, FLEX_BLOCK).any(-1).any(-2)
-    layout = block_layout(pattern, n, torch.device("cpu"))
-    assert not (needed & ~layout).any()
-    if name in ("sliding_window", "local"):  # band patterns read no tile they do not need
-        assert torch.equal(layout, needed)
+def _plan_multiplicity(pattern, n):
+    """[H, n, n]: how many (plan, key slot) pairs give query i key j, over the Flex plans."""
+    counts = torch.zeros(pattern.n_head, n, n, dtype=torch.long)
+    for first, end, component in pattern.groups:
+        for plan in component.slot_plans(n, torch.device("cpu")):
+            kv = torch.arange(len(plan.k_pos))
+            inside = ((kv >= plan.lo[:, :, None]) & (kv <= plan.hi[:, :, None])).any(0)
+            rows, cols = inside.nonzero(as_tuple=True)
+            dense = torch.zeros(n, n, dtype=torch.long)
+            dense.index_put_(
+                (plan.q_pos[rows], plan.k_pos[cols]), torch.ones_like(rows), accumulate=True
+            )
+            counts[first:end] += dense
+    return counts
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="FlexAttention path needs CUDA")
-@pytest.mark.parametrize("alibi", [False, True])
-@pytest.mark.parametrize(("name", "options"), FLEX_CONFIGS, ids=lambda c: str(c))
-def test_cuda_flex_equals_reference(name, options, alibi):
-    n = 700
-    pattern = _backend(name, options, context_length=n).pattern(0)
-    q, k, v = (t.float().cuda() for t in _qkv(n, torch.float32))
-    slopes = None if not alibi else _slopes(True).float().cuda()
-    grad = torch.randn_like(q)
-    results = []
-    for attend in (
-        lambda *a: SparseCore(pattern)(*a, slopes),
-        lambda *a: reference_attention(*a, pattern.allowed, slopes),
-    ):
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        out = attend(*leaves)
-        results.append((out, *torch.autograd.grad(out, leaves, grad)))
-    for label, got, want in zip(("out", "dq", "dk", "dv"), *results):
-        torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3, msg=label)
+@pytest.mark.parametrize(("name", "options"), CONFIGS + FLEX_CONFIGS, ids=lambda c: str(c))
+def test_flex_slot_plans_give_every_allowed_key_exactly_once(name, options):
+    """The plans' intervals, mapped back to positions, are the spec pattern: each allowed key
+    once (the union layout's two plans included), nothing else."""
+    for n in (SEQ, FLEX_N):
+        backend = _backend(name, options, context_length=FLEX_N)
+        for layer in range(N_LAYER):
+            got = _plan_multiplicity(backend.pattern(layer), n)
+            assert torch.equal(got, spec_mask(name, options, n, layer).long()), (n, layer)
 
 
-@pytest.mark.slow
+@pytest.mark.parametrize(("name", "options"), CONFIGS + FLEX_CONFIGS, ids=lambda c: str(c))
+def test_flex_tiles_cover_the_pattern_and_full_tiles_need_no_mask(name, options):
+    """Every tile holding an allowed slot pair is read; every tile marked full holds only
+    allowed pairs (mask_mod is skipped there). Built without an N x N mask."""
+    pattern = _backend(name, options, context_length=FLEX_N).pattern(0)
+    for _, _, component in pattern.groups:
+        for plan in component.slot_plans(FLEX_N, torch.device("cpu")):
+            read, full = tile_grids(plan)
+            mq, mk = len(plan.q_pos), len(plan.k_pos)
+            kv = torch.arange(mk)
+            inside = ((kv >= plan.lo[:, :, None]) & (kv <= plan.hi[:, :, None])).any(0)
+            tq, tk = read.shape
+            pad = (0, tk * TILE - mk, 0, tq * TILE - mq)
+            grid = torch.nn.functional.pad(inside, pad).view(tq, TILE, tk, TILE)
+            real = torch.nn.functional.pad(torch.ones(mq, mk, dtype=torch.bool), pad)
+            needed = grid.any(-1).any(1)
+            all_allowed = (grid | ~real.view(tq, TILE, tk, TILE)).all(-1).all(1)
+            assert not (needed & ~read).any()
+            assert not (full & ~all_allowed).any()
+            assert not (full & ~read).any()
+
+
 @pytest.mark.parametrize(
-    ("name", "options"), [FLEX_CONFIGS[3], FLEX_CONFIGS[5]], ids=lambda c: str(c)
+    ("name", "options"),
+    [(name, {}) for name in ("sparse_strided", "sparse_fixed")]
+    + [
+        (name, {"layout": layout})
+        for name in ("sparse_strided", "sparse_fixed")
+        for layout in ("union", "layers")
+    ],
+    ids=lambda c: str(c),
 )
-def test_compiled_flex_forward_on_cpu_equals_reference(name, options):
-    """The CUDA code path (BlockMask from the layout, mask_mod, ALiBi score_mod) run by the
-    compiled CPU FlexAttention forward; minutes of compilation, hence slow."""
-    n = 300
-    pattern = _backend(name, options, context_length=n).pattern(0)
-    q, k, v = _qkv(n, torch.float32, batch=1)
-    slopes = _slopes(True).float()
+def test_sparse_transformer_reads_few_causal_tiles_at_32k_under_flex(name, options):
+    """Regrouped by residue (strided) and with the summary columns as their own key region
+    (fixed), the Sparse Transformer patterns read at most a quarter of the causal tiles that
+    dense attention reads (docs/kernels.md lists the fractions)."""
+    backend = build_backend({"name": name, **options}, ModelSettings(2, 8, 512, 32768))
+    for layer in range(N_LAYER):
+        read, causal = tile_counts(backend.pattern(layer), 32768)
+        assert read <= 0.25 * causal, (layer, read / causal)
+
+
+def _core_outputs(name, options, kernel, dtype, alibi, batch=2):
+    pattern = _backend(name, options, context_length=FLEX_N).pattern(0)
+    q, k, v = _qkv(FLEX_N, dtype, batch=batch)
+    slopes = None if not alibi else _slopes(True).to(dtype)
     with torch.no_grad():
-        got = flex_pattern_attention(q, k, v, pattern, slopes)
-        torch.testing.assert_close(
-            got, reference_attention(q, k, v, pattern.allowed, slopes), rtol=1e-5, atol=1e-5
+        return SparseCore(pattern, kernel)(q, k, v, slopes), pattern, (q, k, v), slopes
+
+
+@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
+@pytest.mark.parametrize(("name", "options"), FLEX_CONFIGS, ids=lambda c: str(c))
+def test_compiled_flex_forward_on_cpu_equals_reference_and_engine_fp32(name, options, alibi):
+    """kernel=flex forced through the seam: the compiled CPU Flex forward (BlockMask with full
+    tiles, mask_mod from the slot tables, ALiBi score_mod) against the dense reference and the
+    CPU engine, at a length that is no multiple of the tile."""
+    got, pattern, (q, k, v), slopes = _core_outputs(name, options, "flex", torch.float32, alibi)
+    engine, *_ = _core_outputs(name, options, "torch", torch.float32, alibi)
+    want = reference_attention(q, k, v, pattern.allowed, slopes)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, engine, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(("name", "options"), FLEX_CONFIGS, ids=lambda c: str(c))
+def test_compiled_flex_forward_on_cpu_bf16_is_close_to_fp32_reference(name, options):
+    """bf16 Flex against the fp32 reference on the same bf16 inputs (same tolerance as the
+    engine's bf16 test above)."""
+    got, pattern, (q, k, v), _ = _core_outputs(name, options, "flex", torch.bfloat16, False)
+    want = reference_attention(q.float(), k.float(), v.float(), pattern.allowed)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=5e-2)
+
+
+@pytest.fixture
+def unfused_flex(monkeypatch):
+    """FlexAttention's eager (unfused) forward, which returns the log-sum-exp on a CPU: it applies
+    mask_mod and score_mod to every pair but ignores the BlockMask's tiles (those are checked by
+    the tile test above and by the compiled forward on a GPU)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    monkeypatch.setattr(softmax_flex, "_compiled", lambda: flex_attention)
+
+
+@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
+def test_union_of_two_query_orders_merges_exactly_by_log_sum_exp(unfused_flex, alibi):
+    options = {"stride": 5, "layout": "union"}
+    pattern = _backend("sparse_strided", options).pattern(0)
+    assert len(pattern.groups[0][2].slot_plans(SEQ, torch.device("cpu"))) == 2
+    q, k, v = _qkv(SEQ, torch.float32)
+    slopes = None if not alibi else _slopes(True).float()
+    with torch.no_grad():
+        got = SparseCore(pattern, "flex")(q, k, v, slopes)
+    want = reference_attention(q, k, v, pattern.allowed, slopes)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="Flex backward needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("alibi", [False, True], ids=["no-alibi", "alibi"])
+@pytest.mark.parametrize(
+    ("name", "options"),
+    FLEX_CONFIGS + [("sparse_strided", {"stride": 100, "layout": "union"})],
+    ids=lambda c: str(c),
+)
+def test_cuda_flex_forward_and_backward_equal_reference(name, options, alibi, dtype):
+    pattern = _backend(name, options, context_length=FLEX_N).pattern(0)
+    # Inputs rounded to `dtype` once: the fp32 reference sees the same values as the kernel.
+    q, k, v = (t.to(dtype).float().cuda() for t in _qkv(FLEX_N, torch.float32))
+    slopes = None if not alibi else _slopes(True).float().cuda()
+    grad = torch.randn_like(q).to(dtype).float()
+    results = []
+    for attend, inputs_dtype in (
+        (lambda *a: SparseCore(pattern, "flex")(*a, slopes), dtype),
+        (lambda *a: reference_attention(*a, pattern.allowed, slopes), torch.float32),
+    ):
+        leaves = [t.to(inputs_dtype).requires_grad_() for t in (q, k, v)]
+        out = attend(*leaves)
+        results.append(
+            [t.float() for t in (out, *torch.autograd.grad(out, leaves, grad.to(out.dtype)))]
         )
+    tol = {"rtol": 2e-3, "atol": 2e-3} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 5e-2}
+    for label, got, want in zip(("out", "dq", "dk", "dv"), *results):
+        torch.testing.assert_close(got, want, msg=label, **tol)
 
 
 INVALID = [
@@ -468,3 +556,16 @@ def test_spec_defaults_build_with_the_default_context(name):
     """`attention=<name>` alone (spec defaults, context_length 256) builds and runs."""
     model = build_model(model_config(name), VOCAB)
     assert model(torch.randint(0, VOCAB, (1, 300))).shape == (1, 300, VOCAB)
+
+
+@pytest.mark.parametrize(("name", "options"), EXTRA_STREAMING[:2], ids=lambda c: str(c))
+def test_a_long_prompt_given_to_step_is_attended_in_pieces(name, options, monkeypatch):
+    """With a budget of a few scores, step() takes its queries a few at a time: same logits."""
+    torch.manual_seed(0)
+    model = build_model(model_config(name, options), VOCAB).double().eval()
+    ids = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        whole, _ = model.step(ids, model.init_state(2))
+        monkeypatch.setattr(pieces, "TRANSIENT_SCORES", 2 * N_HEAD * SEQ * 3)
+        pieced, _ = model.step(ids, model.init_state(2))
+    torch.testing.assert_close(pieced, whole, rtol=1e-10, atol=1e-10)

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
+from backend_references import transformer_xl_layer_reference as dense_reference
 from conftest import model_config
+from probes import receptive_field
 
 from longctx import build_model
-from longctx.attention import ModelDims, backend_class, build_backend, transformer_xl
+from longctx.attention import ModelSettings, backend_class, build_backend
 from longctx.attention.transformer_xl import (
     TransformerXLAttention,
-    loss_by_segment_offset,
     memory_length,
     relative_shift,
 )
 from longctx.errors import ConfigError
+from longctx.ops import pieces
 
 VOCAB = 37
 
@@ -25,44 +25,11 @@ def _mixer(
     segment_length: int, mem_len: int, dtype=torch.float64, seed: int = 0
 ) -> TransformerXLAttention:
     torch.manual_seed(seed)
-    dims = ModelDims(n_layer=1, n_head=4, d_model=32, context_length=1024)
+    dims = ModelSettings(n_layer=1, n_head=4, d_model=32, context_length=1024)
     backend = build_backend(
         {"name": "transformer_xl", "segment_length": segment_length, "mem_len": mem_len}, dims
     )
     return backend.mixer(0).to(dtype)
-
-
-def dense_reference(mixer: TransformerXLAttention, x):
-    """Every allowed pair (i, j) scored by the paper's formula, R_{i-j} written out per pair.
-
-    Keys and values of earlier segments come from the stop-gradient input (the memory).
-    """
-    batch, n, d_model = x.shape
-    heads, head_dim = mixer.n_head, mixer.head_dim
-    seg, mem = mixer.segment_length, mixer.mem_len
-
-    def split(t):
-        return t.view(batch, n, heads, head_dim).transpose(1, 2)
-
-    w_q, w_k, w_v = mixer.qkv.weight.chunk(3)
-    q = split(x @ w_q.T)
-    live_k, live_v = split(x @ w_k.T), split(x @ w_v.T)
-    memory_k, memory_v = split(x.detach() @ w_k.T), split(x.detach() @ w_v.T)
-    i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    allowed = (j <= i) & (i - j <= mem + i % seg)
-    from_memory = (j // seg < i // seg)[None, None, :, :, None]
-    keys = torch.where(from_memory, memory_k[:, :, None], live_k[:, :, None])  # [B, H, i, j, Dh]
-    values = torch.where(from_memory, memory_v[:, :, None], live_v[:, :, None])
-    distance = (i - j).clamp(min=0).double()
-    angles = distance[..., None] / 10000.0 ** (torch.arange(0, d_model, 2).double() / d_model)
-    r = torch.cat((angles.sin(), angles.cos()), -1).to(x.dtype) @ mixer.position_proj.weight.T
-    r = r.view(n, n, heads, head_dim)
-    u, v = mixer.content_bias[:, 0], mixer.position_bias[:, 0]
-    content = torch.einsum("bhid,bhijd->bhij", q + u[:, None], keys)
-    position = torch.einsum("bhid,ijhd->bhij", q + v[:, None], r)
-    scores = ((content + position) / math.sqrt(head_dim)).masked_fill(~allowed, float("-inf"))
-    o = torch.einsum("bhij,bhijd->bhid", scores.softmax(-1), values)
-    return mixer.out(o.transpose(1, 2).reshape(batch, n, d_model))
 
 
 def test_relative_shift_equals_an_explicit_gather():
@@ -98,9 +65,7 @@ def test_grouped_segments_equal_the_dense_reference(segments_per_group, monkeypa
     """mix scores a few segments at a time on long inputs:
     groups (and a short last one) change nothing."""
     mixer = _mixer(4, 6)
-    monkeypatch.setattr(
-        transformer_xl, "SCORES_PER_GROUP", segments_per_group * 2 * 4 * 4 * (6 + 4)
-    )
+    monkeypatch.setattr(pieces, "TRANSIENT_SCORES", segments_per_group * 2 * 4 * 4 * (6 + 4))
     x = torch.randn(2, 19, 32, dtype=torch.float64, requires_grad=True)
     fast = mixer(x)
     (grad_fast,) = torch.autograd.grad(fast.sum(), x)
@@ -144,18 +109,10 @@ def _ids(n: int, batch: int = 2, seed: int = 1) -> torch.Tensor:
 @pytest.mark.parametrize("seg,mem", [(5, 7), (5, 3), (4, 0)])
 def test_one_layer_receptive_field_is_memory_plus_offset(seg, mem):
     """Logits at i change with token j exactly when j <= i and i - j <= mem_len + (i mod L)."""
-    model = _model({"segment_length": seg, "mem_len": mem}, "model.n_layer=1", dtype=torch.float32)
+    model = _model({"segment_length": seg, "mem_len": mem}, "model.n_layer=1").eval()
     n = 21
-    ids = _ids(n, batch=1)
-    changed = torch.zeros(n, n, dtype=torch.bool)
-    with torch.no_grad():
-        base = model(ids)
-        for j in range(n):
-            other = ids.clone()
-            other[0, j] = (other[0, j] + 1) % VOCAB
-            changed[:, j] = (model(other) != base).any(-1)[0]
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
-    assert torch.equal(changed, (j <= i) & (i - j <= mem + i % seg))
+    assert torch.equal(receptive_field(model, n), (j <= i) & (i - j <= mem + i % seg))
 
 
 def test_gradient_stops_at_the_memory():
@@ -224,22 +181,6 @@ def test_rope_and_none_both_mean_relative_positions_only():
     assert torch.equal(rope, none)
 
 
-def test_loss_by_segment_offset():
-    model = _model({"segment_length": 4, "mem_len": 4})
-    ids = _ids(23)
-    losses = loss_by_segment_offset(model, ids)
-    logits = model(ids[:, :-1])
-    per_token = torch.nn.functional.cross_entropy(
-        logits.transpose(1, 2), ids[:, 1:], reduction="none"
-    )
-    expected = torch.stack([per_token[:, r::4].mean() for r in range(4)])
-    torch.testing.assert_close(losses.double(), expected, rtol=1e-6, atol=1e-6)
-    with memory_length(model, 0):
-        without = loss_by_segment_offset(model, ids)
-    assert not torch.equal(losses, without)
-    assert model.blocks[0].mixer.mem_len == 4
-
-
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
 def test_low_precision_is_close_to_fp64(dtype, tolerance):
     """fp32 to 1e-5;
@@ -278,7 +219,7 @@ def test_trains_on_ordered_streams():
 
 def test_attention_flops_count_the_work():
     seg, mem, n, d = 5, 7, 23, 32
-    dims = ModelDims(n_layer=2, n_head=4, d_model=d, context_length=n)
+    dims = ModelSettings(n_layer=2, n_head=4, d_model=d, context_length=n)
     backend = build_backend({"name": "transformer_xl", "segment_length": seg, "mem_len": mem}, dims)
     i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
     pairs = ((j <= i) & (i - j <= mem + i % seg)).sum()

@@ -4,7 +4,7 @@ importing the package loads them all."""
 import importlib
 import pkgutil
 
-from longctx.attention.base import Backend, Mixer, ModelDims, StatelessMixer
+from longctx.attention.base import Backend, Mixer, ModelDims, ModelSettings, StatelessMixer
 from longctx.attention.registry import available_backends, backend_class, build_backend, register
 
 for _module in pkgutil.iter_modules(__path__):
@@ -14,6 +14,7 @@ __all__ = [
     "Backend",
     "Mixer",
     "ModelDims",
+    "ModelSettings",
     "StatelessMixer",
     "available_backends",
     "backend_class",

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import torch
 from torch import Tensor, nn
 
 from longctx.errors import ConfigError
@@ -30,8 +31,9 @@ State = Any  # nested tuple / list / dict of tensors
 
 
 @dataclass(frozen=True)
-class ModelDims:
-    """The model-level settings a backend may need to build its layers."""
+class ModelSettings:
+    """The model-level settings a backend builds its layers from: sizes, the positional scheme,
+    bias and dropout."""
 
     n_layer: int
     n_head: int
@@ -45,6 +47,11 @@ class ModelDims:
     @property
     def head_dim(self) -> int:
         return self.d_model // self.n_head
+
+
+# The former name, still imported by linear.py, aft.py and rwkv.py (their rework is on another
+# branch): remove once they import ModelSettings.
+ModelDims = ModelSettings
 
 
 class Mixer(nn.Module, ABC):
@@ -70,6 +77,11 @@ class Mixer(nn.Module, ABC):
 
     def init_weights(self, n_layer: int) -> None:
         """Called after the model's default normal init; override for mechanism-specific init."""
+
+    def prepare(self, seq_len: int, device: torch.device) -> None:
+        """Build what the kernel caches per sequence length (FlexAttention's BlockMasks) before
+        `forward` runs: called outside compiled regions, so a compiled block reads the cache
+        as inputs instead of tracing its construction into every step."""
 
 
 class HeadMixer(Mixer):
@@ -135,15 +147,15 @@ class Backend(ABC):
     # True when training must feed ordered contiguous streams and carry state across batches.
     ordered_stream: ClassVar[bool] = False
 
-    def __init__(self, options: Any, dims: ModelDims, kernel: str = AUTO):
-        check_kernel_choice(self.name, kernel, self.kernels)
+    def __init__(self, options: Any, dims: ModelSettings, kernel: str = AUTO):
         self.options = options
         self.dims = dims
         self.kernel = kernel
         self.validate()
+        check_kernel_choice(self.name, kernel, self.supported_kernels())
 
     @classmethod
-    def from_config(cls, attn_cfg: Mapping, dims: ModelDims) -> Backend:
+    def from_config(cls, attn_cfg: Mapping, dims: ModelSettings) -> Backend:
         fields = {f.name for f in dataclasses.fields(cls.Options)}
         given = {k: v for k, v in dict(attn_cfg).items() if k != "name"}
         kernel = AUTO
@@ -162,6 +174,10 @@ class Backend(ABC):
     def validate(self) -> None:
         """Raise ConfigError for impossible settings (checked before any data or weights exist)."""
         return None
+
+    def supported_kernels(self) -> tuple[str, ...]:
+        """The kernels `attention.kernel` may name for this backend (fastest on a GPU first)."""
+        return self.kernels
 
     @abstractmethod
     def mixer(self, layer: int) -> Mixer:

@@ -5,10 +5,14 @@
 part is built through the registry as if it were selected alone, so a hybrid layer is exactly
 its part's layer (validation, streaming state and MLP replacement included) and its state is
 the per-layer composition of its parts' states.
+
+`attention.kernel` may name any kernel one of the parts has: the parts that have it run it, the
+others pick their own (`auto`).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 from longctx.attention.base import Backend, Mixer
@@ -40,12 +44,21 @@ class HybridAttention(Backend):
             raise ConfigError(
                 f"attention.backends sets options for {unused}, which pattern {pattern} never uses"
             )
-        self.parts = {
-            name: backend_class(name).from_config(
-                {"name": name, **dict(self.options.backends.get(name) or {})}, self.dims
-            )
-            for name in dict.fromkeys(pattern)
-        }
+
+    @functools.cached_property
+    def parts(self) -> dict[str, Backend]:
+        """Each named part, built (and validated) through the registry as if selected alone."""
+        parts = {}
+        for name in dict.fromkeys(self.options.pattern):
+            settings = dict(self.options.backends.get(name) or {})
+            if self.kernel in backend_class(name).kernels:
+                settings.setdefault("kernel", self.kernel)
+            parts[name] = backend_class(name).from_config({"name": name, **settings}, self.dims)
+        return parts
+
+    def supported_kernels(self) -> tuple[str, ...]:
+        kernels = (kernel for part in self.parts.values() for kernel in part.supported_kernels())
+        return tuple(dict.fromkeys(kernels))
 
     def part(self, layer: int) -> Backend:
         """The backend that builds `layer`

@@ -31,16 +31,18 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from longctx.attention.base import Backend, HeadMixer, Mixer, ModelDims, State, split_qkv
-from longctx.attention.masked import masked_attention
+from longctx.attention.base import Backend, HeadMixer, Mixer, ModelSettings, State, split_qkv
 from longctx.attention.registry import register
 from longctx.attention.softmax import AttentionCore, SoftmaxAttention
 from longctx.core.positions import Rotary, alibi_bias, alibi_slopes
 from longctx.errors import ConfigError
+from longctx.ops.pieces import split_into_pieces
+from longctx.ops.softmax.masked import masked_attention
 
 # About this many queries per SDPA call of the compressed layer (rounded down to whole blocks):
 # a call's mask and copied keys are then QUERY_CHUNK x (visible slots + QUERY_CHUNK), and the
-# fused kernel keeps the rest O(N). 128-256 measured fastest at 4K on this CPU (1 thread).
+# fused kernel keeps the rest O(N). Fewer queries repeat the visible slots in more calls; more
+# grow every call's mask and key copy: a few hundred keeps both small.
 QUERY_CHUNK = 256
 
 
@@ -109,8 +111,7 @@ def compressed_attention(
     the last query; slot_k / slot_v [B,H,S,Dh] hold the slots of the blocks that end by then.
     Queries go in chunks whose bounds are block-aligned absolute positions, so each chunk's raw
     keys are its own positions; a chunk also takes every slot complete by its end. Inputs are
-    split once (not sliced per chunk): slicing's backward would zero-fill a full-size gradient
-    for every chunk.
+    cut with longctx.ops.pieces.split_into_pieces (split, not slice).
     """
     end = start + q.shape[-2]
     raw_start = start - start % compression
@@ -120,10 +121,11 @@ def compressed_attention(
     raw_sizes = [bounds[1] - raw_start, *query_sizes[1:]]
     visible = [min(slot_k.shape[-2], b // compression) for b in bounds[1:]]
     slot_sizes = [b - a for a, b in zip([0, *visible], visible)]
-    # Split once rather than sliced per chunk: a slice's backward zero-fills a full-size gradient.
-    q_chunks = q.split(query_sizes, dim=2)
-    raw_k_chunks, raw_v_chunks = raw_k.split(raw_sizes, dim=2), raw_v.split(raw_sizes, dim=2)
-    slot_k_pieces, slot_v_pieces = slot_k.split(slot_sizes, dim=2), slot_v.split(slot_sizes, dim=2)
+    q_chunks = split_into_pieces(q, query_sizes, dim=2)
+    raw_k_chunks, raw_v_chunks = (split_into_pieces(t, raw_sizes, dim=2) for t in (raw_k, raw_v))
+    slot_k_pieces, slot_v_pieces = (
+        split_into_pieces(t, slot_sizes, dim=2) for t in (slot_k, slot_v)
+    )
     all_slot_end = torch.arange(slot_k.shape[-2], device=q.device) * compression + compression - 1
     outputs = []
     for c, (first, last) in enumerate(zip(bounds, bounds[1:])):
@@ -181,7 +183,7 @@ def _chunk_attention(
 
 
 class MemoryCompressedAttention(HeadMixer):
-    def __init__(self, dims: ModelDims, compression: int):
+    def __init__(self, dims: ModelSettings, compression: int):
         super().__init__()
         self.n_head = dims.n_head
         self.head_dim = dims.head_dim

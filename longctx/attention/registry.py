@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from longctx.attention.base import Backend, ModelDims
+from longctx.attention.base import Backend, ModelSettings
 from longctx.errors import ConfigError
 
 _BACKENDS: dict[str, type[Backend]] = {}
@@ -30,7 +30,7 @@ def backend_class(name: str) -> type[Backend]:
         ) from None
 
 
-def build_backend(attn_cfg: Mapping, dims: ModelDims) -> Backend:
+def build_backend(attn_cfg: Mapping, dims: ModelSettings) -> Backend:
     if "name" not in attn_cfg:
         raise ConfigError("the attention config has no 'name'; pick one with attention=<name>")
     return backend_class(attn_cfg["name"]).from_config(attn_cfg, dims)

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 import torch
 from torch import Tensor, nn
 
-from longctx.attention.base import HeadMixer, ModelDims, State, split_qkv
+from longctx.attention.base import HeadMixer, ModelSettings, State, split_qkv
 from longctx.core.positions import Rotary, alibi_slopes
 
 
@@ -23,6 +23,9 @@ class AttentionCore(nn.Module, ABC):
     @abstractmethod
     def forward(self, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None) -> Tensor:
         """Causal attention over n positions from an empty cache (`slopes`: ALiBi, or None)."""
+
+    def prepare(self, seq_len: int, device: torch.device) -> None:
+        """See Mixer.prepare."""
 
     @abstractmethod
     def init_cache(self, batch: int, heads: int, head_dim: int, like: Tensor) -> State:
@@ -36,7 +39,7 @@ class AttentionCore(nn.Module, ABC):
 
 
 class SoftmaxAttention(HeadMixer):
-    def __init__(self, dims: ModelDims, core: AttentionCore):
+    def __init__(self, dims: ModelSettings, core: AttentionCore):
         super().__init__()
         if dims.d_model % dims.n_head:
             raise ValueError(f"d_model={dims.d_model} is not divisible by n_head={dims.n_head}")
@@ -59,6 +62,9 @@ class SoftmaxAttention(HeadMixer):
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return self.core(q, k, v, self.slopes)
+
+    def prepare(self, seq_len: int, device: torch.device) -> None:
+        self.core.prepare(seq_len, device)
 
     def init_state(self, batch_size: int) -> State:
         return self.core.init_cache(batch_size, self.n_head, self.head_dim, self.out.weight)

@@ -1,4 +1,4 @@
-"""The sparse softmax backends of ATTENTION_SPEC.md:
+"""The sparse softmax backends of docs/attention.md:
 options, validation, and the pattern of each layer.
 
 sliding_window, local, dilated, longformer, sparse_strided, sparse_fixed, blockwise. The
@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from longctx.attention.registry import register
 from longctx.attention.sparse_core import SparseBackend
-from longctx.attention.sparse_patterns import (
+from longctx.errors import ConfigError
+from longctx.ops.sparse.patterns import (
     Component,
     FixedUnion,
     LayerPattern,
@@ -23,7 +24,6 @@ from longctx.attention.sparse_patterns import (
     SummaryColumns,
     Window,
 )
-from longctx.errors import ConfigError
 
 LAYOUTS = ("heads", "union", "layers")
 

@@ -25,14 +25,10 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from longctx.attention.base import Backend, HeadMixer, Mixer, ModelDims, State
+from longctx.attention.base import Backend, HeadMixer, Mixer, ModelSettings, State
 from longctx.attention.registry import register
 from longctx.errors import ConfigError
-
-# Scores materialised at once by `mix` (whole segments; at least one segment per group): bounds
-# the transient memory to a few times this (fp32: 64 MiB per copy), while the softmax weights
-# kept for backward stay O(N (mem_len + L) H).
-SCORES_PER_GROUP = 2**24
+from longctx.ops.pieces import rows_per_piece, split_into_pieces
 
 
 def relative_shift(scores: Tensor) -> Tensor:
@@ -56,7 +52,7 @@ def sinusoid(distances: Tensor, d_model: int) -> Tensor:
 
 
 class TransformerXLAttention(HeadMixer):
-    def __init__(self, dims: ModelDims, segment_length: int, mem_len: int):
+    def __init__(self, dims: ModelSettings, segment_length: int, mem_len: int):
         super().__init__()
         self.n_head = dims.n_head
         self.head_dim = dims.head_dim
@@ -128,7 +124,7 @@ class TransformerXLAttention(HeadMixer):
         memory_k / memory_v [B,H,earlier+n,Dh]: stop-gradient keys/values of the `earlier` positions
         before 0 (a streaming memory) and of positions 0..n-1. Every segment gets its key window
         [memory ; segment] of mem_len + L keys; groups of segments are scored together (about
-        SCORES_PER_GROUP scores at a time).
+        longctx.ops.pieces.TRANSIENT_SCORES scores at a time, whole segments).
         """
         batch, heads, n, head_dim = q.shape
         seg, mem = self.segment_length, self.mem_len
@@ -160,12 +156,11 @@ class TransformerXLAttention(HeadMixer):
             .reshape(n_seg * batch, 1, seg, mem + seg)
         )
         relative_keys = self._relative_keys(mem + seg, q)
-        # Split (not sliced) into groups:
-        # slicing's backward would zero-fill a full-size gradient per group.
-        rows = batch * max(1, SCORES_PER_GROUP // (batch * heads * seg * (mem + seg)))
+        # Whole segments per group (the softmax weights kept for backward stay O(N (mem + L) H)).
+        rows = batch * rows_per_piece(batch * heads * seg * (mem + seg))
         groups = zip(
             *(
-                t.split(rows)
+                split_into_pieces(t, rows)
                 for t in (
                     segment_major(segments(q)),
                     windows(k, memory_k),
@@ -261,23 +256,6 @@ def memory_length(model: nn.Module, mem_len: int) -> Iterator[None]:
     finally:
         for layer, value in zip(layers, saved):
             layer.mem_len = value
-
-
-@torch.no_grad()
-def loss_by_segment_offset(model: nn.Module, ids: Tensor) -> Tensor:
-    """Mean next-token loss [L] at each offset r = position mod segment_length
-    of the predicting token.
-
-    Compare it with and without memory (`with memory_length(model, 0): ...`): with a useful
-    memory the first offsets of a segment gain the most.
-    """
-    seg = transformer_xl_layers(model)[0].segment_length
-    logits = model(ids[:, :-1])
-    loss = F.cross_entropy(logits.transpose(1, 2).float(), ids[:, 1:], reduction="none")  # [B, N-1]
-    offsets = torch.arange(loss.shape[1], device=ids.device) % seg
-    totals = torch.zeros(seg, device=ids.device).index_add_(0, offsets, loss.sum(0))
-    counts = torch.bincount(offsets, minlength=seg) * loss.shape[0]
-    return totals / counts
 
 
 @register

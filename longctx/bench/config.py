@@ -14,6 +14,7 @@ from longctx.bench.allocator import check_cpu_allocator
 from longctx.bench.anchors import ANCHORS
 from longctx.core.device import resolve_device
 from longctx.errors import ConfigError
+from longctx.ops.seam import AUTO, KERNELS
 
 DTYPES = {
     "fp32": torch.float32,
@@ -24,7 +25,8 @@ DTYPES = {
 # fwd / fwd_bwd: the mixing kernel alone (`mix` on projected inputs; SDPA on q, k, v).
 # decode: single-token `step` after an N-token prefill. layer: the whole mixer (projections
 # included), forward + backward. train_step: a whole model's optimizer step (model_size).
-MODES = ("fwd", "fwd_bwd", "decode", "layer", "train_step")
+# launches: what one block's training step dispatches, per kernel choice (counted, not timed).
+MODES = ("fwd", "fwd_bwd", "decode", "layer", "train_step", "launches")
 KERNEL_MODES = ("fwd", "fwd_bwd")
 BASELINE = "sdpa"  # F.scaled_dot_product_attention(q, k, v, is_causal=True), in every run
 
@@ -52,11 +54,12 @@ class Config:
     cpu_allocator: str  # see longctx.bench.allocator
     seed: int
     options: Mapping[str, Any] = field(default_factory=dict)
+    kernel: str = AUTO  # attention.kernel of a backend (longctx.ops.seam)
 
     @property
-    def series(self) -> tuple[str, str, str]:
-        """The line this point belongs to (in fits and plots): one per subject, dtype and mode."""
-        return (self.subject, self.dtype, self.mode)
+    def series(self) -> tuple[str, str, str, str]:
+        """The line this point belongs to: one per subject, dtype, mode and kernel."""
+        return (self.subject, self.dtype, self.mode, self.kernel)
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ class Settings:
     total_budget_s: float
     backend_options: Mapping[str, Mapping[str, Any]]  # attention options per backend name
     rounds: int = 1  # passes over every configuration (see run.measure_all)
+    kernel: str = AUTO  # attention.kernel of every backend in the timed modes
 
     def configs(self) -> list[Config]:
         """Every configuration, shortest lengths first so a spent total budget cuts the longest."""
@@ -80,18 +84,28 @@ class Settings:
                     for name, kind in self.subjects:
                         if kind != "backend" and mode not in _NON_BACKEND_MODES[kind]:
                             continue
-                        planned.append(
-                            dataclasses.replace(
-                                self.template,
-                                subject=name,
-                                kind=kind,
-                                mode=mode,
-                                dtype=dtype,
-                                seq_len=seq_len,
-                                options=self._options(name, kind, mode, seq_len),
+                        for kernel in self._kernels(name, kind, mode):
+                            planned.append(
+                                dataclasses.replace(
+                                    self.template,
+                                    subject=name,
+                                    kind=kind,
+                                    mode=mode,
+                                    dtype=dtype,
+                                    seq_len=seq_len,
+                                    options=self._options(name, kind, mode, seq_len),
+                                    kernel=kernel,
+                                )
                             )
-                        )
         return planned
+
+    def _kernels(self, name: str, kind: str, mode: str) -> tuple[str, ...]:
+        """`launches` counts every kernel a backend lists; timed modes run the `kernel` setting."""
+        if kind != "backend":
+            return (AUTO,)
+        if mode == "launches":
+            return backend_class(name).kernels
+        return (self.kernel,)
 
     def _options(self, name: str, kind: str, mode: str, seq_len: int) -> dict[str, Any]:
         """The given options; a backend with a `max_len` (its learned position table) left unset is
@@ -204,4 +218,5 @@ def settings_from_config(cfg: Mapping, missing_anchors: Mapping[str, str]) -> Se
         total_budget_s=float(cfg["total_budget_s"]),
         backend_options=options,
         rounds=int(cfg["rounds"]),
+        kernel=_check_choices([cfg.get("kernel", AUTO)], KERNELS, "kernel")[0],
     )

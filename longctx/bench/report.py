@@ -44,7 +44,15 @@ CSV_COLUMNS = [
     "threads",
     "cpu_allocator",
     "options",
+    "kernel",
+    "mfu",
+    "kernel_launches",
+    "aten_ops",
+    "triton_launches",
+    "opaque_launches",
+    "host_syncs",
 ]
+COUNTED = "launches"  # the mode whose rows are counts, not times: no fits, plots or ratios
 MEMORY_MEANING = {
     "decode": "streaming state after N tokens",
     "default": "allocator peak during one call, above what was live before it",
@@ -72,6 +80,8 @@ def combine_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     first = rows[0]
     if first["status"] != "ok":
         return {**first, "round_times_ms": [], "rounds": 0}
+    if first["mode"] == COUNTED:
+        return {**first, "round_times_ms": [], "rounds": 1}
     measured = [row for row in rows if row["status"] == "ok"]
     time_ms = median([row["time_ms"] for row in measured])
     combined = {
@@ -119,7 +129,7 @@ def fits(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Time and memory scaling exponents per subject, dtype and mode."""
     series: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
-        if row["status"] == "ok":
+        if row["status"] == "ok" and row["mode"] != COUNTED:
             series[(row["subject"], row["dtype"], row["mode"])].append(row)
     return [
         {
@@ -261,7 +271,7 @@ def markdown(
         + ".",
         "",
     ]
-    panels = sorted({(r["mode"], r["dtype"]) for r in rows})
+    panels = sorted({(r["mode"], r["dtype"]) for r in rows if r["mode"] != COUNTED})
     for mode, dtype in panels:
         memory = MEMORY_MEANING.get(mode, MEMORY_MEANING["default"])
         lines += [f"### {mode}, {dtype}: time / memory ({memory})", ""]
@@ -279,12 +289,44 @@ def markdown(
             lines.append("| " + " | ".join([label] + cells) + " |")
         lines.append("")
         lines += _faults_table(rows, mode, dtype, lengths, labels)
+    lines += _launches_table(rows, lengths)
     not_measured = _not_measured(rows)
     if not_measured:
         lines += ["### Not measured", ""] + not_measured + [""]
     if notes:
         lines += ["### Notes", ""] + [f"- {note}" for note in notes] + [""]
     return "\n".join(lines)
+
+
+def _launches_table(rows: list[dict[str, Any]], lengths: list[int]) -> list[str]:
+    """kernel_launches per backend and kernel choice (mode=launches), columns = N."""
+    counted = [r for r in rows if r["mode"] == COUNTED]
+    if not counted:
+        return []
+    first = counted[0]
+    lines = [
+        f"### kernel launches per block training step (B={first['batch']}, "
+        f"model_size={first.get('model_size')}, one block, forward + backward)",
+        "",
+        "aten ops dispatched + Triton kernels launched + FlexAttention's GPU kernels "
+        "(longctx/ops/launches.py); host syncs in brackets.",
+        "",
+    ]
+    shown = [n for n in lengths if any(r["seq_len"] == n for r in counted)]
+    header = ["backend", "kernel", "dtype"] + [f"N={_length(n)}" for n in shown]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    keys = dict.fromkeys((r["subject"], r["kernel"], r["dtype"]) for r in counted)
+    by_key = {(r["subject"], r["kernel"], r["dtype"], r["seq_len"]): r for r in counted}
+    for subject, kernel, dtype in keys:
+        cells = []
+        for n in shown:
+            row = by_key.get((subject, kernel, dtype, n))
+            if row is None or row["status"] != "ok":
+                cells.append("-" if row is None else row["status"])
+            else:
+                cells.append(f"{row['kernel_launches']} ({row['host_syncs']})")
+        lines.append("| " + " | ".join([subject, kernel, dtype] + cells) + " |")
+    return lines + [""]
 
 
 def plot(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -295,6 +337,9 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
+    rows = [r for r in rows if r["mode"] != COUNTED]
+    if not rows:
+        return
     modes = sorted({r["mode"] for r in rows})
     dtypes = sorted({r["dtype"] for r in rows})
     figure, axes = plt.subplots(

@@ -51,6 +51,8 @@ def _summary(row: dict[str, Any]) -> str:
     head = f"{row['subject']} {row['mode']} {row['dtype']} N={row['seq_len']}"
     if row["status"] != "ok":
         return f"{head}: {row['status']}: {row['reason']}"
+    if row["mode"] == "launches":
+        return f"{head} kernel={row['kernel']}: {row['kernel_launches']} launches"
     return f"{head}: {row['time_ms']:.3g} ms, {row['memory_mib']:.3g} MiB ({row['wall_s']:.1f} s)"
 
 
@@ -75,11 +77,11 @@ def measure_all(settings: Settings, runner: IsolatedRunner) -> list[dict[str, An
         planner.record(config, row)
         rounds.append([row])
         log.info("[%d/%d] %s", index, len(configs), _summary(row))
-    later = [
+    later = [  # counts are exact: only timed rows are measured again
         (number, config, rows)
         for number in range(2, settings.rounds + 1)
         for config, rows in zip(configs, rounds)
-        if rows[0]["status"] == "ok"
+        if rows[0]["status"] == "ok" and config.mode != "launches"
     ]
     for number, config, rows in later:
         spent = planner.budget_spent()

@@ -15,7 +15,8 @@ import torch
 
 from longctx.bench.allocator import configure_cpu_allocator
 from longctx.bench.anchors import ANCHORS
-from longctx.bench.config import Config
+from longctx.bench.config import DTYPES, Config
+from longctx.bench.launches import count_block_step
 from longctx.bench.measure import (
     MIB,
     PAGE_BYTES,
@@ -26,6 +27,8 @@ from longctx.bench.measure import (
 )
 from longctx.bench.workloads import build_workload
 from longctx.errors import ConfigError
+from longctx.flops import mfu, peak_flops
+from longctx.ops.seam import AUTO
 
 # Address space granted beyond the cap for what is not tensor data: thread stacks, malloc
 # arenas, kernels' libraries mapped on first use.
@@ -48,6 +51,12 @@ MEASUREMENTS = (
     "parameters",
     "threads",
     "wall_s",
+    "mfu",
+    "kernel_launches",
+    "aten_ops",
+    "triton_launches",
+    "opaque_launches",
+    "host_syncs",
 )
 
 
@@ -56,7 +65,8 @@ def label(config: Config) -> str:
         return "SDPA over a growing KV cache" if config.mode == "decode" else "SDPA is_causal=True"
     if config.kind == "anchor":
         return "anchor: " + ANCHORS[config.subject].label
-    options = ", ".join(f"{k}={v}" for k, v in config.options.items())
+    settings = {**config.options, **({} if config.kernel == AUTO else {"kernel": config.kernel})}
+    options = ", ".join(f"{k}={v}" for k, v in settings.items())
     return f"{config.subject} ({options})" if options else config.subject
 
 
@@ -97,6 +107,9 @@ def _measure(config: Config, row: dict[str, Any], rss: RssGauge) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
     device = torch.device(config.device)
+    if config.mode == "launches":  # a count: nothing is timed
+        row.update(count_block_step(config))
+        return
     workload = build_workload(config)
     decoding = config.mode == "decode"
     calls = time_calls(
@@ -120,6 +133,10 @@ def _measure(config: Config, row: dict[str, Any], rss: RssGauge) -> None:
     )
     # The headline memory of a row: what the mode's cost is about.
     row["memory_mib"] = row["state_mib"] if decoding else row["peak_alloc_mib"]
+    if config.mode == "train_step" and workload.flops_per_call:
+        flops_per_token = workload.flops_per_call / workload.tokens_per_call
+        peak = peak_flops(device, DTYPES[config.dtype])
+        row["mfu"] = mfu(row["tokens_per_s"], flops_per_token, peak)
 
 
 def measure(config: Config, rss: RssGauge | None = None) -> dict[str, Any]:

@@ -17,12 +17,13 @@ from omegaconf import OmegaConf
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from longctx.attention import Backend, ModelDims, build_backend
+from longctx.attention import Backend, ModelSettings, build_backend
 from longctx.bench import anchors
 from longctx.bench.config import DTYPES, Config
 from longctx.bench.measure import MIB, state_size, synchronize
 from longctx.flops import matmul_parameters, training_flops_per_token
 from longctx.model.build import build_model
+from longctx.ops.seam import AUTO
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 VOCAB = 256  # the byte tokenizer's vocabulary, for train_step
@@ -38,8 +39,8 @@ class Workload:
     )  # extra row fields (state size, prefill time)
 
 
-def dims_for(config: Config) -> ModelDims:
-    return ModelDims(
+def dims_for(config: Config) -> ModelSettings:
+    return ModelSettings(
         n_layer=1,
         n_head=config.heads,
         d_model=config.heads * config.head_dim,
@@ -48,9 +49,17 @@ def dims_for(config: Config) -> ModelDims:
     )
 
 
+def _kernel_choice(config: Config) -> dict[str, str]:
+    """attention.kernel when one is named (auto is every backend's default; aft_conv's `kernel`
+    option is its kernel length and stays whatever the options say)."""
+    return {} if config.kernel == AUTO else {"kernel": config.kernel}
+
+
 def build_bench_backend(config: Config) -> Backend:
     """The backend at its config defaults; raises ConfigError (e.g. N > max_len) before any work."""
-    backend = build_backend({"name": config.subject, **config.options}, dims_for(config))
+    backend = build_backend(
+        {"name": config.subject, **config.options, **_kernel_choice(config)}, dims_for(config)
+    )
     backend.check_sequence_length(
         config.seq_len + (config.decode_tokens if config.mode == "decode" else 0)
     )
@@ -240,18 +249,25 @@ def _backend_decode(config: Config) -> Workload:
     return _decode(config, mixer.step, mixer.init_state(config.batch), x)
 
 
+def model_config(config: Config, n_layer: int | None = None) -> dict[str, Any]:
+    """The root config of a model_size model with the configuration's attention and length."""
+    attention = OmegaConf.load(CONF_DIR / "attention" / f"{config.subject}.yaml")
+    model = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{config.model_size}.yaml"))
+    return {
+        "model": {**model, **({} if n_layer is None else {"n_layer": n_layer})},
+        "attention": {
+            **OmegaConf.to_container(attention),
+            **config.options,
+            **_kernel_choice(config),
+        },
+        "context_length": config.seq_len,
+    }
+
+
 def _train_step(config: Config) -> Workload:
     """A whole model's AdamW step (model_size from conf/model),
     bf16 as autocast like the trainer."""
-    attention = OmegaConf.load(CONF_DIR / "attention" / f"{config.subject}.yaml")
-    cfg = {
-        "model": OmegaConf.to_container(
-            OmegaConf.load(CONF_DIR / "model" / f"{config.model_size}.yaml")
-        ),
-        "attention": {**OmegaConf.to_container(attention), **config.options},
-        "context_length": config.seq_len,
-    }
-    model = build_model(cfg, VOCAB).to(config.device)
+    model = build_model(model_config(config), VOCAB).to(config.device)
     model.backend.check_sequence_length(config.seq_len)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(0, VOCAB, (config.batch, config.seq_len + 1), device=config.device)

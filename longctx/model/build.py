@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import partial
 
-from longctx.attention import ModelDims, build_backend
+from longctx.attention import ModelSettings, build_backend
 from longctx.core.positions import POSITION_SCHEMES
 from longctx.errors import ConfigError
 from longctx.model.layers import MLPS, NORMS
@@ -17,7 +17,7 @@ def _choice(value: str, options, key: str) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of {sorted(options)}")
 
 
-def model_dims(cfg: Mapping) -> ModelDims:
+def model_dims(cfg: Mapping) -> ModelSettings:
     """The model-level settings a backend needs, validated."""
     model = cfg["model"]
     _choice(model["position"], POSITION_SCHEMES, "model.position")
@@ -27,7 +27,7 @@ def model_dims(cfg: Mapping) -> ModelDims:
         )
     if cfg["context_length"] < 1:
         raise ConfigError(f"context_length must be positive, got {cfg['context_length']}")
-    return ModelDims(
+    return ModelSettings(
         n_layer=int(model["n_layer"]),
         n_head=int(model["n_head"]),
         d_model=int(model["d_model"]),

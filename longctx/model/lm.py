@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from longctx.attention.base import Backend, Mixer, ModelDims, State
+from longctx.attention.base import Backend, Mixer, ModelSettings, State
 
 
 class Block(nn.Module):
@@ -44,7 +44,7 @@ class Block(nn.Module):
 class LanguageModel(nn.Module):
     def __init__(
         self,
-        dims: ModelDims,
+        dims: ModelSettings,
         backend: Backend,
         vocab_size: int,
         make_ffn,
@@ -96,6 +96,8 @@ class LanguageModel(nn.Module):
     def forward(self, input_ids: Tensor) -> Tensor:
         """Logits [B, N, V] for positions 0..N-1 with fresh state."""
         self.backend.check_sequence_length(input_ids.shape[1])
+        for block in self.blocks:  # outside the blocks, which `compile: true` compiles
+            block.mixer.prepare(input_ids.shape[1], input_ids.device)
         x = self._embed(input_ids, 0)
         for block in self.blocks:
             x = block(x)
@@ -147,6 +149,17 @@ class LanguageModel(nn.Module):
             if index + 1 < max_new_tokens:
                 logits, state = self.step(next_token, state)
         return torch.cat(generated, dim=1)
+
+    def compile_blocks(self) -> None:
+        """`compile: true`: torch.compile each block in place (regional compilation).
+
+        Blocks are the unit because they repeat: identical blocks share one compiled graph, so
+        compilation costs one block, not the whole depth, and the attention kernel (FlexAttention
+        included) is traced into its block's region. Parameter names do not change, so
+        checkpoints load either way. Streaming (`step`) stays eager.
+        """
+        for block in self.blocks:
+            block.compile()
 
     def num_parameters(self, exclude_embeddings: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())

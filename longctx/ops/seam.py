@@ -23,6 +23,15 @@ TORCH = "torch"
 FLEX = "flex"
 FLA = "fla"
 KERNELS = (AUTO, TORCH, FLEX, FLA)
+# The oldest torch the GPU kernels are written for (pyproject.toml states it too): FlexAttention's
+# BlockMask.from_kv_blocks(seq_lengths=...) and dynamo's `recompile_limit` need torch >= 2.7, and
+# the Docker image ships 2.8.
+TORCH_FLOOR = (2, 8)
+
+
+def torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int(minor)
 
 
 def unavailable_reason(kernel: str, device: torch.device) -> str | None:
@@ -30,8 +39,9 @@ def unavailable_reason(kernel: str, device: torch.device) -> str | None:
     if kernel == TORCH:
         return None
     if kernel == FLEX:
-        if importlib.util.find_spec("torch.nn.attention.flex_attention") is None:
-            return f"this torch ({torch.__version__}) has no FlexAttention"
+        if torch_version() < TORCH_FLOOR:
+            floor = ".".join(map(str, TORCH_FLOOR))
+            return f"this torch ({torch.__version__}) is older than the Flex kernels' {floor}"
         return None
     if kernel == FLA:
         if importlib.util.find_spec("fla") is None:

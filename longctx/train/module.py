@@ -36,6 +36,13 @@ class LanguageModelTask(pl.LightningModule):
         self.cfg = cfg
         self.model = build_model(cfg, vocab_size)
         self.stream_state = None
+        self.blocks_compiled = False
+
+    def configure_model(self) -> None:
+        """Lightning's hook before fit/validate/test: `compile: true` compiles each block."""
+        if self.cfg.get("compile") and not self.blocks_compiled:
+            self.model.compile_blocks()
+            self.blocks_compiled = True
 
     @property
     def ordered_stream(self) -> bool:

@@ -19,10 +19,11 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from longctx.attention.sparse_engine import BlockLayout, PositionPredicate, make_layout
+from longctx.ops.sparse.engine import BlockLayout, PositionPredicate, make_layout
 
-# Tile size. Measured side by side at N=16K, W=512 (fp32 fwd+bwd, see the report): 64 beats
-# 32 (small matmuls) and 128 (more masked waste: ceil(511/b)+1 blocks per query block).
+# Tile size of the CPU engine: smaller tiles make more, smaller matmuls; larger ones compute more
+# masked pairs at a window's edges (ceil((W - 1) / b) + 1 blocks per query block). 64 sits
+# between the two for the default windows (docs/results/bench_cpu/sparse_family_2026-12-06a).
 ENGINE_BLOCK = 64
 
 KeyBound = Callable[[Tensor], Tensor]  # query positions -> a monotone bound on their key positions

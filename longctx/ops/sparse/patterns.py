@@ -1,13 +1,13 @@
-"""The sparse softmax patterns of ATTENTION_SPEC.md, declared once.
+"""The sparse softmax patterns of docs/attention.md, declared once.
 
 A `Component` is one head group's pattern. It declares:
 - `allowed(i, j)`: the spec's predicate P(i, j) (callers always add j <= i), used by the dense
-  reference in tests, by streaming steps and as FlexAttention's mask_mod;
-- `build_parts(n)`: its disjoint engine parts (block layouts, see sparse_layouts.py);
+  reference and by streaming steps;
+- `build_parts(n)`: its disjoint parts for the CPU engine (block layouts, see layouts.py);
+- `slot_plans(n, device)`: the same pattern as FlexAttention calls (slot orders and intervals,
+  see flex.py);
 - `keep(j, start)`: the streaming cache policy, whether a query at position >= start may still
-  read key j;
-- `first_key(i)` and `prefix`: a non-decreasing lower bound on the keys of query i plus the
-  global positions every query reads, from which FlexAttention's BlockMask is built.
+  read key j.
 A `LayerPattern` assigns components to contiguous head groups of one layer.
 """
 
@@ -20,8 +20,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from longctx.attention.sparse_engine import Part, SelfPart, attend_parts, computed_pairs
-from longctx.attention.sparse_layouts import (
+from longctx.ops.sparse.engine import Part, SelfPart, attend_parts, computed_pairs
+from longctx.ops.sparse.flex import (
+    SlotPlan,
+    make_plan,
+    residue_slots,
+    summaries_through,
+    summary_positions,
+)
+from longctx.ops.sparse.layouts import (
     band_layout,
     engine_block,
     prefix_layout,
@@ -33,8 +40,6 @@ from longctx.attention.sparse_layouts import (
 class Component(ABC):
     """One head group's pattern (subclasses are frozen dataclasses, so parts cache by value)."""
 
-    prefix = 0
-
     @abstractmethod
     def allowed(self, i: Tensor, j: Tensor) -> Tensor:
         """The pattern's predicate: may query position i read key position j?"""
@@ -44,11 +49,12 @@ class Component(ABC):
         """The engine parts (block layouts, self part) that cover the predicate over n positions."""
 
     @abstractmethod
+    def slot_plans(self, n: int, device: torch.device) -> tuple[SlotPlan, ...]:
+        """The predicate over n positions as Flex calls (one, unless query orders differ)."""
+
+    @abstractmethod
     def keep(self, j: Tensor, start: int) -> Tensor:
         """Which cached key positions j streaming must keep once queries reach `start`."""
-
-    def first_key(self, i: Tensor) -> Tensor:
-        return torch.zeros_like(i)
 
 
 @functools.lru_cache(maxsize=32)
@@ -64,10 +70,6 @@ class Window(Component):
     window: int
     dilation: int = 1
     globals: int = 0
-
-    @property
-    def prefix(self) -> int:  # type: ignore[override]
-        return self.globals
 
     def _in_window(self, i: Tensor, j: Tensor) -> Tensor:
         distance = i - j
@@ -96,11 +98,50 @@ class Window(Component):
             )
         return tuple(parts)
 
+    def slot_plans(self, n, device):
+        prefix = min(self.globals, n)
+        if self.dilation == 1:
+            i = torch.arange(n, device=device)
+            window = ((i - (self.window - 1)).clamp_min(0), i)
+            globals_ = (torch.zeros_like(i), i.clamp(max=prefix - 1))
+            return (make_plan(n, None, [None], [window, globals_][: 1 + bool(prefix)], device),)
+        # By residue mod the dilation, the window is the last `window` slots of the query's class,
+        # minus the class's positions below `globals`, which the prefix region after it holds.
+        pos, class_start = residue_slots(n, self.dilation, device)
+        slot = torch.arange(n, device=device)
+        below = ((prefix - pos % self.dilation + self.dilation - 1) // self.dilation).clamp_min(0)
+        window = (torch.maximum(class_start + below, slot - (self.window - 1)), slot)
+        globals_ = (torch.full_like(slot, n), n + pos.clamp(max=prefix - 1))
+        regions = [pos, torch.arange(prefix, device=device)]
+        return (make_plan(n, pos, regions, [window, globals_], device),)
+
     def keep(self, j, start):
         return (j >= self.first_key(start)) | (j < self.globals)
 
     def first_key(self, i):
         return i - self.dilation * (self.window - 1)
+
+
+@dataclass(frozen=True)
+class Causal(Component):
+    """Every key j <= i: full attention, as a pattern (ALiBi on the engine, Flex's kernels)."""
+
+    def allowed(self, i, j):
+        return torch.ones_like(i - j, dtype=torch.bool)
+
+    def build_parts(self, n):
+        return (
+            band_layout(
+                n, engine_block(n), lambda i: torch.zeros_like(i), lambda i: i, self.allowed
+            ),
+        )
+
+    def slot_plans(self, n, device):
+        i = torch.arange(n, device=device)
+        return (make_plan(n, None, [None], [(torch.zeros_like(i), i)], device),)
+
+    def keep(self, j, start):
+        return torch.ones_like(j, dtype=torch.bool)
 
 
 @dataclass(frozen=True)
@@ -117,6 +158,10 @@ class LocalBlocks(Component):
         return (
             band_layout(n, engine_block(self.block), self.first_key, lambda i: i, self.allowed),
         )
+
+    def slot_plans(self, n, device):
+        i = torch.arange(n, device=device)
+        return (make_plan(n, None, [None], [(self.first_key(i).clamp_min(0), i)], device),)
 
     def keep(self, j, start):
         return j >= self.first_key(start)
@@ -148,6 +193,11 @@ class ShiftedBlock(Component):
         # so "itself" is a disjoint part (the only one when b < shift).
         return shifted, SelfPart(lambda i: torch.ones_like(i, dtype=torch.bool))
 
+    def slot_plans(self, n, device):
+        i = torch.arange(n, device=device)
+        target = (self.first_key(i).clamp_min(0), self.first_key(i) + self.block - 1)
+        return (make_plan(n, None, [None], [target, (i, i)], device),)
+
     def keep(self, j, start):
         return j >= self.first_key(start)
 
@@ -167,6 +217,11 @@ class ResidueClass(Component):
     def build_parts(self, n):
         block = engine_block(-(-n // self.stride))
         return (residue_layout(n, block, self.stride, None, self.allowed),)
+
+    def slot_plans(self, n, device):
+        pos, class_start = residue_slots(n, self.stride, device)
+        slot = torch.arange(n, device=device)
+        return (make_plan(n, pos, [pos], [(class_start, slot)], device),)
 
     def keep(self, j, start):
         return torch.ones_like(j, dtype=torch.bool)
@@ -189,6 +244,15 @@ class StridedUnion(Component):
 
         block = engine_block(-(-n // self.stride))
         return recent, residue_layout(n, block, self.stride, None, older_same_residue)
+
+    def slot_plans(self, n, device):
+        # Two query orders (natural for the window, by residue for the older keys of the class):
+        # two Flex calls, merged by their log-sum-exps.
+        (recent,) = Window(self.stride + 1).slot_plans(n, device)
+        pos, class_start = residue_slots(n, self.stride, device)
+        slot = torch.arange(n, device=device)
+        older = make_plan(n, pos, [pos], [(class_start, slot - 2)], device)
+        return recent, older
 
     def keep(self, j, start):
         return torch.ones_like(j, dtype=torch.bool)
@@ -219,6 +283,16 @@ class SummaryColumns(Component):
         # A query on a summary column already reads itself in `columns`.
         return columns, SelfPart(lambda i: ~self._is_summary(i))
 
+    def slot_plans(self, n, device):
+        # Keys: the summary columns, then every position (for j = i of the other queries).
+        i = torch.arange(n, device=device)
+        columns = summary_positions(n, self.stride, self.summary, device)
+        count = len(columns)
+        own = count + i
+        itself = (own, own - self._is_summary(i).long())
+        read_columns = (torch.zeros_like(i), summaries_through(i, self.stride, self.summary) - 1)
+        return (make_plan(n, None, [columns, None], [read_columns, itself], device),)
+
     def keep(self, j, start):
         return self._is_summary(j)
 
@@ -247,6 +321,14 @@ class FixedUnion(Component):
             n, engine_block(self.summary), self.stride, self.summary, earlier_summary
         )
         return own_block, columns
+
+    def slot_plans(self, n, device):
+        # Keys: every position (the own block), then the summary columns of earlier blocks.
+        i = torch.arange(n, device=device)
+        columns = summary_positions(n, self.stride, self.summary, device)
+        own_block = (i // self.stride * self.stride, i)
+        earlier = (torch.full_like(i, n), n + i // self.stride * self.summary - 1)
+        return (make_plan(n, None, [None, columns], [own_block, earlier], device),)
 
     def keep(self, j, start):
         return (j % self.stride >= self.stride - self.summary) | (
@@ -282,14 +364,8 @@ class LayerPattern:
         return cls(n_head, tuple((k * size, (k + 1) * size, c) for k, c in enumerate(components)))
 
     def allowed(self, h: Tensor, i: Tensor, j: Tensor) -> Tensor:
-        """The spec predicate P(i, j) of head h (longctx.attention.masked.Predicate)."""
+        """The spec predicate P(i, j) of head h (longctx.ops.softmax.masked.Predicate)."""
         return _by_head(h, self.groups, [c.allowed(i, j) for _, _, c in self.groups])
-
-    def first_key(self, h: Tensor, i: Tensor) -> Tensor:
-        return _by_head(h, self.groups, [c.first_key(i) for _, _, c in self.groups])
-
-    def prefix(self, h: Tensor) -> Tensor:
-        return _by_head(h, self.groups, [torch.full_like(h, c.prefix) for _, _, c in self.groups])
 
     def keep(self, j: Tensor, start: int) -> Tensor:
         """Keys any head may still read from a query at position >= start."""

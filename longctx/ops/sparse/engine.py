@@ -1,5 +1,9 @@
 """The block-sparse softmax engine (CPU training path, and any device when called directly).
 
+Apart from moba's engine (longctx/ops/moba/engine.py) because here the keys a query reads are a
+fixed function of positions, shared by every query of a tile, so tiles of a pattern are read
+whole; moba's keys depend on each query's own gate, so that engine pairs queries with blocks.
+
 A pattern is cut into disjoint *parts*. A `BlockLayout` part reorders the queries and keys
 (identity, or regrouped by residue so that dilated/strided patterns become contiguous
 windows), cuts them into blocks of `block` slots, and lists for every query block the key
@@ -9,7 +13,7 @@ returns its output and log-sum-exp; parts are merged exactly by their log-sum-ex
 must belong to exactly one part of a query (the patterns guarantee it).
 
 Tiles are computed key-major (scores transposed, [keys, queries]): every large matmul operand
-is then row-major, which measured about 2x faster per product than S = Q K^T on this CPU.
+is then row-major, so BLAS reads each in its storage order instead of through a transpose.
 Memory: O(N * D) per part for inputs, output and gradients, one chunk of scores at a time,
 and additive masks for the partially allowed tiles only (built once per length, shared by
 batch, heads, layers and equal tiles). The backward recomputes the probabilities from the saved
@@ -27,9 +31,11 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from longctx.core.dtypes import accumulation_dtype
+from longctx.ops.softmax.merge import merge_by_lse
 
 # Score elements of one (batch, head) slice per chunk of query blocks: a chunk's scores for
-# 8 heads stay around 1 MiB of fp32 (measured, see the report).
+# 8 heads stay around 1 MiB of fp32, which a core's cache holds between the product that writes
+# them and the one that reads them.
 CHUNK_SCORES = 1 << 15
 
 PositionPredicate = Callable[[Tensor, Tensor], Tensor]
@@ -267,8 +273,8 @@ def _accumulate(
     """grad [BH, n_blocks, block*D] += alpha * a @ b over the chunk's key blocks, for tiles
     a [BH, c, width*block, m] and b [BH, c, m, D]."""
     if chunk.span is not None and a.dtype == grad.dtype:
-        # Consecutive key blocks of one query block: the product accumulates in place (measured
-        # faster than a product tile plus an add, and no tile is allocated).
+        # Consecutive key blocks of one query block: the product accumulates in place (one pass
+        # over the gradient instead of a product tile plus an add, and no tile is allocated).
         keys = grad[:, chunk.span : chunk.span + chunk.width].view(grad.shape[0], -1, b.shape[-1])
         keys.baddbmm_(a.flatten(0, 1), b.flatten(0, 1), alpha=alpha)
         return
@@ -316,7 +322,8 @@ def _rows(x: Tensor, block: int, chunk: Chunk) -> Tensor:
 class _BlockSparseAttention(torch.autograd.Function):
     """(output, lse) of one BlockLayout part; backward recomputes probabilities chunk by chunk.
 
-    Big temporaries are avoided on purpose (at 16K tokens each costs ~50 ms of page faults):
+    Big temporaries are avoided on purpose (host memory above malloc's mmap threshold is
+    page-faulted afresh on every call: longctx/bench/allocator.py states what that costs):
     the 1/sqrt(D) scales ride on the tile products (BLAS alpha), and keys/values are views of
     the inputs when the part keeps natural order.
     """
@@ -327,8 +334,8 @@ class _BlockSparseAttention(torch.autograd.Function):
         acc, block = accumulation_dtype(q.dtype), layout.block
         q_scale = dim**-0.5 * (LOG2E if q.dtype == acc else 1.0)
         # Contiguous copies when needed: q, k, v usually arrive as strided views of a fused
-        # projection, and tiles cut from those made every product 10-20x slower (measured: local
-        # at 16K fp32, 8.5 s against 0.6 s).
+        # projection, and tiles cut from those would make BLAS walk strided rows in every product
+        # (docs/results/bench_cpu/sparse_contiguous: the engine with these copies).
         qs = _gather_slots(
             q.reshape(batch * heads, n, dim).contiguous(), layout.q_pos, layout.q_identity
         )
@@ -443,11 +450,4 @@ def attend_parts(
             results.append(_self_attention(q, k, v, part))
         else:
             results.append(_BlockSparseAttention.apply(q, k, v, slopes, part.to(q.device)))
-    if len(results) == 1:
-        return results[0][0]
-    # Exact merge of softmaxes over disjoint key sets: weights exp(lse_p - lse).
-    lse = torch.logsumexp(torch.stack([r[1] for r in results]), 0)
-    merged = sum(
-        torch.exp(part_lse - lse)[..., None] * out.to(lse.dtype) for out, part_lse in results
-    )
-    return merged.to(q.dtype)
+    return merge_by_lse(results, q.dtype)

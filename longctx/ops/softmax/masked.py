@@ -1,8 +1,7 @@
 """Dense masked softmax attention.
 
 `masked_attention` is the one place a softmax is taken over an explicit mask: streaming steps
-use it over their small caches. `reference_attention` materialises the full N×N mask from a
-pattern's predicate; only tests use it (it is O(N²) by construction).
+use it over their small caches, the dense references (longctx/ops/sparse/reference.py) over N×N.
 """
 
 from __future__ import annotations
@@ -46,13 +45,3 @@ def pattern_mask(predicate: Predicate, n_head: int, q_pos: Tensor, k_pos: Tensor
     i = q_pos[None, :, None]
     j = k_pos[None, None, :]
     return (predicate(h, i, j) & (j <= i)).expand(n_head, len(q_pos), len(k_pos))
-
-
-def reference_attention(
-    q: Tensor, k: Tensor, v: Tensor, predicate: Predicate, slopes: Tensor | None = None
-) -> Tensor:
-    """Dense O(N²) reference: attention of every position 0..N-1 under `predicate`."""
-    n = q.shape[-2]
-    pos = torch.arange(n, device=q.device)
-    mask = pattern_mask(predicate, q.shape[1], pos, pos)
-    return masked_attention(q, k, v, mask, pos, pos, slopes)

@@ -1,6 +1,10 @@
 """The training engine of `moba`:
 softmax attention over each query's own block and its selected blocks.
 
+Apart from the sparse patterns' engine (longctx/ops/sparse/engine.py) because each query here
+reads its own data-dependent blocks, so work is grouped by (query, selected block) pair; the
+patterns' keys are fixed by position and shared by a whole tile of queries.
+
 Query t (absolute position q_start + t, in block c) attends with ONE softmax to the keys j <= t of
 block c and to every key of the blocks listed in `selected[..., t, :]` (earlier, complete blocks).
 The two parts are computed separately, each with its log-sum-exp, and merged exactly:
@@ -35,8 +39,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-# Rows per tile: the padding unit of a group. 64..512 measured within noise of each other on CPU;
-# 256 gives the fewest calls (and the backward's tiles are long enough for the kernel's row split).
+# Rows per tile: the padding unit of a group. Larger tiles make fewer calls and give the backward
+# rows long enough for the kernel's row split; smaller ones pad less.
 TILE_ROWS = 256
 # Rows per batched call: bounds the gathered copies (and the score matrix of the matmul form).
 MAX_ROWS_PER_CALL = 32768
@@ -53,8 +57,8 @@ class FlashCPU:
     def backward_heads(n_groups: int, tiles: int) -> int:
         """Its backward runs one thread per (batch, head): a call with few groups is split into
         equal runs of tiles (as heads sharing the group's keys), as few and as long as keep every
-        thread evenly busy. Long runs are cheaper per pair: 3.9 ns at 1024 rows against 4.6 at
-        256 (measured, 256 keys, fp32)."""
+        thread evenly busy. Long runs are cheaper per pair: the kernel's per-call and per-row
+        setup is spread over more pairs."""
         threads = torch.get_num_threads()
         for heads in range(1, tiles + 1):
             units = n_groups * heads
@@ -235,7 +239,7 @@ class _Geometry:
     # The own-block call batches [G * n_own_blocks, 1, b, D]: one sequence per block, a single
     # head. The CPU kernel writes its gradients in [batch, length, heads, D] order, which only
     # with one head is our contiguous per-query layout (with the blocks as heads, each of dq, dk
-    # and dv needed a transposing copy: about 200 ms of a 1.2 s backward at N=16K).
+    # and dv needed a transposing copy, a pass over every gradient).
     def query_blocks(self, x: Tensor, value: float = 0.0) -> Tensor:
         """Per query [G * n(, D)] -> [G * n_own_blocks, 1, b(, D)], padded with `value`."""
         x = x.view(self.groups, self.n, *x.shape[1:])
@@ -361,8 +365,9 @@ class _BlockSparseAttention(torch.autograd.Function):
         ]
         row_out = _row_buffer(layouts, q_flat, geo.dim, dtype=q_flat.dtype)
         row_lse = _row_buffer(layouts, q_flat, dtype=lse.dtype)
-        # One slot's rows of a wave, gathered into the same buffer each time (fresh 4 MB gathers
-        # and products were page-faulted again on every call: about 80 ms of a 16K call).
+        # One slot's rows of a wave, gathered into the same buffer each time (fresh multi-MB
+        # gathers and products would be page-faulted again on every call: see
+        # longctx/bench/allocator.py).
         slot_rows = q_flat.new_empty(max(g1 - g0 for g0, g1 in geo.waves) * geo.n, geo.dim)
         for (g0, g1), layout in zip(geo.waves, layouts):
             _wave_forward(geo, layout, kernel, q_flat, kb_flat, vb_flat, row_out, row_lse)

@@ -1,0 +1,1 @@
+"""Mixture of Block Attention: the gate, the dense reference, the CPU engine and Flex."""

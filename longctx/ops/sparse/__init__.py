@@ -1,0 +1,1 @@
+"""Softmax over a sparse pattern: the patterns, the dense reference, the CPU engine and Flex."""
