@@ -1,19 +1,8 @@
-"""Attention Free Transformer (Zhai et al. 2021): aft_full, aft_local, aft_simple, aft_conv.
+"""The blocked engine of the biased AFT variants (aft_full, aft_local, aft_conv), torch.
 
-Per channel (no dot products between positions):
-
-    Y_t = sigmoid(Q_t) * sum_{t'<=t} e^{K_t' + w[t,t']} V_t' / sum_{t'<=t} e^{K_t' + w[t,t']}
-
-with a position bias w shared by the channels:
-- aft_full: a learned [max_len, max_len] bias, factorised w = U V^T (rank FULL_RANK) as the paper
-  suggests for long sequences; O(N^2) by nature, refuses N > max_len.
-- aft_local: w[t, t'] is a learned table entry for t - t' < window and 0 (not -inf) outside, so
-  older positions still count with weight e^K: every position sees all its past.
-- aft_conv: the bias depends only on t - t' (one kernel per head) inside a causal kernel, 0 outside.
-- aft_simple: w = 0, a running softmax-weighted mean: the WKV operator with no decay and no
-  bonus (wkv.py), constant streaming state.
-
-The biased variants share one blocked engine (`aft_blocked`). Positions are cut into blocks of C:
+Weighted means Y_t = sum_{t'<=t} e^{K_t' + w[t,t']} V_t' / sum_{t'<=t} e^{K_t' + w[t,t']} per
+channel, for a position bias w with learned values inside a band of lags (all lags for aft_full)
+and 0 outside it. Positions are cut into blocks of C:
 - keys older than the band (bias 0) arrive as a prefix state from a log-depth scan over block
   summaries (in the lagged form "prefix + band with e^w", never the paper's "all keys +
   (e^w - 1) * band" correction, which cancels catastrophically when w is very negative);
@@ -27,49 +16,36 @@ The biased variants share one blocked engine (`aft_blocked`). Positions are cut 
 Every stabiliser depends only on positions <= t, so nothing after t enters row t, not even
 through rounding, and every exponential has a non-positive argument. The stabilisers of the
 matmul terms are bounds (block key max + row bias max), so a block's terms lose precision only
-if w varies by more than ~80 within one row of a block (fp32 underflow).
+if w varies by more than ~80 within one row of a block (fp32 underflow). The formula as written,
+for one query, is reference.py.
 """
 
 from __future__ import annotations
 
 import math
-from abc import abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import partial
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
-from longctx.attention.base import Backend, HeadMixer, Mixer, ModelDims, State, split_qkv
-from longctx.attention.registry import register
-from longctx.attention.wkv import (
-    EMPTY,
-    WKV_CHUNK,
-    WkvState,
-    empty_wkv_state,
-    exclusive_state_scan,
-    merge_states,
-    wkv_chunked,
-    wkv_flops,
-    wkv_recurrent,
-)
 from longctx.core.dtypes import accumulation_dtype
-from longctx.errors import ConfigError
+from longctx.ops.wkv.chunk import exclusive_state_scan
+from longctx.ops.wkv.reference import EMPTY, WkvState, merge_states
 
-# Rank of aft_full's factorised bias w = U V^T (the paper's d' = 128 for long sequences).
-FULL_RANK = 128
 # Block sizes of the blocked engine (speed only; any sizes give the same results): outer blocks
 # see earlier blocks through one matmul each, and inside a block a dyadic split down to
 # pairwise base blocks keeps the per-row work at ~base + log2(block / base) terms.
 LOCAL_BLOCK = 128
 FULL_BLOCK = 256
 BASE_BLOCK = 8
-# Elements of all intermediates of one segment of query blocks (each single one stays under the
-# 32 MB above which glibc re-maps and re-faults memory on every call).
-SEGMENT_ELEMENTS = 1 << 25
+# Elements of all intermediates of one segment of query blocks, on every device: it bounds the
+# working memory of the far terms (quadratic in N for aft_full), and in host memory it keeps each
+# single intermediate under glibc's 32 MiB mmap threshold, above which freed blocks are unmapped
+# and faulted afresh on every call.
+SEGMENT_WORKSPACE_ELEMENTS = 1 << 25
 # Past this many segments, training recomputes each segment in backward instead of keeping its
 # intermediates: memory stays O(N D) plus one segment, at ~1.5x the time.
 CHECKPOINT_AFTER = 4
@@ -141,17 +117,17 @@ def _aft_blocked(k, v, bias, band, c, base, prefix, first):
     first_reached = (blocks - reach).clamp(min=0)
     older = tuple(s[:, :, first_reached] for s in starts)
     # Segments of query blocks bound the size of the intermediate terms. Their inputs come from
-    # split (not slicing): split's backward concatenates, where every slice of a full-size tensor
-    # would zero-fill a full-size gradient (quadratic in the number of segments).
+    # split, not slices: split's backward concatenates instead of zero-filling per slice.
     levels = max(1, math.ceil(math.log2(-(-c // base))))
-    step = max(1, SEGMENT_ELEMENTS // (b * h * d * c * (3 * base + 6 * levels + 4 * reach)))
+    per_block = b * h * d * c * (3 * base + 6 * levels + 4 * reach)
+    step = max(1, SEGMENT_WORKSPACE_ELEMENTS // per_block)
     split = lambda x: x.split(step, 2)  # noqa: E731
     queries = zip(split(kb[:, :, first_block:]), split(vb[:, :, first_block:]), rows.split(step))
     olders = zip(*(split(s) for s in older))
     if band is None:
-        far = _all_earlier_blocks(ek, ekv, summaries[2], blocks, step)
+        far = _all_earlier_blocks(ek, ekv, summaries[2], blocks, first_block, step)
     else:
-        far = _band_windows(ek, ekv, summaries[2], reach, blocks, step)
+        far = _band_windows(ek, ekv, summaries[2], reach, blocks, first_block, step)
     recompute = torch.is_grad_enabled() and len(blocks) > CHECKPOINT_AFTER * step
     run = partial(checkpoint, _segment, use_reentrant=False) if recompute else _segment
     outputs = [
@@ -176,14 +152,13 @@ def _segment(kq, vq, rows, older, far, bias, band, base) -> Tensor:
     return (state[0] / state[1]).flatten(2, 3)
 
 
-def _band_windows(ek, ekv, mu, reach, blocks, step):
-    """Per segment of `step` query blocks: (e^{K-mu}, e^{K-mu} V, mu) of each query block's
-    `reach` earlier blocks as [B, H, nq, reach, ...], their indices [nq, reach] (negative:
-    padding), None."""
+def _band_windows(ek, ekv, mu, reach, blocks, first_block, step):
+    """Per segment of `step` query blocks (`blocks`, from block `first_block` on): (e^{K-mu},
+    e^{K-mu} V, mu) of each query block's `reach` earlier blocks as [B, H, nq, reach, ...], their
+    indices [nq, reach] (negative: padding), None."""
     if not reach:
         yield from (None for _ in range(0, len(blocks), step))
         return
-    first_block = int(blocks[0])
     pieces = []
     for x, fill in ((ek, 0.0), (ekv, 0.0), (mu, EMPTY)):
         x = F.pad(
@@ -208,12 +183,14 @@ def _band_windows(ek, ekv, mu, reach, blocks, step):
         yield *windows, seg[:, None] - reach + torch.arange(reach, device=seg.device), None
 
 
-def _all_earlier_blocks(ek, ekv, mu, blocks, step):
-    """aft_full, per segment of `step` query blocks: every block before the segment's last one,
-    as (sources, key block indices [nq, reach] (negative: padding), clamped gather indices)."""
+def _all_earlier_blocks(ek, ekv, mu, blocks, first_block, step):
+    """aft_full, per segment of `step` query blocks (`blocks`, from block `first_block` on): every
+    block before the segment's last one, as (sources, key block indices [nq, reach] (negative:
+    padding), clamped gather indices). Sizes come from Python integers, never from the index
+    tensors, so no step waits for the device."""
     for lo in range(0, len(blocks), step):
         seg = blocks[lo : lo + step]
-        reach = int(seg[-1])
+        reach = first_block + lo + len(seg) - 1  # the segment's last block
         if not reach:
             yield None
             continue
@@ -290,34 +267,6 @@ def _within_blocks(k, v, rows, bias, band, base) -> WkvState:
     return tuple(s.reshape(b, h, nq, n_base * base, d)[:, :, :, :c] for s in state)
 
 
-def aft_one_query(k: Tensor, v: Tensor, bias: BiasFn, prefix: WkvState) -> Tensor:
-    """The weighted mean for one query, the last of keys k, v [B, H, L, Dh], all of which it reaches
-    with learned bias (the streaming cache), plus `prefix` for older keys: [B, H, 1, Dh]."""
-    dtype = accumulation_dtype(v.dtype)
-    with torch.autocast(k.device.type, enabled=False):
-        cols = torch.arange(k.shape[-2], device=k.device)[None]
-        w = bias(cols[:, -1:], cols)[:, 0].to(dtype)  # [Hb, 1, L]
-        logits = k.to(dtype) + w.transpose(-1, -2)
-        a, b, p = (s.to(dtype) for s in prefix)
-        with torch.no_grad():
-            top = torch.maximum(logits.amax(-2), p)
-        near, old = torch.exp(logits - top.unsqueeze(-2)), torch.exp(p - top)
-        y = ((near * v.to(dtype)).sum(-2) + old * a) / (near.sum(-2) + old * b)
-    return y.unsqueeze(-2).to(v.dtype)
-
-
-def _prefix_after(prefix: WkvState, k: Tensor, v: Tensor) -> WkvState:
-    """`prefix` extended by keys k, v [B, H, m, Dh] with bias 0 (keys leaving the band)."""
-    if k.shape[-2] == 0:
-        return prefix
-    dtype = prefix[0].dtype
-    k, v = k.to(dtype), v.to(dtype)
-    with torch.no_grad():
-        top = k.amax(-2)
-    e = torch.exp(k - top.unsqueeze(-2))
-    return merge_states(prefix, ((e * v).sum(-2), e.sum(-2), top), 0.0)
-
-
 def blocked_flops(seq_len: int, block: int, band: int | None, channels: int) -> float:
     """Forward FLOPs of `aft_blocked` over a whole sequence (all channels)."""
     n_blocks = -(-seq_len // block)
@@ -330,224 +279,3 @@ def blocked_flops(seq_len: int, block: int, band: int | None, channels: int) -> 
     own = 5 * block * base + 2 * block * block + 10 * block * (levels + 1)
     far = 4 * block * block + 6 * block
     return float(channels * (n_blocks * own + pairs * far))
-
-
-class AFTMixer(HeadMixer):
-    """Q, K, V projections over d_model channels (viewed as [B, H, n, Dh]),
-    then sigmoid(Q) * mean."""
-
-    def __init__(self, dims: ModelDims):
-        super().__init__()
-        self.n_head, self.head_dim = dims.n_head, dims.head_dim
-        self.qkv = nn.Linear(dims.d_model, 3 * dims.d_model, bias=dims.bias)
-        self.out = nn.Linear(dims.d_model, dims.d_model, bias=dims.bias)
-
-    def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor]:
-        """q, k, v [B, H, n, Dh]; position enters only through the bias w."""
-        return split_qkv(self.qkv(x), self.n_head)
-
-    def _empty_prefix(self, batch_size: int) -> WkvState:
-        return empty_wkv_state((batch_size, self.n_head, self.head_dim), self.out.weight)
-
-
-class SimpleAFT(AFTMixer):
-    """w = 0: the WKV operator with no decay and no bonus; constant state (a, b, p)."""
-
-    def _zeros(self, like: Tensor) -> Tensor:
-        return like.new_zeros(self.n_head, self.head_dim)
-
-    def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        zero = self._zeros(k)
-        state = empty_wkv_state(k.shape[:-2] + k.shape[-1:], k)
-        return torch.sigmoid(q) * wkv_chunked(k, v, zero, zero, state, WKV_CHUNK)[0]
-
-    def init_state(self, batch_size: int) -> State:
-        return self._empty_prefix(batch_size)
-
-    def step(self, x: Tensor, state: State, start: int) -> tuple[Tensor, State]:
-        q, k, v = self.project(x, start)
-        zero = self._zeros(k)
-        if x.shape[1] == 1:
-            mean, state = wkv_recurrent(k, v, zero, zero, state)
-        else:
-            mean, state = wkv_chunked(k, v, zero, zero, state, WKV_CHUNK)
-        return self.merge_heads(torch.sigmoid(q) * mean), state
-
-
-class BlockedAFT(AFTMixer):
-    """A biased AFT on the blocked engine. Streaming keeps the keys the band still reaches (all of
-    them when the band is unbounded) plus a prefix state of the older ones."""
-
-    band: int | None
-    block: int
-
-    @abstractmethod
-    def bias_for(self, offset: int, length: int) -> BiasFn:
-        """The bias of sequence indices 0..length-1 at absolute positions offset.. ."""
-
-    def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        prefix = empty_wkv_state(k.shape[:-2] + k.shape[-1:], k)
-        bias = self.bias_for(0, k.shape[-2])
-        return torch.sigmoid(q) * aft_blocked(k, v, bias, self.band, self.block, prefix)
-
-    def init_state(self, batch_size: int) -> State:
-        empty = self.out.weight.new_zeros(batch_size, self.n_head, 0, self.head_dim)
-        return {"k": empty, "v": empty, "prefix": self._empty_prefix(batch_size)}
-
-    def step(self, x: Tensor, state: State, start: int) -> tuple[Tensor, State]:
-        q, k, v = self.project(x, start)
-        cached = state["k"].shape[-2]
-        keys = torch.cat((state["k"], k), -2)
-        values = torch.cat((state["v"], v), -2)
-        bias = self.bias_for(start - cached, keys.shape[-2])
-        if x.shape[1] == 1:
-            mean = aft_one_query(keys, values, bias, state["prefix"])
-        else:
-            mean = aft_blocked(keys, values, bias, self.band, self.block, state["prefix"], cached)
-        # The next query (position start + n) reaches back to lag band - 1 with learned bias.
-        keep = keys.shape[-2] if self.band is None else min(keys.shape[-2], self.band - 1)
-        leaving = keys.shape[-2] - keep
-        prefix = _prefix_after(state["prefix"], keys[..., :leaving, :], values[..., :leaving, :])
-        new_state = {"k": keys[..., leaving:, :], "v": values[..., leaving:, :], "prefix": prefix}
-        return self.merge_heads(torch.sigmoid(q) * mean), new_state
-
-
-# The bias functions index a slice of the parameter taken once per call: indexing the whole table
-# in every block would cost a zero-filled table-sized gradient per index in the backward pass.
-
-
-class FullAFT(BlockedAFT):
-    def __init__(self, dims: ModelDims, max_len: int):
-        super().__init__(dims)
-        self.band, self.block = None, FULL_BLOCK
-        # V = 0 starts from w = 0 (AFT-simple) while U's scale lets V learn at once.
-        self.u = nn.Parameter(torch.randn(max_len, FULL_RANK) / math.sqrt(FULL_RANK))
-        self.v = nn.Parameter(torch.zeros(max_len, FULL_RANK))
-
-    def bias_for(self, offset: int, length: int) -> BiasFn:
-        u, v = self.u[offset : offset + length], self.v[offset : offset + length]
-        last = length - 1  # padding rows of the last block pass the end
-
-        def bias(rows: Tensor, cols: Tensor) -> Tensor:
-            return (u[rows.clamp(max=last)] @ v[cols.clamp(max=last)].transpose(-1, -2)).unsqueeze(
-                0
-            )
-
-        return bias
-
-
-class LocalAFT(BlockedAFT):
-    def __init__(self, dims: ModelDims, max_len: int, window: int):
-        super().__init__(dims)
-        self.band, self.block = window, LOCAL_BLOCK
-        # w[t, t - lag] for lag < window, stored as a band: row t, column lag.
-        self.w = nn.Parameter(torch.zeros(max_len, window))
-
-    def bias_for(self, offset: int, length: int) -> BiasFn:
-        table, last = self.w[offset : offset + length], length - 1
-
-        def bias(rows: Tensor, cols: Tensor) -> Tensor:
-            lag = (rows[:, :, None] - cols[:, None, :]).clamp(0, self.band - 1)
-            return table[rows[:, :, None].clamp(max=last), lag].unsqueeze(0)
-
-        return bias
-
-
-class ConvAFT(BlockedAFT):
-    def __init__(self, dims: ModelDims, kernel: int):
-        super().__init__(dims)
-        self.band, self.block = kernel, LOCAL_BLOCK
-        self.w = nn.Parameter(torch.zeros(dims.n_head, kernel))  # one causal kernel per head
-
-    def bias_for(self, offset: int, length: int) -> BiasFn:
-        def bias(rows: Tensor, cols: Tensor) -> Tensor:
-            return self.w[:, (rows[:, :, None] - cols[:, None, :]).clamp(0, self.band - 1)]
-
-        return bias
-
-
-class _AFTBackend(Backend):
-    def _positive(self, **values: int) -> None:
-        for key, value in values.items():
-            if value < 1:
-                raise ConfigError(
-                    f"attention.{key} must be >= 1 for attention={self.name}, got {value}"
-                )
-
-
-@register
-class AFTFull(_AFTBackend):
-    name = "aft_full"
-
-    @dataclass(frozen=True)
-    class Options:
-        max_len: int = 4096
-
-    def validate(self) -> None:
-        self._positive(max_len=self.options.max_len)
-
-    @property
-    def max_len(self) -> int | None:
-        return self.options.max_len
-
-    def mixer(self, layer: int) -> Mixer:
-        return FullAFT(self.dims, self.options.max_len)
-
-    def attention_flops(self, seq_len: int) -> float:
-        return blocked_flops(seq_len, FULL_BLOCK, None, self.dims.d_model)
-
-
-@register
-class AFTLocal(_AFTBackend):
-    name = "aft_local"
-
-    @dataclass(frozen=True)
-    class Options:
-        max_len: int = 4096
-        window: int = 256
-
-    def validate(self) -> None:
-        self._positive(max_len=self.options.max_len, window=self.options.window)
-
-    @property
-    def max_len(self) -> int | None:
-        return self.options.max_len
-
-    def mixer(self, layer: int) -> Mixer:
-        return LocalAFT(self.dims, self.options.max_len, self.options.window)
-
-    def attention_flops(self, seq_len: int) -> float:
-        return blocked_flops(seq_len, LOCAL_BLOCK, self.options.window, self.dims.d_model)
-
-
-@register
-class AFTSimple(_AFTBackend):
-    name = "aft_simple"
-
-    @dataclass(frozen=True)
-    class Options:
-        pass
-
-    def mixer(self, layer: int) -> Mixer:
-        return SimpleAFT(self.dims)
-
-    def attention_flops(self, seq_len: int) -> float:
-        return wkv_flops(seq_len, self.dims.d_model)
-
-
-@register
-class AFTConv(_AFTBackend):
-    name = "aft_conv"
-
-    @dataclass(frozen=True)
-    class Options:
-        kernel: int = 64
-
-    def validate(self) -> None:
-        self._positive(kernel=self.options.kernel)
-
-    def mixer(self, layer: int) -> Mixer:
-        return ConvAFT(self.dims, self.options.kernel)
-
-    def attention_flops(self, seq_len: int) -> float:
-        return blocked_flops(seq_len, LOCAL_BLOCK, self.options.kernel, self.dims.d_model)
