@@ -16,17 +16,20 @@ import math
 import pytest
 import torch
 from conftest import model_config
+from dispatch_count import DispatchCount
 from omegaconf import open_dict
 
 from longctx import build_model
 from longctx.attention import aft, rwkv
 from longctx.errors import ConfigError
+from longctx.ops import segment_policy
 from longctx.ops.aft import blocked
 from longctx.ops.aft.blocked import aft_blocked
 from longctx.ops.aft.reference import aft_one_query, prefix_after
 from longctx.ops.linear import chunk as linear_chunk
 from longctx.ops.linear.chunk import chunked_linear_attention
 from longctx.ops.linear.reference import EPS, FEATURE_MAPS, recurrent_linear_attention
+from longctx.ops.segment_policy import segment_length
 from longctx.ops.wkv import chunk as wkv_chunk
 from longctx.ops.wkv.chunk import wkv_chunked
 from longctx.ops.wkv.reference import empty_wkv_state, wkv_recurrent
@@ -562,6 +565,61 @@ def test_attention_flops_scale_linearly_except_aft_full():
             assert 3.9 < ratio < 4.5, name
 
 
+# --------------------------------------------------------------------------- device work
+
+
+def test_segments_are_capped_only_in_host_memory():
+    """Host memory: equal segments of whole chunks within the cap; a caching device allocator
+    (CUDA's): one pass over the whole sequence, whatever its size."""
+    host, cuda = torch.device("cpu"), torch.device("cuda")
+    assert segment_length(8192, 6240, 64, 1 << 19, host) == 64  # the 128 segments of issue 22
+    assert segment_length(1000, 10, 16, 800, host) == 80  # 13 equal segments of 5 chunks
+    assert segment_length(8192, 6240, 64, 1 << 19, cuda) == 8192
+    assert segment_length(1000, 10, 16, 800, cuda) == 1008
+
+
+def _training_step_count(name, n, segments_capped, monkeypatch):
+    """Ops a tiny model's forward, loss and backward dispatch with kernel=torch, under the
+    segment policy of host memory (capped) or of a caching device allocator (one pass)."""
+    monkeypatch.setattr(segment_policy, "caps_segments", lambda device: segments_capped)
+    monkeypatch.setattr(linear_chunk, "HOST_SEGMENT_TENSOR_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(wkv_chunk, "HOST_SEGMENT_TENSOR_ELEMENTS", 1 << 12)
+    cfg = _config(name, {**SMALL_OPTIONS[name], "kernel": "torch"}, "model.n_layer=1")
+    cfg.context_length = max(cfg.context_length, n)
+    if name in ("aft_full", "aft_local"):
+        cfg.attention.max_len = n
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB)
+    ids = _ids(n)
+    with DispatchCount() as count:
+        logits = model(ids)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+    return count
+
+
+@pytest.mark.parametrize("capped", [True, False], ids=["host-segments", "one-pass"])
+@pytest.mark.parametrize("name", FAMILY)
+def test_torch_kernels_make_no_host_sync(name, capped, monkeypatch):
+    """A training step of every backend of the family on its torch kernels dispatches no
+    aten._local_scalar_dense (no .item(), no value-dependent shape): on CUDA nothing waits for
+    the device. 130 positions: several segments under the host policy, several AFT blocks."""
+    count = _training_step_count(name, 130, capped, monkeypatch)
+    assert count.host_syncs == 0
+
+
+@pytest.mark.parametrize("name", ["linear", "rwkv"])
+def test_one_pass_dispatches_what_segments_multiply(name, monkeypatch):
+    """Under the one-pass policy the torch kernels of linear and rwkv dispatch no op per segment:
+    linear's count is the same at every length, rwkv's grows only by the log-depth scan's levels.
+    Under host segments it grows with the number of segments."""
+    one_pass = [_training_step_count(name, n, False, monkeypatch).total() for n in (64, 512)]
+    segmented = [_training_step_count(name, n, True, monkeypatch).total() for n in (64, 512)]
+    if name == "linear":
+        assert one_pass[0] == one_pass[1]
+    assert one_pass[1] - one_pass[0] < (segmented[1] - segmented[0]) / 4
+
+
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kernels_agree_on_cuda():
     n, d = 300, 8
