@@ -56,17 +56,25 @@ def _equal_timings(self, *args, config, **kwargs) -> float:
     return 0.0
 
 
-def load_fla(monkeypatch: pytest.MonkeyPatch, device: torch.device) -> None:
+def install_shims() -> None:
+    """Patch Triton's interpreter for fla, for the whole test process (tests/conftest.py calls
+    this where the interpreter is on): the seam's tests force kernel=fla as well."""
+    from triton.runtime import autotuner, interpreter
+
+    autotuner.Autotuner._bench = _equal_timings
+    interpreter.ASTTransformer.visit_For = _visit_for
+
+
+def load_fla(device: torch.device) -> None:
     """Import fla's modules so that their kernels run on `device`: compiled on CUDA, otherwise
-    interpreted, with the two shims above for the caller's scope."""
+    under the interpreter with the shims above."""
     if device.type != "cuda":
         import triton.language.standard
         from triton.runtime import autotuner, interpreter
 
         if not isinstance(triton.language.standard.sigmoid, interpreter.InterpretedFunction):
             pytest.fail("triton was imported before TRITON_INTERPRET=1 was set (tests/conftest.py)")
-
-        monkeypatch.setattr(autotuner.Autotuner, "_bench", _equal_timings)
-        monkeypatch.setattr(interpreter.ASTTransformer, "visit_For", _visit_for, raising=False)
+        if autotuner.Autotuner._bench is not _equal_timings:
+            pytest.fail("the interpreter shims are not installed (tests/conftest.py)")
     for name in FLA_MODULES:
         importlib.import_module(name)

@@ -49,9 +49,7 @@ def fla_kernels():
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the fla tests: {message}")
         pytest.skip(message)
-    with pytest.MonkeyPatch.context() as patch:
-        load_fla(patch, DEVICE)
-        yield
+    load_fla(DEVICE)
 
 
 def _randn(*shape, scale=1.0, seed=0, dtype=torch.float32):
