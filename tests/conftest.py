@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
+import fla_interpreter
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -15,6 +18,14 @@ CONF_DIR = str(ROOT / "conf")
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Without CUDA, fla's Triton kernels run on CPU tensors under Triton's interpreter, with two shims
+# (tests/fla_interpreter.py). triton.jit reads TRITON_INTERPRET when a kernel is defined, triton's
+# own library included, and lightning imports triton while the tests are collected: so it is set
+# here, before any test module loads. On a CPU it changes nothing else (inductor emits C++ there).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if importlib.util.find_spec("triton") is not None:
+        fla_interpreter.install_shims()
 
 
 def compose_config(*overrides: str, config_name: str = "train") -> DictConfig:

@@ -16,14 +16,23 @@ import math
 import pytest
 import torch
 from conftest import model_config
+from dispatch_count import DispatchCount
 from omegaconf import open_dict
 
 from longctx import build_model
-from longctx.attention import aft, linear, rwkv, wkv
-from longctx.attention.aft import aft_blocked, aft_one_query
-from longctx.attention.linear import chunked_linear_attention, recurrent_linear_attention
-from longctx.attention.wkv import empty_wkv_state, wkv_chunked, wkv_recurrent
+from longctx.attention import aft, rwkv
 from longctx.errors import ConfigError
+from longctx.ops import segment_policy
+from longctx.ops.aft import blocked
+from longctx.ops.aft.blocked import aft_blocked
+from longctx.ops.aft.reference import aft_one_query, prefix_after
+from longctx.ops.linear import chunk as linear_chunk
+from longctx.ops.linear.chunk import chunked_linear_attention
+from longctx.ops.linear.reference import EPS, FEATURE_MAPS, recurrent_linear_attention
+from longctx.ops.segment_policy import segment_length
+from longctx.ops.wkv import chunk as wkv_chunk
+from longctx.ops.wkv.chunk import wkv_chunked
+from longctx.ops.wkv.reference import empty_wkv_state, wkv_recurrent
 
 CHUNKS = (1, 7, 16, 64)
 FP64 = dict(rtol=1e-10, atol=1e-10)
@@ -82,7 +91,7 @@ def linear_reference(q, k, v, s, z):
         s = s + k[..., t, :, None] * v[..., t, None, :]
         z = z + k[..., t, :]
         num = (q[..., t, :, None] * s).sum(-2)
-        outputs.append(num / ((q[..., t, :] * z).sum(-1, keepdim=True) + linear.EPS))
+        outputs.append(num / ((q[..., t, :] * z).sum(-1, keepdim=True) + EPS))
     return torch.stack(outputs, -2), s, z
 
 
@@ -131,8 +140,8 @@ def table_bias(table, offset=0):
 @pytest.mark.parametrize("feature", ["elu", "relu"])
 def test_linear_chunked_and_recurrent_equal_the_loop(feature, segments, monkeypatch):
     if segments == "many":  # one chunk per kernel call: the state is carried between calls
-        monkeypatch.setattr(linear, "SEGMENT_ELEMENTS", 1)
-    phi = linear.FEATURE_MAPS[feature][0]
+        monkeypatch.setattr(linear_chunk, "HOST_SEGMENT_TENSOR_ELEMENTS", 1)
+    phi = FEATURE_MAPS[feature][0]
     b, h, n, d = 2, 3, 45, 5
     q, k, v = (_randn(b, h, n, d, seed=i) for i in range(3))
     s0 = _randn(b, h, d, d + 1, seed=3).detach().abs().requires_grad_()  # (S | z) of earlier keys
@@ -171,7 +180,7 @@ def test_linear_mixer_continues_from_a_prefix_state():
 @pytest.mark.parametrize("simple", [False, True], ids=["rwkv", "aft_simple"])
 def test_wkv_chunked_and_recurrent_equal_the_formula(simple, segments, monkeypatch):
     if segments == "many":  # one chunk per pass: the state is carried between passes
-        monkeypatch.setattr(wkv, "SEGMENT_ELEMENTS", 1)
+        monkeypatch.setattr(wkv_chunk, "HOST_SEGMENT_TENSOR_ELEMENTS", 1)
     # The 73 positions after the history are a multiple of none of the chunk sizes (7, 16, 64):
     # every form ends on a partial chunk, and chunk 64 also carries a full chunk's state into it.
     b, h, n, d, history = 2, 3, 86, 4, 13
@@ -208,9 +217,9 @@ def test_wkv_chunked_and_recurrent_equal_the_formula(simple, segments, monkeypat
 @pytest.mark.parametrize("band", [None, 1, 5, 40], ids=["full", "band1", "band5", "band40"])
 def test_aft_blocked_equals_the_dense_formula(band, segments, monkeypatch):
     if segments != "one":  # one query block per segment: exercises the split windows
-        monkeypatch.setattr(aft, "SEGMENT_ELEMENTS", 1)
+        monkeypatch.setattr(blocked, "SEGMENT_WORKSPACE_ELEMENTS", 1)
         # and either keeps every segment's intermediates or recomputes them in backward
-        monkeypatch.setattr(aft, "CHECKPOINT_AFTER", 10**6 if segments == "many" else 0)
+        monkeypatch.setattr(blocked, "CHECKPOINT_AFTER", 10**6 if segments == "many" else 0)
     b, h, n, d = 2, 3, 29, 4
     k, v = _randn(b, h, n, d, seed=0), _randn(b, h, n, d, seed=1)
     table = _randn(h, n, n, seed=2)  # per-head bias, like aft_conv
@@ -244,7 +253,7 @@ def test_aft_streaming_forms_continue_from_a_prefix_state(band):
     leaving = cached - keep
     assert band is None or leaving > 0  # a non-empty prefix state whenever the band is bounded
     for c in CHUNKS:
-        prefix = aft._prefix_after(empty, k[..., :leaving, :], v[..., :leaving, :])
+        prefix = prefix_after(empty, k[..., :leaving, :], v[..., :leaving, :])
         recent = (k[..., leaving:, :], v[..., leaving:, :])
         assert all(recent[0].shape[-2] % size for size in CHUNKS[1:])
         out = aft_blocked(*recent, table_bias(table, leaving), band, c, prefix, keep)
@@ -252,7 +261,7 @@ def test_aft_streaming_forms_continue_from_a_prefix_state(band):
         _assert_all_close(_grads(out, (k, v, table)), grads_ref, **FP64)
     for t in (0, 4, 12, n - 1):
         lo = 0 if band is None else max(0, t - band + 1)
-        prefix = aft._prefix_after(empty, k[..., :lo, :], v[..., :lo, :])
+        prefix = prefix_after(empty, k[..., :lo, :], v[..., :lo, :])
         out = aft_one_query(
             k[..., lo : t + 1, :], v[..., lo : t + 1, :], table_bias(table, lo), prefix
         )
@@ -556,6 +565,61 @@ def test_attention_flops_scale_linearly_except_aft_full():
             assert 3.9 < ratio < 4.5, name
 
 
+# --------------------------------------------------------------------------- device work
+
+
+def test_segments_are_capped_only_in_host_memory():
+    """Host memory: equal segments of whole chunks within the cap; a caching device allocator
+    (CUDA's): one pass over the whole sequence, whatever its size."""
+    host, cuda = torch.device("cpu"), torch.device("cuda")
+    assert segment_length(8192, 6240, 64, 1 << 19, host) == 64  # the 128 segments of issue 22
+    assert segment_length(1000, 10, 16, 800, host) == 80  # 13 equal segments of 5 chunks
+    assert segment_length(8192, 6240, 64, 1 << 19, cuda) == 8192
+    assert segment_length(1000, 10, 16, 800, cuda) == 1008
+
+
+def _training_step_count(name, n, segments_capped, monkeypatch):
+    """Ops a tiny model's forward, loss and backward dispatch with kernel=torch, under the
+    segment policy of host memory (capped) or of a caching device allocator (one pass)."""
+    monkeypatch.setattr(segment_policy, "caps_segments", lambda device: segments_capped)
+    monkeypatch.setattr(linear_chunk, "HOST_SEGMENT_TENSOR_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(wkv_chunk, "HOST_SEGMENT_TENSOR_ELEMENTS", 1 << 12)
+    cfg = _config(name, {**SMALL_OPTIONS[name], "kernel": "torch"}, "model.n_layer=1")
+    cfg.context_length = max(cfg.context_length, n)
+    if name in ("aft_full", "aft_local"):
+        cfg.attention.max_len = n
+    torch.manual_seed(0)
+    model = build_model(cfg, VOCAB)
+    ids = _ids(n)
+    with DispatchCount() as count:
+        logits = model(ids)
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids.flatten()).backward()
+    return count
+
+
+@pytest.mark.parametrize("capped", [True, False], ids=["host-segments", "one-pass"])
+@pytest.mark.parametrize("name", FAMILY)
+def test_torch_kernels_make_no_host_sync(name, capped, monkeypatch):
+    """A training step of every backend of the family on its torch kernels dispatches no
+    aten._local_scalar_dense (no .item(), no value-dependent shape): on CUDA nothing waits for
+    the device. 130 positions: several segments under the host policy, several AFT blocks."""
+    count = _training_step_count(name, 130, capped, monkeypatch)
+    assert count.host_syncs == 0
+
+
+@pytest.mark.parametrize("name", ["linear", "rwkv"])
+def test_one_pass_dispatches_what_segments_multiply(name, monkeypatch):
+    """Under the one-pass policy the torch kernels of linear and rwkv dispatch no op per segment:
+    linear's count is the same at every length, rwkv's grows only by the log-depth scan's levels.
+    Under host segments it grows with the number of segments."""
+    one_pass = [_training_step_count(name, n, False, monkeypatch).total() for n in (64, 512)]
+    segmented = [_training_step_count(name, n, True, monkeypatch).total() for n in (64, 512)]
+    if name == "linear":
+        assert one_pass[0] == one_pass[1]
+    assert one_pass[1] - one_pass[0] < (segmented[1] - segmented[0]) / 4
+
+
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_kernels_agree_on_cuda():
     n, d = 300, 8

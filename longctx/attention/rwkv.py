@@ -8,8 +8,11 @@ key, value and receptance inputs; x_{-1} = 0), then
     wkv_t = (sum_{i<t} e^{-(t-1-i) w + k_i} v_i + e^{u + k_t} v_t) / (same with v = 1),
 
 with decay w = exp(time_decay) > 0 (the reference kernels' log-decay is -w) and bonus
-u = time_first. The WKV operator (numerically stable, chunk-parallel and recurrent forms) lives
-in wkv.py. Channel mixing: sigmoid(W_r x'_r) * W_v(relu(W_k x'_k)^2), also token-shifted.
+u = time_first. The WKV operator lives in longctx/ops/wkv: the stable recurrence (reference.py,
+also the streaming form for one token), the chunk-parallel torch kernel (chunk.py) and
+flash-linear-attention's RWKV-4 Triton kernel (fla.py); `attention.kernel` picks `torch` or `fla`
+per call (longctx/ops/seam.py), and all keep the same (a, b, p) state. Channel mixing:
+sigmoid(W_r x'_r) * W_v(relu(W_k x'_k)^2), also token-shifted.
 
 Streaming state per layer: the last input of each mixer (2 d) and the WKV state (a, b, p) (3 d),
 i.e. 5 d numbers whatever the length. Order is implicit, so model.position is ignored.
@@ -27,11 +30,16 @@ from torch import Tensor, nn
 
 from longctx.attention.base import Backend, HeadMixer, Mixer, ModelDims, State
 from longctx.attention.registry import register
-from longctx.attention.wkv import WKV_CHUNK, empty_wkv_state, wkv_chunked, wkv_flops, wkv_recurrent
 from longctx.errors import ConfigError
+from longctx.ops.seam import FLA, TORCH, resolve_kernel
+from longctx.ops.wkv.chunk import WKV_CHUNK, wkv_chunked, wkv_flops
+from longctx.ops.wkv.fla import fla_wkv
+from longctx.ops.wkv.reference import WkvState, empty_wkv_state, wkv_recurrent
 
 # ffn width of RWKV-4's channel mixing (dim_ffn = 4 * n_embd in the reference).
 FFN_MULT = 4
+# The kernels of the WKV operator, fastest on a GPU first.
+KERNELS = (FLA, TORCH)
 
 
 def _channel_ramp(d: int) -> Tensor:
@@ -46,9 +54,10 @@ def _shifted(x: Tensor, previous: Tensor | None) -> Tensor:
 
 
 class TimeMix(HeadMixer):
-    def __init__(self, dims: ModelDims, layer: int):
+    def __init__(self, dims: ModelDims, layer: int, kernel: str):
         super().__init__()
         d = dims.d_model
+        self.kernel = kernel
         self.n_head, self.head_dim = dims.n_head, dims.head_dim
         deep = layer / (dims.n_layer - 1) if dims.n_layer > 1 else 0.0  # 0 -> 1 over the layers
         shallow = 1.0 - layer / dims.n_layer  # 1 -> ~0 over the layers
@@ -88,11 +97,18 @@ class TimeMix(HeadMixer):
         shape = (self.n_head, self.head_dim)
         return torch.exp(self.time_decay).view(shape), self.time_first.view(shape)
 
-    def mix(self, r: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    def _wkv(self, k: Tensor, v: Tensor, state: WkvState | None) -> tuple[Tensor, WkvState]:
+        """WKV of k, v [B, H, n, Dh] from `state` (None: a fresh sequence), seam-chosen kernel."""
+        if resolve_kernel(self.kernel, KERNELS, k.device) == FLA:
+            shape = (self.n_head, self.head_dim)
+            return fla_wkv(k, v, self.time_decay.view(shape), self.time_first.view(shape), state)
+        if state is None:
+            state = empty_wkv_state(k.shape[:-2] + k.shape[-1:], k)
         w, u = self.decay_and_bonus()
-        state = empty_wkv_state(k.shape[:-2] + k.shape[-1:], k)
-        wkv, _ = wkv_chunked(k, v, w, u, state, WKV_CHUNK)
-        return torch.sigmoid(r) * wkv
+        return wkv_chunked(k, v, w, u, state, WKV_CHUNK)
+
+    def mix(self, r: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        return torch.sigmoid(r) * self._wkv(k, v, None)[0]
 
     def init_state(self, batch_size: int) -> State:
         like = self.out.weight
@@ -102,11 +118,10 @@ class TimeMix(HeadMixer):
     def step(self, x: Tensor, state: State, start: int) -> tuple[Tensor, State]:
         last_x, wkv_state = state
         r, k, v = self._project(x, last_x)
-        w, u = self.decay_and_bonus()
         if x.shape[1] == 1:
-            wkv, wkv_state = wkv_recurrent(k, v, w, u, wkv_state)
+            wkv, wkv_state = wkv_recurrent(k, v, *self.decay_and_bonus(), wkv_state)
         else:
-            wkv, wkv_state = wkv_chunked(k, v, w, u, wkv_state, WKV_CHUNK)
+            wkv, wkv_state = self._wkv(k, v, wkv_state)
         return self.merge_heads(torch.sigmoid(r) * wkv), (x[:, -1], wkv_state)
 
 
@@ -147,6 +162,7 @@ class ChannelMix(Mixer):
 @register
 class RWKV(Backend):
     name = "rwkv"
+    kernels = KERNELS
 
     @dataclass(frozen=True)
     class Options:
@@ -160,7 +176,7 @@ class RWKV(Backend):
             )
 
     def mixer(self, layer: int) -> Mixer:
-        return TimeMix(self.dims, layer)
+        return TimeMix(self.dims, layer, self.kernel)
 
     def ffn(self, layer: int) -> Mixer | None:
         return ChannelMix(self.dims, layer)

@@ -1,27 +1,13 @@
-"""Numerically stable decayed exponential averages: RWKV-4's WKV operator (also AFT-simple).
+"""RWKV-4's WKV operator, the chunk-parallel torch kernel (the CPU path, and the fallback on CUDA
+where fla is missing); the definition and its state are in reference.py.
 
-Per channel, with decay `w >= 0` and bonus `u`:
-
-    y_t = (sum_{i<t} e^{k_i - (t-1-i) w} v_i + e^{u + k_t} v_t) / (same with every v = 1)
-
-AFT-simple is the special case w = 0, u = 0: a running softmax-weighted mean of the values.
-
-The state after some positions is (a, b, p) with e^p (a, b) = sum_i e^{k_i - (last-i) w} (v_i, 1):
-`p` is the running maximum of the exponents (as in the reference RWKV-4 kernels), so every
-exponential taken below has an argument <= 0 and nothing overflows, whatever the key size.
-The maxima are causal (they only see positions up to the one being produced) and are treated
-as constants by autograd: every output is invariant to the stabiliser's value, so its gradient
-is exact without differentiating through `max`.
-
-Two forms that agree to rounding:
-- `wkv_recurrent`: one position at a time, the reference recurrence (streaming decode);
-- `wkv_chunked`: the chunk-parallel training form. Every chunk of C positions runs the same
-  recurrence from an empty state, all chunks at once (C vectorised steps over N/C chunks, never
-  a loop over the sequence); a log-depth scan over the chunk summaries gives the state entering
-  each chunk; each output then merges the three parts (carried state decayed tau steps, the
-  chunk-local state, the bonus term) under one per-position maximum. Exponents are differences
-  of the form (exponent - running max), never e^{+tau w} * e^{-tau w}, so decays up to any
-  size stay finite. Memory is O(N D) per tensor (no C x C pairwise tensor).
+Every chunk of C positions runs the reference recurrence from an empty state, all chunks at once
+(C vectorised steps over N/C chunks, never a loop over the sequence); a log-depth scan over the
+chunk summaries gives the state entering each chunk; each output then merges the three parts
+(carried state decayed tau steps, the chunk-local state, the bonus term) under one per-position
+maximum. Exponents are differences of the form (exponent - running max), never
+e^{+tau w} * e^{-tau w}, so decays up to any size stay finite. Memory is O(N D) per tensor (no
+C x C pairwise tensor).
 """
 
 from __future__ import annotations
@@ -32,66 +18,17 @@ import torch
 from torch import Tensor
 
 from longctx.core.dtypes import accumulation_dtype
+from longctx.ops.segment_policy import segment_length
+from longctx.ops.wkv.reference import WkvState, empty_wkv_state, merge_states, push_position
 
-# Exponent of an empty state: finite (unlike -inf) so empty - empty = 0, not NaN, and
-# e^{EMPTY - anything finite} = 0. The RWKV-4 reference kernels use the same value.
-EMPTY = -1e38
-
-WkvState = tuple[Tensor, Tensor, Tensor]
-
-# Positions per chunk of the chunk-parallel form used by the backends (fastest of 16/32/64
-# measured fwd+bwd on CPU; any value gives the same results).
+# Positions per chunk of the chunk-parallel form used by the backends (speed only: any value
+# gives the same results; 32 was the fastest of 16, 32 and 64 for fwd+bwd on the CPU).
 WKV_CHUNK = 32
-# Positions per pass are capped so that no tensor passes ~16 MB: glibc serves blocks over 32 MB
-# with fresh mmaps that are page-faulted again on every call (2.5x slower at N=16K, d=512, when
-# the whole sequence ran at once).
-SEGMENT_ELEMENTS = 1 << 22
-
-
-def empty_wkv_state(shape: tuple[int, ...], like: Tensor) -> WkvState:
-    """(a, b, p) for no positions yet, each of `shape` (the leading dims of k without N)."""
-    dtype = accumulation_dtype(like.dtype)
-    zeros = like.new_zeros(shape, dtype=dtype)
-    return zeros, zeros.clone(), torch.full_like(zeros, EMPTY)
-
-
-def merge_states(x: WkvState, y: WkvState, shift: Tensor | float) -> WkvState:
-    """The state of x's positions followed, `shift`/w steps later,
-    by y's positions (x decays by `shift`)."""
-    a1, b1, p1 = x
-    a2, b2, p2 = y
-    older = p1 - shift
-    with torch.no_grad():
-        p = torch.maximum(older, p2)
-    s1, s2 = torch.exp(older - p), torch.exp(p2 - p)
-    return s1 * a1 + s2 * a2, s1 * b1 + s2 * b2, p
-
-
-def _push(state: WkvState, k: Tensor, v: Tensor, w: Tensor) -> WkvState:
-    """The state after one more position (k, v): the old state decays by w."""
-    a, b, p = state
-    older = p - w
-    with torch.no_grad():
-        top = torch.maximum(older, k)
-    s_old, s_new = torch.exp(older - top), torch.exp(k - top)
-    return s_old * a + s_new * v, s_old * b + s_new, top
-
-
-def wkv_recurrent(
-    k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: WkvState
-) -> tuple[Tensor, WkvState]:
-    """The reference recurrence over k, v [..., N, D]; w, u broadcast to [..., D]."""
-    dtype = accumulation_dtype(v.dtype)
-    a, b, p = (s.to(dtype) for s in state)
-    w, u = w.to(dtype), u.to(dtype)
-    outputs = []
-    for kt, vt in zip(k.to(dtype).unbind(-2), v.to(dtype).unbind(-2)):
-        with torch.no_grad():
-            top = torch.maximum(p, u + kt)
-        old, new = torch.exp(p - top), torch.exp(u + kt - top)
-        outputs.append((old * a + new * vt) / (old * b + new))
-        a, b, p = _push((a, b, p), kt, vt, w)
-    return torch.stack(outputs, -2).to(v.dtype), (a, b, p)
+# Where host memory caps segments, no tensor of a segment passes this many elements (16 MiB in
+# fp32, under glibc's 32 MiB largest mmap threshold): one pass over 16K positions at d=512 was
+# slower on the CPU, its tensors faulted afresh on every call (rwkv's and aft_simple's faults per
+# call: docs/results/bench_cpu/allocator_2026-12-06).
+HOST_SEGMENT_TENSOR_ELEMENTS = 1 << 22
 
 
 def exclusive_state_scan(init: WkvState, summaries: WkvState, span: Tensor | float) -> WkvState:
@@ -129,7 +66,7 @@ def _wkv_whole_chunks(k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: WkvStat
     before = []
     for kt, vt in zip(kc.unbind(-2), vc.unbind(-2)):
         before.append(local)
-        local = _push(local, kt, vt, w_pos)
+        local = push_position(local, kt, vt, w_pos)
     starts = exclusive_state_scan(state, local, c * w_pos)
     a_in, b_in, p_in = (s[..., :-1, :].unsqueeze(-2) for s in starts)  # [..., nc, 1, d]
     a_loc, b_loc, p_loc = (torch.stack(parts, -2) for parts in zip(*before))  # [..., nc, c, d]
@@ -153,9 +90,8 @@ def wkv_chunked(
     """
     dtype = accumulation_dtype(v.dtype)
     per_position = k[..., 0, :].numel()  # elements of one position across batch and heads
-    longest = max(1, SEGMENT_ELEMENTS // per_position // chunk) * chunk
-    count = -(-k.shape[-2] // longest)
-    segment = -(-k.shape[-2] // count // chunk) * chunk  # equal segments of whole chunks
+    n = k.shape[-2]
+    segment = segment_length(n, per_position, chunk, HOST_SEGMENT_TENSOR_ELEMENTS, k.device)
     with torch.autocast(k.device.type, enabled=False):
         w32, u32 = w.to(dtype), u.to(dtype)
         state = tuple(s.to(dtype) for s in state)
