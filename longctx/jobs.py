@@ -9,7 +9,7 @@ import logging
 from pathlib import Path
 
 import torch
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from omegaconf import DictConfig
 
 from longctx.eval.run import evaluate_model, run_eval
@@ -19,26 +19,46 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit; then, with `eval_after_fit`, evaluate the trained model on the test split."""
+    """Fit; then, with `eval_after_fit`, evaluate the trained model on the test split.
+
+    Evaluation runs in one process on one device. After a multi-process fit (DDP over several
+    GPUs or nodes) or a sharded one, it is left to its own job, so that the fit's other GPUs do
+    not wait idle for it: the log names the command (docs/cluster.md, "Evaluation").
+    """
     result = fit(cfg)
-    if cfg.eval_after_fit and result.trainer.is_global_zero:
-        if isinstance(result.trainer.strategy, FSDPStrategy):
-            # The model's weights are sharded over the ranks: rank 0 alone cannot run it.
+    if not cfg.eval_after_fit:
+        return result.metrics
+    strategy = result.trainer.strategy
+    sharded = isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+    if result.trainer.world_size > 1 or sharded:
+        if result.trainer.is_global_zero:
             log.warning(
-                "eval_after_fit skipped under FSDP; consolidate the sharded checkpoint with "
-                "`python -m lightning.pytorch.utilities.consolidate_checkpoint %s` "
-                "and run eval.py on the result",
-                result.last_checkpoint,
+                "eval_after_fit skipped: %s", separate_evaluation(result.last_checkpoint, strategy)
             )
-        else:
-            evaluate_model(
-                result.task.model.float(),
-                result.datamodule,
-                cfg,
-                Path(cfg.paths.output_dir),
-                checkpoint=result.last_checkpoint,
-            )
+        return result.metrics
+    evaluate_model(
+        result.task.model.float(),
+        result.datamodule,
+        cfg,
+        Path(cfg.paths.output_dir),
+        checkpoint=result.last_checkpoint,
+    )
     return result.metrics
+
+
+def separate_evaluation(checkpoint: str, strategy) -> str:
+    """What to run instead of evaluating after a multi-process or sharded fit."""
+    if isinstance(strategy, FSDPStrategy):
+        # Sharded checkpoint folders: eval.py needs the weights in one file.
+        return (
+            "the checkpoint is sharded; consolidate it with `python -m "
+            f"lightning.pytorch.utilities.consolidate_checkpoint {checkpoint}` and evaluate "
+            f"on one GPU with `python eval.py ckpt_path={checkpoint}.consolidated`"
+        )
+    return (
+        "evaluation runs on one GPU while the others would wait; evaluate as its own job "
+        f"with `python eval.py ckpt_path={checkpoint}`"
+    )
 
 
 def evaluate(cfg: DictConfig) -> dict:
