@@ -36,6 +36,7 @@ VOCAB = 50
 PER_RANK_BATCH = 2
 LENGTH = 24
 STEPS = 3
+CHECKPOINTING = ("none", "blocks")
 
 # Small settings: segments of 8 so that every step spans several segments and a partial one.
 BACKENDS = {
@@ -114,21 +115,26 @@ def initial_task(backend: str) -> LanguageModelTask:
 
 
 def sharded_worker(rank: int, port: int, setups: dict, out: str) -> None:
-    """One rank: for each backend, the same initial weights sharded over both ranks, trained on
-    this rank's rows of every batch. Rank 0 saves the mean losses and the gathered weights."""
+    """One rank: for each backend and checkpointing setting, the same initial weights sharded
+    over both ranks, trained on this rank's rows of every batch. Rank 0 saves the mean losses and
+    the gathered weights."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
         results = {}
-        for backend, (cfg_yaml, weights, batches) in setups.items():
+        for (backend, checkpointing), (cfg_yaml, weights, batches) in setups.items():
             task = LanguageModelTask(OmegaConf.create(cfg_yaml), VOCAB)
             task.model.load_state_dict(weights)
+            task.model.activation_checkpointing = checkpointing
             fully_shard_model(task.model, init_device_mesh("cpu", (2,)))
             losses = torch.stack(train_steps(task, [rows_of(batch, rank) for batch in batches]))
             # Each rank's loss is the mean over its rows: their mean is the global batch's.
             dist.all_reduce(losses)
-            results[backend] = {"losses": losses / 2, "weights": full_weights(task.model)}
+            results[backend, checkpointing] = {
+                "losses": losses / 2,
+                "weights": full_weights(task.model),
+            }
         if rank == 0:
             torch.save(results, out)
     finally:
@@ -148,18 +154,25 @@ def sharded_runs(tmp_path_factory) -> dict:
     for backend in BACKENDS:
         task = initial_task(backend)
         batches = make_batches(task.ordered_stream)
-        setups[backend] = (OmegaConf.to_yaml(task.cfg), full_weights(task.model), batches)
+        for checkpointing in CHECKPOINTING:
+            setups[backend, checkpointing] = (
+                OmegaConf.to_yaml(task.cfg),
+                full_weights(task.model),
+                batches,
+            )
     out = tmp_path_factory.mktemp("fsdp") / "sharded.pt"
     mp.spawn(sharded_worker, args=(free_port(), setups, str(out)), nprocs=2)
     return torch.load(out, weights_only=True)
 
 
+@pytest.mark.parametrize("checkpointing", CHECKPOINTING)
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
-def test_fsdp_two_ranks_match_one_process(backend, sharded_runs):
+def test_fsdp_two_ranks_match_one_process(backend, checkpointing, sharded_runs):
+    """The sharded runs with and without activation checkpointing against one process without."""
     single = initial_task(backend)
     initial = full_weights(single.model)
     single_losses = torch.stack(train_steps(single, make_batches(single.ordered_stream)))
-    sharded = sharded_runs[backend]
+    sharded = sharded_runs[backend, checkpointing]
     # Gloo's reduce-scatter sums the two ranks' gradients in another order than one process
     # does: fp32 rounding only.
     torch.testing.assert_close(sharded["losses"], single_losses, rtol=1e-6, atol=1e-6)
@@ -205,7 +218,6 @@ def test_fsdp_preset_in_train_py_matches_one_process(backend, tmp_path):
         "trainer.precision=32-true",
         "trainer.log_every_n_steps=1",
         "logger=csv",
-        "eval_after_fit=false",
         f"data.cache_dir={tmp_path / 'cache'}",
         f"++attention={attention}".replace("'", ""),
     ]
@@ -220,6 +232,7 @@ def test_fsdp_preset_in_train_py_matches_one_process(backend, tmp_path):
             "trainer.devices=2",
             f"batch_size={PER_RANK_BATCH}",
             f"hydra.run.dir={sharded_run}",
+            "eval_after_fit=true",
         ],
         cwd=ROOT,
         capture_output=True,
@@ -227,8 +240,14 @@ def test_fsdp_preset_in_train_py_matches_one_process(backend, tmp_path):
         env={**os.environ, "WANDB_MODE": "offline"},
     )
     assert result.returncode == 0, result.stderr[-4000:]
+    # Evaluation is left to its own one-GPU job, whose command the log gives.
+    assert (
+        "eval_after_fit skipped" in result.stderr and "python eval.py ckpt_path=" in result.stderr
+    )
+    assert not (sharded_run / "results.json").exists()
     cfg = compose_config(
         *common,
+        "eval_after_fit=false",
         "trainer=cpu",
         f"batch_size={2 * PER_RANK_BATCH}",
         f"paths.root_dir={ROOT}",
