@@ -9,6 +9,7 @@ from conftest import model_config
 from torch.nn import functional as F
 
 from longctx import build_model
+from longctx.core.state import map_state
 from longctx.errors import ConfigError
 from longctx.model.checkpointing import checkpointed_blocks
 from longctx.model.loss import chunked_cross_entropy
@@ -139,6 +140,22 @@ def test_checkpointing_saves_only_block_inputs():
     plain = saved_bytes(model)
     model.activation_checkpointing = "blocks"
     assert saved_bytes(model) == 2 * 64 * 64 * 4 < plain / 4
+
+
+def test_the_carried_state_owns_storage_of_its_own_size():
+    """A view of the batch's block inputs would keep them alive through the next step."""
+    from longctx.model.lm import carry_over
+
+    model = build("transformer_xl")
+    ids, targets = ids_and_targets(20)  # 2 segments of 8 and a partial one
+    _, state = model(ids, targets=targets, reset=torch.ones(2, dtype=torch.bool))
+    tensors = []
+    map_state(tensors.append, state["layers"])
+    assert any(t.untyped_storage().nbytes() > t.nbytes for t in tensors)  # views, as computed
+    carried = []
+    map_state(carried.append, carry_over(state)["layers"])
+    assert all(t.untyped_storage().nbytes() == t.nbytes and not t.requires_grad for t in carried)
+    assert_identical(carried, [t.detach() for t in tensors])
 
 
 def test_checkpointing_settings():

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from longctx.attention.base import Backend, Mixer, ModelDims, State
-from longctx.core.state import reset_rows
+from longctx.core.state import map_state, reset_rows
 from longctx.model.checkpointing import NONE, checkpointed_blocks
 from longctx.model.loss import chunked_cross_entropy
 
@@ -77,6 +77,14 @@ class Block(nn.Module):
         x = x + y
         y, ffn_state = self.ffn.step(self.norm_ffn(x), ffn_state, start)
         return x + y, (mixer_state, ffn_state)
+
+
+def carry_over(state: State) -> State:
+    """A streaming state to carry into the next batch: detached (gradients stop at the batch
+    boundary) and copied into storage of its own size. A state cut from a batch's tensors (the
+    last positions of a block's input, an empty slice of it) is a view that would keep the
+    whole tensor, a batch's activations, alive through the next step."""
+    return map_state(lambda tensor: tensor.detach().clone(), state)
 
 
 def _normal_init(modules) -> None:

@@ -9,8 +9,8 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from longctx.core.state import detach_state
 from longctx.model import build_model
+from longctx.model.lm import carry_over
 from longctx.train.sharding import fully_shard_model, is_sharded
 
 
@@ -19,7 +19,7 @@ class LanguageModelTask(pl.LightningModule):
 
     The whole composed config is saved as hyper-parameters, so a checkpoint alone rebuilds the
     model (eval.py, resume). Backends that declare `ordered_stream` train on ordered streams
-    and carry their streaming state (detached) from one batch to the next; the
+    and carry their streaming state (detached, compact) from one batch to the next; the
     StreamStateCheckpoint callback saves it with the checkpoints and restores it on resume.
     Both kinds of step call the LanguageModel itself (its forward), never a method beside it,
     so that sharding wrappers (FSDP) gather its parameters; the loss is computed there in
@@ -61,7 +61,7 @@ class LanguageModelTask(pl.LightningModule):
         loss, state = self.model(
             batch["input_ids"], self.stream_state, targets=batch["targets"], reset=reset
         )
-        self.stream_state = detach_state(state)
+        self.stream_state = carry_over(state)
         return loss
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
