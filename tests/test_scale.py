@@ -75,8 +75,11 @@ def two_streamed_batches(model, n: int):
     return loss_a + loss_b, (loss_a, loss_b, state)
 
 
-@pytest.mark.parametrize("setting", ["blocks", "every_2"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize(
+    "name, setting",
+    [(name, "blocks") for name in NAMES]
+    + [(name, "every_2") for name in ("full", "transformer_xl", "hybrid")],
+)
 def test_checkpointing_is_exact_on_whole_sequences(name, setting):
     model = build(name)
     n = CASES[name]["seq_len"]
