@@ -19,6 +19,16 @@ ENV PYTHONUNBUFFERED=1 \
     TRANSFORMERS_OFFLINE=1 \
     MPLBACKEND=Agg \
     HF_HOME=/app/data/cache/huggingface
+# Any uid may run the image (`docker run --user "$(id -u):$(id -g)"`), without a passwd entry or
+# a writable home: torch.compile's inductor and triton caches, matplotlib's and wandb's settings go
+# to /tmp, and USER answers getpass.getuser() (on the base image's torch, inductor's default cache
+# folder asks the user database, which has no entry for such a uid).
+ENV TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor \
+    TRITON_CACHE_DIR=/tmp/triton \
+    XDG_CACHE_HOME=/tmp/cache \
+    MPLCONFIGDIR=/tmp/matplotlib \
+    WANDB_CONFIG_DIR=/tmp/wandb \
+    USER=longctx
 # The tokenizers library's thread pool must stay off in DataLoader workers forked after it ran.
 # DL3064 takes the TOKEN in this name for a secret; the variable is a switch.
 # hadolint ignore=DL3064

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from hydra.core.hydra_config import HydraConfig
-from lightning.pytorch.strategies import FSDPStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from longctx.checkpoints import inspect_checkpoint, local_checkpoint
@@ -36,27 +36,31 @@ WANDB_FOLDERS = {"WANDB_DIR": ".", "WANDB_CACHE_DIR": "wandb/cache", "WANDB_DATA
 
 
 def train(cfg: DictConfig) -> dict[str, float]:
-    """Fit; then, with `eval_after_fit`, evaluate the trained model on the test split."""
+    """Fit; then, with `eval_after_fit`, evaluate the trained model on the test split.
+
+    Evaluation runs in one process on one device. After a multi-process fit (DDP over several
+    GPUs or nodes) or a sharded one, it is left to its own job, so that the fit's other GPUs do
+    not wait idle for it: the log names the command (docs/cluster.md, "Evaluation").
+    """
     if cfg.eval_after_fit:
         eval_settings(cfg.get("eval"))  # a bad evaluation setting fails now, not after training
     with wandb_files_inside(Path(cfg.paths.output_dir)):
         result = fit(cfg)
         if result is None:  # a finished run, requeued: nothing trained, nothing to evaluate
             return {}
-        if result.cfg.eval_after_fit and result.trainer.is_global_zero:
+        if result.cfg.eval_after_fit:
             _evaluate_after_fit(result)
     return result.metrics
 
 
 def _evaluate_after_fit(result) -> None:
-    if isinstance(result.trainer.strategy, FSDPStrategy):
-        # The model's weights are sharded over the ranks: rank 0 alone cannot run it.
-        log.warning(
-            "eval_after_fit skipped under FSDP; consolidate the sharded checkpoint with "
-            "`python -m lightning.pytorch.utilities.consolidate_checkpoint %s` "
-            "and run eval.py on the result",
-            result.last_checkpoint,
-        )
+    strategy = result.trainer.strategy
+    sharded = isinstance(strategy, (FSDPStrategy, ModelParallelStrategy))
+    if result.trainer.world_size > 1 or sharded:
+        if result.trainer.is_global_zero:
+            log.warning(
+                "eval_after_fit skipped: %s", separate_evaluation(result.last_checkpoint, strategy)
+            )
         return
     evaluate_model(
         result.task.model.float(),
@@ -64,6 +68,21 @@ def _evaluate_after_fit(result) -> None:
         result.cfg,
         Path(result.cfg.paths.output_dir),
         checkpoint=result.last_checkpoint,
+    )
+
+
+def separate_evaluation(checkpoint: str, strategy) -> str:
+    """What to run instead of evaluating after a multi-process or sharded fit."""
+    if isinstance(strategy, FSDPStrategy):
+        # Sharded checkpoint folders: eval.py needs the weights in one file.
+        return (
+            "the checkpoint is sharded; consolidate it with `python -m "
+            f"lightning.pytorch.utilities.consolidate_checkpoint {checkpoint}` and evaluate "
+            f"on one GPU with `python eval.py ckpt_path={checkpoint}.consolidated`"
+        )
+    return (
+        "evaluation runs on one GPU while the others would wait; evaluate as its own job "
+        f"with `python eval.py ckpt_path={checkpoint}`"
     )
 
 

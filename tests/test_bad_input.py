@@ -275,13 +275,13 @@ def load_checkpoint(path: Path) -> dict:
 
 
 def test_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real_loss = LanguageModelTask._loss
+    real_loss = LanguageModelTask.training_loss
 
-    def loss_nan_at_step_3(task, logits, targets):
-        loss = real_loss(task, logits, targets)
-        return loss * float("nan") if task.trainer.training and task.global_step == 3 else loss
+    def loss_nan_at_step_3(task, batch):
+        loss = real_loss(task, batch)
+        return loss * float("nan") if task.global_step == 3 else loss
 
-    monkeypatch.setattr(LanguageModelTask, "_loss", loss_nan_at_step_3)
+    monkeypatch.setattr(LanguageModelTask, "training_loss", loss_nan_at_step_3)
     cfg = configure(tmp_path, "trainer.max_steps=6", "checkpoint_every_n_steps=2")
     with pytest.raises(
         NonFiniteLossError,

@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from longctx import build_model, flops
-from longctx.attention import ModelDims, build_backend
+from longctx.attention import ModelSettings, build_backend
 from longctx.attention.full import FullAttention
 from longctx.bench import allocator, anchors, environment, report, worker
 from longctx.bench.config import Config, settings_from_config
@@ -469,7 +469,7 @@ def test_installed_anchors_run_at_the_bench_shapes(name):
 
 
 def test_full_attention_flops_count_the_causal_pairs():
-    dims = ModelDims(n_layer=1, n_head=4, d_model=64, context_length=40)
+    dims = ModelSettings(n_layer=1, n_head=4, d_model=64, context_length=40)
     backend = build_backend({"name": "full"}, dims)
     pos = torch.arange(37)
     pairs = int(pattern_mask(lambda h, i, j: j <= i, 1, pos, pos).sum())  # 37 * 38 / 2

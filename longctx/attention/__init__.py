@@ -4,7 +4,7 @@ importing the package loads them all."""
 import importlib
 import pkgutil
 
-from longctx.attention.base import Backend, Mixer, ModelDims, ModelSettings, StatelessMixer
+from longctx.attention.base import Backend, Mixer, ModelSettings, StatelessMixer
 from longctx.attention.registry import available_backends, backend_class, build_backend, register
 
 for _module in pkgutil.iter_modules(__path__):
@@ -13,7 +13,6 @@ for _module in pkgutil.iter_modules(__path__):
 __all__ = [
     "Backend",
     "Mixer",
-    "ModelDims",
     "ModelSettings",
     "StatelessMixer",
     "available_backends",

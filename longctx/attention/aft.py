@@ -26,7 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from longctx.attention.base import Backend, HeadMixer, Mixer, ModelDims, State, split_qkv
+from longctx.attention.base import Backend, HeadMixer, Mixer, ModelSettings, State, split_qkv
 from longctx.attention.registry import register
 from longctx.errors import ConfigError
 from longctx.ops.aft.blocked import (
@@ -48,7 +48,7 @@ class AFTMixer(HeadMixer):
     """Q, K, V projections over d_model channels (viewed as [B, H, n, Dh]),
     then sigmoid(Q) * mean."""
 
-    def __init__(self, dims: ModelDims):
+    def __init__(self, dims: ModelSettings):
         super().__init__()
         self.n_head, self.head_dim = dims.n_head, dims.head_dim
         self.qkv = nn.Linear(dims.d_model, 3 * dims.d_model, bias=dims.bias)
@@ -129,7 +129,7 @@ class BlockedAFT(AFTMixer):
 
 
 class FullAFT(BlockedAFT):
-    def __init__(self, dims: ModelDims, max_len: int):
+    def __init__(self, dims: ModelSettings, max_len: int):
         super().__init__(dims)
         self.band, self.block = None, FULL_BLOCK
         # V = 0 starts from w = 0 (AFT-simple) while U's scale lets V learn at once.
@@ -149,7 +149,7 @@ class FullAFT(BlockedAFT):
 
 
 class LocalAFT(BlockedAFT):
-    def __init__(self, dims: ModelDims, max_len: int, window: int):
+    def __init__(self, dims: ModelSettings, max_len: int, window: int):
         super().__init__(dims)
         self.band, self.block = window, LOCAL_BLOCK
         # w[t, t - lag] for lag < window, stored as a band: row t, column lag.
@@ -166,7 +166,7 @@ class LocalAFT(BlockedAFT):
 
 
 class ConvAFT(BlockedAFT):
-    def __init__(self, dims: ModelDims, kernel: int):
+    def __init__(self, dims: ModelSettings, kernel: int):
         super().__init__(dims)
         self.band, self.block = kernel, LOCAL_BLOCK
         self.w = nn.Parameter(torch.zeros(dims.n_head, kernel))  # one causal kernel per head

@@ -49,11 +49,6 @@ class ModelSettings:
         return self.d_model // self.n_head
 
 
-# The former name, still imported by linear.py, aft.py and rwkv.py (their rework is on another
-# branch): remove once they import ModelSettings.
-ModelDims = ModelSettings
-
-
 class Mixer(nn.Module, ABC):
     """A causal sequence-mixing layer (attention, recurrence, or a stateful MLP replacement).
 

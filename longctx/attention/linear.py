@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from longctx.attention.base import Backend, HeadMixer, Mixer, ModelDims, State, split_qkv
+from longctx.attention.base import Backend, HeadMixer, Mixer, ModelSettings, State, split_qkv
 from longctx.attention.registry import register
 from longctx.core.dtypes import accumulation_dtype
 from longctx.errors import ConfigError
@@ -30,7 +30,7 @@ KERNELS = (FLA, TORCH)
 
 
 class LinearAttention(HeadMixer):
-    def __init__(self, dims: ModelDims, feature_map: str, chunk_size: int, kernel: str):
+    def __init__(self, dims: ModelSettings, feature_map: str, chunk_size: int, kernel: str):
         super().__init__()
         self.n_head = dims.n_head
         self.head_dim = dims.head_dim

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from longctx.attention.base import Backend, HeadMixer, Mixer, ModelDims, State
+from longctx.attention.base import Backend, HeadMixer, Mixer, ModelSettings, State
 from longctx.attention.registry import register
 from longctx.errors import ConfigError
 from longctx.ops.seam import FLA, TORCH, resolve_kernel
@@ -54,7 +54,7 @@ def _shifted(x: Tensor, previous: Tensor | None) -> Tensor:
 
 
 class TimeMix(HeadMixer):
-    def __init__(self, dims: ModelDims, layer: int, kernel: str):
+    def __init__(self, dims: ModelSettings, layer: int, kernel: str):
         super().__init__()
         d = dims.d_model
         self.kernel = kernel
@@ -128,7 +128,7 @@ class TimeMix(HeadMixer):
 class ChannelMix(Mixer):
     """RWKV-4's MLP: sigmoid(W_r x'_r) * W_v(relu(W_k x'_k)^2) on token-shifted inputs."""
 
-    def __init__(self, dims: ModelDims, layer: int):
+    def __init__(self, dims: ModelSettings, layer: int):
         super().__init__()
         d = dims.d_model
         shallow = 1.0 - layer / dims.n_layer

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader
 
 from longctx.data.config import to_plain_dict
 from longctx.data.corpus import corpus_fingerprint, load_corpus
+from longctx.data.locks import exclusive_lock
 from longctx.data.packing import (
     OrderedStream,
     PackedWindows,
@@ -136,10 +137,19 @@ class LongDocDataModule(L.LightningDataModule):
         return token_cache_path(self.cache_dir, self.corpus_fingerprint, self.tokenizer)
 
     def prepare_data(self) -> None:
-        if not self.token_cache.is_dir():
-            build_token_cache(
-                self._load_corpus(), self.tokenizer, self.token_cache, self.data_cfg.get("num_proc")
-            )
+        """Download, train the tokenizer and tokenise, once for all processes that share the cache.
+
+        Every rank calls this (under srun or torchrun all start at once): the first one to take
+        the cache's lock prepares, the others wait for it and then find the caches ready.
+        """
+        with exclusive_lock(self.cache_dir / "locks" / f"{self.corpus_fingerprint}.lock"):
+            if not self.token_cache.is_dir():
+                build_token_cache(
+                    self._load_corpus(),
+                    self.tokenizer,
+                    self.token_cache,
+                    self.data_cfg.get("num_proc"),
+                )
 
     def setup(self, stage: str | None = None) -> None:
         if not self.token_cache.is_dir():  # setup called without prepare_data, e.g. from eval

@@ -1,4 +1,4 @@
-from longctx.model.build import build_model, model_dims
-from longctx.model.lm import LanguageModel
+from longctx.model.build import build_block, build_model, model_dims
+from longctx.model.lm import Block, LanguageModel
 
-__all__ = ["LanguageModel", "build_model", "model_dims"]
+__all__ = ["Block", "LanguageModel", "build_block", "build_model", "model_dims"]

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from functools import partial
 
-from longctx.attention import ModelSettings, build_backend
+from torch import nn
+
+from longctx.attention import Backend, Mixer, ModelSettings, build_backend
 from longctx.core.positions import POSITION_SCHEMES
 from longctx.errors import ConfigError
+from longctx.model.checkpointing import NONE
 from longctx.model.layers import MLPS, NORMS
-from longctx.model.lm import LanguageModel
+from longctx.model.lm import Block, LanguageModel, init_block_weights
 
 
 def _choice(value: str, options, key: str) -> None:
@@ -39,8 +42,8 @@ def model_dims(cfg: Mapping) -> ModelSettings:
     )
 
 
-def build_model(cfg: Mapping, vocab_size: int) -> LanguageModel:
-    """Build the LM described by the composed root config (conf/train.yaml plus overrides)."""
+def _parts(cfg: Mapping) -> tuple[ModelSettings, Backend, Callable[[], Mixer], type[nn.Module]]:
+    """dims, backend, the default feed-forward factory and the norm class, validated."""
     model = cfg["model"]
     dims = model_dims(cfg)
     _choice(model.get("mlp", "gelu"), MLPS, "model.mlp")
@@ -50,11 +53,32 @@ def build_model(cfg: Mapping, vocab_size: int) -> LanguageModel:
     make_ffn = partial(
         MLPS[model.get("mlp", "gelu")], dims.d_model, hidden, dims.bias, dims.dropout
     )
+    return dims, backend, make_ffn, NORMS[model.get("norm", "layernorm")]
+
+
+def build_model(cfg: Mapping, vocab_size: int) -> LanguageModel:
+    """Build the LM described by the composed root config (conf/train.yaml plus overrides)."""
+    model = cfg["model"]
+    dims, backend, make_ffn, norm = _parts(cfg)
     return LanguageModel(
         dims,
         backend,
         vocab_size,
         make_ffn=make_ffn,
-        norm=NORMS[model.get("norm", "layernorm")],
+        norm=norm,
         tie_embeddings=bool(model.get("tie_embeddings", True)),
+        activation_checkpointing=model.get("activation_checkpointing", NONE),
     )
+
+
+def build_block(cfg: Mapping, layer: int) -> Block:
+    """Block `layer` of the model `build_model(cfg, ...)` builds, alone and initialised alike:
+    for measuring one block of a model too large to build whole."""
+    dims, backend, make_ffn, norm = _parts(cfg)
+    if not 0 <= layer < dims.n_layer:
+        raise ConfigError(f"layer {layer} does not exist in a model of {dims.n_layer} layers")
+    block = Block(
+        backend.mixer(layer), backend.ffn(layer) or make_ffn(), norm, dims.d_model, dims.dropout
+    )
+    init_block_weights(block, dims.n_layer)
+    return block

@@ -9,12 +9,21 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from longctx.attention.base import Backend, Mixer, ModelSettings, State
+from longctx.core.state import map_state, reset_rows
+from longctx.model.checkpointing import NONE, checkpointed_blocks
+from longctx.model.loss import chunked_cross_entropy
 
 
 class Block(nn.Module):
-    """x + mixer(norm(x)), then x + ffn(norm(x))."""
+    """x + mixer(norm(x)), then x + ffn(norm(x)).
+
+    Both forms run through `forward`, so that wrappers which act on a module's forward (FSDP's
+    parameter gathering, activation checkpointing, hooks) see streaming as well:
+    `block(x)` for a whole sequence from a fresh state, `block(x, state, start)` to stream.
+    """
 
     def __init__(
         self, mixer: Mixer, ffn: Mixer, norm: type[nn.Module], d_model: int, dropout: float
@@ -25,8 +34,37 @@ class Block(nn.Module):
         self.norm_ffn = norm(d_model)
         self.ffn = ffn
         self.dropout = nn.Dropout(dropout)
+        # Keep only the inputs for the backward pass and recompute the rest (checkpointing.py).
+        self.checkpointed = False
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        state: State | None = None,
+        start: int | None = None,
+        reset: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, State]:
+        """Without `start`: the block over a whole sequence from a fresh state.
+
+        With `start`: streaming from `state` (None: a fresh one) at position `start`, returning
+        (x, state). `reset` (bool [B]) marks rows that start a new document: their state is
+        replaced by a fresh one first (core.state.reset_rows). Fresh states are made here, while
+        a sharding wrapper has this block's parameters gathered.
+        """
+        if start is None:
+            return self._run(self.sequence, x)
+        if state is None:
+            state = self.init_state(x.shape[0])
+        elif reset is not None:
+            state = reset_rows(state, self.init_state(x.shape[0]), reset)
+        return self._run(self.step, x, state, start)
+
+    def _run(self, fn, *args):
+        if self.checkpointed and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def sequence(self, x: Tensor) -> Tensor:
         x = x + self.dropout(self.mixer(self.norm_mixer(x)))
         return x + self.ffn(self.norm_ffn(x))
 
@@ -41,6 +79,30 @@ class Block(nn.Module):
         return x + y, (mixer_state, ffn_state)
 
 
+def carry_over(state: State) -> State:
+    """A streaming state to carry into the next batch: detached (gradients stop at the batch
+    boundary) and copied into storage of its own size. A state cut from a batch's tensors (the
+    last positions of a block's input, an empty slice of it) is a view that would keep the
+    whole tensor, a batch's activations, alive through the next step."""
+    return map_state(lambda tensor: tensor.detach().clone(), state)
+
+
+def _normal_init(modules) -> None:
+    """GPT-2's initialisation: weights normal with std 0.02, biases zero."""
+    for module in modules:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+
+
+def init_block_weights(block: Block, n_layer: int) -> None:
+    """A block initialised alone as the language model initialises its blocks."""
+    _normal_init(block.modules())
+    block.mixer.init_weights(n_layer)
+    block.ffn.init_weights(n_layer)
+
+
 class LanguageModel(nn.Module):
     def __init__(
         self,
@@ -50,6 +112,7 @@ class LanguageModel(nn.Module):
         make_ffn,
         norm: type[nn.Module],
         tie_embeddings: bool = True,
+        activation_checkpointing: str = NONE,
     ):
         super().__init__()
         self.dims = dims
@@ -69,16 +132,25 @@ class LanguageModel(nn.Module):
         if tie_embeddings:
             self.head.weight = self.embed.weight
         self._init_weights()
+        self.activation_checkpointing = activation_checkpointing
 
     def _init_weights(self) -> None:
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=0.02)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
+        _normal_init(self.modules())
         for block in self.blocks:
             block.mixer.init_weights(self.dims.n_layer)
             block.ffn.init_weights(self.dims.n_layer)
+
+    @property
+    def activation_checkpointing(self) -> str:
+        """`none`, `blocks` or `every_<k>` (longctx.model.checkpointing); settable at any time."""
+        return self._activation_checkpointing
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, setting: str) -> None:
+        chosen = checkpointed_blocks(setting, len(self.blocks))
+        for index, block in enumerate(self.blocks):
+            block.checkpointed = index in chosen
+        self._activation_checkpointing = setting
 
     def _embed(self, input_ids: Tensor, start: int) -> Tensor:
         x = self.embed(input_ids)
@@ -93,15 +165,49 @@ class LanguageModel(nn.Module):
             x = x + self.pos_embed(torch.arange(start, end, device=input_ids.device))
         return self.dropout(x)
 
-    def forward(self, input_ids: Tensor) -> Tensor:
-        """Logits [B, N, V] for positions 0..N-1 with fresh state."""
-        self.backend.check_sequence_length(input_ids.shape[1])
-        for block in self.blocks:  # outside the blocks, which `compile: true` compiles
-            block.mixer.prepare(input_ids.shape[1], input_ids.device)
-        x = self._embed(input_ids, 0)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.norm(x))
+    def forward(
+        self,
+        input_ids: Tensor,
+        state: State | None = None,
+        targets: Tensor | None = None,
+        reset: Tensor | None = None,
+    ) -> Tensor | tuple[Tensor, State]:
+        """Logits [B, N, V] for positions 0..N-1 with fresh state.
+
+        With `state` (or `reset`): streaming, as `step`, returning (output, state); `reset`
+        (bool [B]) restarts the flagged rows from a fresh state (a new document), and without
+        `state` every row starts fresh. With `targets` [B, N] the output is the mean next-token
+        loss instead of the logits, computed in chunks (loss.py). Streaming goes through here
+        rather than through a separate method so that FSDP's hooks gather the parameters of
+        every block in either form.
+        """
+        streaming = state is not None or reset is not None
+        if reset is not None:
+            restart = reset.cpu()  # one host sync per call, not one per block
+            if bool(restart.all()):
+                state, reset = None, None  # every row starts afresh: positions restart at 0
+            elif not bool(restart.any()):
+                reset = None
+        start = int(state["position"]) if state is not None else 0
+        self.backend.check_sequence_length(start + input_ids.shape[1])
+        x = self._embed(input_ids, start)
+        if not streaming:
+            for block in self.blocks:  # outside the blocks, which `compile: true` compiles
+                block.mixer.prepare(input_ids.shape[1], input_ids.device)
+            for block in self.blocks:
+                x = block(x)
+        else:
+            layer_states = state["layers"] if state is not None else [None] * len(self.blocks)
+            new_layer_states = []
+            for block, block_state in zip(self.blocks, layer_states):
+                x, block_state = block(x, block_state, start, reset)
+                new_layer_states.append(block_state)
+        x = self.norm(x)
+        output = self.head(x) if targets is None else chunked_cross_entropy(x, self.head, targets)
+        if not streaming:
+            return output
+        position = torch.full((), start + input_ids.shape[1], device=input_ids.device)
+        return output, {"position": position, "layers": new_layer_states}
 
     def init_state(self, batch_size: int) -> State:
         position = torch.zeros((), dtype=torch.long, device=self.embed.weight.device)
@@ -112,15 +218,7 @@ class LanguageModel(nn.Module):
 
     def step(self, input_ids: Tensor, state: State) -> tuple[Tensor, State]:
         """Continue from `state` with the next n tokens; chunked steps equal one `forward`."""
-        start = int(state["position"])
-        self.backend.check_sequence_length(start + input_ids.shape[1])
-        x = self._embed(input_ids, start)
-        layer_states = []
-        for block, block_state in zip(self.blocks, state["layers"]):
-            x, block_state = block.step(x, block_state, start)
-            layer_states.append(block_state)
-        logits = self.head(self.norm(x))
-        return logits, {"position": state["position"] + input_ids.shape[1], "layers": layer_states}
+        return self(input_ids, state)
 
     @torch.no_grad()
     def generate(
@@ -156,10 +254,12 @@ class LanguageModel(nn.Module):
         Blocks are the unit because they repeat: identical blocks share one compiled graph, so
         compilation costs one block, not the whole depth, and the attention kernel (FlexAttention
         included) is traced into its block's region. Parameter names do not change, so
-        checkpoints load either way. Streaming (`step`) stays eager.
+        checkpoints load either way. What is compiled is the whole-sequence form
+        (`Block.sequence`); streaming stays eager, and activation checkpointing wraps the
+        compiled region.
         """
         for block in self.blocks:
-            block.compile()
+            block.sequence = torch.compile(block.sequence)
 
     def num_parameters(self, exclude_embeddings: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())
