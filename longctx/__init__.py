@@ -4,6 +4,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from longctx.core.run_names import register_resolvers
 from longctx.model import LanguageModel, build_model
 
 # `${project_root:}` in conf/paths:
@@ -11,6 +12,7 @@ from longctx.model import LanguageModel, build_model
 OmegaConf.register_new_resolver(
     "project_root", lambda: str(Path(__file__).resolve().parents[1]), replace=True
 )
+register_resolvers()  # `${run_name:...}` and `${eval_run_name:...}` in conf/train.yaml, eval.yaml
 
 __all__ = ["LanguageModel", "build_model"]
 __version__ = "0.1.0"

@@ -29,6 +29,7 @@ from longctx.flops import training_flops_per_token
 from longctx.model import build_model, model_dims
 from longctx.train.callbacks import NonFiniteLossGuard, RandomStateCheckpoint, StreamStateCheckpoint
 from longctx.train.checkpoint_io import AtomicCheckpointIO
+from longctx.train.metrics_file import MetricsFile
 from longctx.train.module import LanguageModelTask
 
 log = logging.getLogger(__name__)
@@ -112,6 +113,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> tuple[list[Callback], 
         RandomStateCheckpoint(),
         StreamStateCheckpoint(every),
         LearningRateMonitor(logging_interval="step"),
+        MetricsFile(output_dir),
         ThroughputMonitor(
             batch_size_fn=lambda batch: batch["input_ids"].shape[0],
             length_fn=lambda batch: batch["input_ids"].numel(),
