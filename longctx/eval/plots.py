@@ -20,7 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter  # noqa: E402
 
 Series = Mapping[str, Sequence[dict]]
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "h", "<")
@@ -40,11 +40,22 @@ def series_styles(n: int) -> list[dict]:
     ]
 
 
-def _figure(panels: int = 1, width: float = 5.0, height: float = 3.8):
+def _figure(panels: int = 1, width: float = 5.6, height: float = 5.0):
     fig, axes = plt.subplots(
-        1, panels, figsize=(width * panels + 2.6, height), squeeze=False, layout="constrained"
+        1, panels, figsize=(width * panels + 1.0, height), squeeze=False, layout="constrained"
     )
     return fig, axes[0]
+
+
+def _dodge(index: int, count: int) -> float:
+    """A factor that shifts series apart on a log x axis, so that their error bars do not hide
+    each other (at most about 10% of a doubling either side)."""
+    return 2 ** (0.15 * (index - (count - 1) / 2) / max(count - 1, 1))
+
+
+def _plain_log2_axis(axis) -> None:
+    """1, 2, 4, ... 1024 instead of 2^0 ... 2^10."""
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
 
 
 def _legend(fig, axes, extra: Sequence = ()) -> None:
@@ -58,8 +69,15 @@ def _legend(fig, axes, extra: Sequence = ()) -> None:
     for handle in extra:
         handles.append(handle)
         labels.append(handle.get_label())
-    if handles:
-        fig.legend(handles, labels, loc="outside right upper", fontsize=8, frameon=False)
+    if handles:  # below the axes: room for long labels, clear of the data and the title
+        fig.legend(
+            handles,
+            labels,
+            loc="outside lower center",
+            ncol=min(len(handles), 3 if max(len(label) for label in labels) < 40 else 2),
+            fontsize=8,
+            frameon=False,
+        )
 
 
 def _save(fig, path: Path) -> Path:
@@ -76,16 +94,18 @@ def _points(rows, x: str, y: str, keep=lambda row: True) -> list[dict]:
     )
 
 
-def _errorbars(ax, points: list[dict], x: str, y: str, style: dict, label: str) -> None:
-    xs = [p[x] for p in points]
+def _errorbars(
+    ax, points: list[dict], x: str, y: str, style: dict, label: str, dodge: float = 1.0
+) -> None:
+    xs = [p[x] * dodge for p in points]
     ys = [p[y] for p in points]
     lows = [p.get(f"{y}_low") for p in points]
     highs = [p.get(f"{y}_high") for p in points]
     has_interval = [lo is not None and hi is not None for lo, hi in zip(lows, highs)]
     yerr = np.array(
         [
-            [v - lo if ok else 0.0 for v, lo, ok in zip(ys, lows, has_interval)],
-            [hi - v if ok else 0.0 for v, hi, ok in zip(ys, highs, has_interval)],
+            [max(v - lo, 0.0) if ok else 0.0 for v, lo, ok in zip(ys, lows, has_interval)],
+            [max(hi - v, 0.0) if ok else 0.0 for v, hi, ok in zip(ys, highs, has_interval)],
         ]
     )
     ax.errorbar(
@@ -131,14 +151,16 @@ def plot_ppl_vs_context(
     fig, axes = _figure(len(protocols))
     styles = series_styles(len(series))
     for ax, protocol in zip(axes, protocols):
-        for (label, rows), style in zip(series.items(), styles):
+        for i, ((label, rows), style) in enumerate(zip(series.items(), styles)):
             points = _points(
                 rows, "context_length", "ppl", lambda r, p=protocol: r["protocol"] == p
             )
             if points:
-                _errorbars(ax, points, "context_length", "ppl", style, label)
+                dodge = _dodge(i, len(series))
+                _errorbars(ax, points, "context_length", "ppl", style, label, dodge)
         _mark_training_lengths(ax, train_lengths)
         ax.set_xscale("log", base=2)
+        _plain_log2_axis(ax.xaxis)
         ax.set_yscale("log")
         ax.set_xlabel("evaluation context length (tokens)")
         ax.set_title(
@@ -202,6 +224,7 @@ def plot_position_loss(
             )
     _mark_training_lengths(ax, train_lengths)
     ax.set_xscale("log", base=2)
+    _plain_log2_axis(ax.xaxis)
     ax.set_xlabel("token position in the window (log scale)")
     ax.set_ylabel("mean loss (nats / token)")
     ax.grid(alpha=0.3, which="both")
@@ -226,10 +249,10 @@ def plot_position_loss(
 def plot_prefix_ablation(series: Series, path: Path, title: str = "") -> Path:
     fig, axes = _figure()
     ax = axes[0]
-    for (label, rows), style in zip(series.items(), series_styles(len(series))):
+    for i, ((label, rows), style) in enumerate(zip(series.items(), series_styles(len(series)))):
         points = _points(rows, "prefix_length", "loss")
         if points:
-            _errorbars(ax, points, "prefix_length", "loss", style, label)
+            _errorbars(ax, points, "prefix_length", "loss", style, label, _dodge(i, len(series)))
     ax.set_xscale("symlog", base=2, linthresh=64)
     ax.set_xlabel("visible prefix before the target tokens (tokens)")
     ax.set_ylabel("loss on the fixed targets (nats / token)")
@@ -251,15 +274,16 @@ def plot_fact_recall(
     marked, and each point's count of facts written next to it."""
     fig, axes = _figure()
     ax = axes[0]
-    for (label, rows), style in zip(series.items(), series_styles(len(series))):
+    for i, ((label, rows), style) in enumerate(zip(series.items(), series_styles(len(series)))):
         points = _points(rows, "distance", "accuracy")
         if not points:
             continue
-        _errorbars(ax, points, "distance", "accuracy", style, label)
+        dodge = _dodge(i, len(series))
+        _errorbars(ax, points, "distance", "accuracy", style, label, dodge)
         for p in points:
             ax.annotate(
                 f"{p['correct']}/{p['docs']}",
-                (p["distance"], p["accuracy"]),
+                (p["distance"] * dodge, p["accuracy"]),
                 fontsize=6,
                 color=style["color"],
                 xytext=(4, 2),
@@ -267,6 +291,7 @@ def plot_fact_recall(
             )
     _chance_line(ax, chance)
     ax.set_xscale("log", base=2)
+    _plain_log2_axis(ax.xaxis)
     ax.set_ylim(-0.03, 1.03)
     ax.set_xlabel("planted distance (characters from fact to question)")
     ax.set_ylabel("accuracy (answer ranked first)")
@@ -353,13 +378,11 @@ def plot_cost_quality(
             str(number), (p["x"], p["y"]), fontsize=8, xytext=(5, 3), textcoords="offset points"
         )
     ax.set_xscale("log")
-    # Minor ticks are labelled only when the points span less than a decade (else they overlap).
-    plain = FuncFormatter(lambda value, _: f"{value:g}")
-    costs = [p["x"] for p in points.values()]
-    ax.xaxis.set_major_formatter(plain)
-    ax.xaxis.set_minor_formatter(
-        plain if costs and max(costs) < 10 * min(costs) else NullFormatter()
-    )
+    # Plain numbers at 1, 2 and 5 times the powers of ten; unlabelled minor ticks (their
+    # default labels, 6x10^2 7x10^2 ..., run into each other).
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
@@ -374,12 +397,14 @@ def plot_paired_differences(
     xlabel: str,
     noise_floor: float | None = None,
     title: str = "",
+    styles: Sequence[dict] | None = None,
 ) -> Path:
     """Each mechanism's difference from the baseline with its paired interval, a line at zero and
-    (with seeds) the noise floor shaded: intervals clear of both are distinguishable."""
+    (with seeds) the noise floor shaded: intervals clear of both are distinguishable. `styles`:
+    each mechanism's style in the report's other figures."""
     labels = list(differences)
     fig, ax = plt.subplots(figsize=(7.5, 1.2 + 0.38 * len(labels)), layout="constrained")
-    styles = series_styles(len(labels))
+    styles = styles or series_styles(len(labels))
     for i, (label, style) in enumerate(zip(labels, styles)):
         value, low, high = differences[label]
         has_interval = low is not None and high is not None
@@ -394,8 +419,8 @@ def plot_paired_differences(
         )
     ax.axvline(0, color="black", linewidth=0.8)
     if noise_floor:
-        ax.axvspan(-noise_floor, noise_floor, color="grey", alpha=0.2, label="seed noise floor")
-        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), fontsize=8, frameon=False)
+        ax.axvspan(-noise_floor, noise_floor, color="grey", alpha=0.2)
+        xlabel += f"\ngrey band: the seed noise floor, ±{noise_floor:.3g}"
     ax.set_yticks(range(len(labels)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel(xlabel)
