@@ -526,3 +526,18 @@ def test_cpu_sliding_window_cannot_reach_the_planted_distance_through_all_layers
     reach = cfg.model.n_layer * (window - 1)
     planted = sorted(OmegaConf.load(ROOT / "conf" / "data" / "synthetic.yaml").distances)
     assert any(reach < d <= cfg.context_length for d in planted)
+
+
+def test_the_longest_length_is_not_repeated_when_it_is_the_training_length(tmp_path):
+    results, units = fake_results("full")
+    results["train_context_length"] = 512  # the longest evaluated length
+    make_run(tmp_path / "a", (results, units))
+    write_report(
+        OmegaConf.create({"runs": str(tmp_path / "*"), "output_dir": str(tmp_path / "r")}), tmp_path
+    )
+    header = next(
+        line
+        for line in (tmp_path / "r" / "report.md").read_text().splitlines()
+        if line.startswith("| mechanism | seeds |")
+    )
+    assert header.count("ppl @512 |") == 1

@@ -695,18 +695,16 @@ def average_rows(row_sets: list[list[dict]], keys: Sequence[str]) -> list[dict]:
     return averaged
 
 
-def _arm_rows(arm: Arm, section: str, keys: Sequence[str], keep=lambda r: True) -> list[dict]:
-    return average_rows(
-        [[r for r in run.results.get(section, []) if keep(r)] for run in arm.runs], keys
-    )
+def _arm_rows(arm: Arm, section: str, keys: Sequence[str]) -> list[dict]:
+    return average_rows([run.results.get(section, []) for run in arm.runs], keys)
 
 
 def _group_figures(group: ReportGroup) -> dict[str, Path]:
     arms, length, out, slug = group.arms, group.length, group.out_dir, group.slug
     figures = {}
 
-    def series(section, keys, keep=lambda r: True):
-        return {arm.label: _arm_rows(arm, section, keys, keep) for arm in arms}
+    def series(section, keys):
+        return {arm.label: _arm_rows(arm, section, keys) for arm in arms}
 
     figures["ppl"] = plots.plot_ppl_vs_context(
         series("perplexity", ("context_length", "protocol")),
