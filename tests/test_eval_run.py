@@ -20,8 +20,10 @@ from torch.nn import functional as F
 from longctx.data import build_datamodule
 from longctx.data.tokenizer import ByteTokenizer
 from longctx.errors import ConfigError
+from longctx.eval.compare import Arm, bootstrap_of, paired_facts, paired_loss
 from longctx.eval.outputs import RESULTS_SCHEMA_VERSION, SECTIONS, UNITS_FILE
 from longctx.eval.perplexity import window_plan
+from longctx.eval.report import load_runs
 from longctx.eval.run import run_eval
 from longctx.jobs import train
 from longctx.train.module import LanguageModelTask
@@ -249,6 +251,30 @@ def test_tables_and_plots_go_to_wandb(evaluated):
     logged = {p.name.rsplit("_", 2)[0] for p in run.rglob("*.json") if "media" in p.parts}
     assert {"perplexity", "position_loss", "prefix_ablation", "passkey", "fact_recall"} <= logged
     assert len(list(run.rglob("media/images/eval/figures/*.png"))) == 5
+
+
+def test_two_evaluations_of_one_checkpoint_differ_by_zero_with_zero_width(
+    checkpoint, evaluated, tmp_path
+):
+    again = tmp_path / "again"
+    run_eval(
+        eval_config(
+            again,
+            f"ckpt_path={checkpoint}",
+            f"paths.data_dir={checkpoint.parents[2]}",
+            "~logger",
+            *EVAL_OVERRIDES,
+        )
+    )
+    runs, _ = load_runs([str(evaluated), str(again)])
+    first, second = (Arm(run.label, [run]) for run in runs)
+    bootstrap = bootstrap_of(runs)
+    for length in (16, 32, 64):
+        difference = paired_loss(first, second, length, "windows", bootstrap)
+        assert (difference.value, difference.low, difference.high) == (0.0, 0.0, 0.0)
+        assert difference.units > 1  # documents
+    # At 32 tokens no planted fact (64+ characters back) lies inside the context.
+    assert paired_facts(first, second, 32, bootstrap).why == "no fact inside the context"
 
 
 def test_eval_without_a_checkpoint_or_runs_says_what_to_set(tmp_path):

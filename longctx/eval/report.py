@@ -786,8 +786,11 @@ def _commands(runs: list[Run]) -> list[str]:
     checkpoint, the evaluation's (Hydra's multirun.yaml, or each run's overrides)."""
     commands = []
     for run in runs:
-        directories = [training_dir(run.path, run.results), run.path]
-        for directory, program in zip(directories, ("train.py", "eval.py")):
+        trained = training_dir(run.path, run.results)
+        programs = [(trained, "train.py")] + (
+            [(run.path, "eval.py")] if trained != run.path else []
+        )
+        for directory, program in programs:
             sweep = directory.parent / "multirun.yaml"
             single = directory / ".hydra" / "overrides.yaml"
             if sweep.is_file():
