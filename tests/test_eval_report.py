@@ -382,7 +382,7 @@ def test_seeds_of_one_arm_are_pooled_and_give_the_noise_floor(tmp_path):
     losses = [2.256 * 1.05 * q for q in (1.0, 1.01)]
     assert f"(seeds {math.exp(losses[0]):.3g}, {math.exp(losses[1]):.3g})" in seeds_row
     floor = losses[1] - losses[0]
-    assert "| full | 1 vs 2 |" in text and f"smaller than {floor:.3g} nats" in text
+    assert "| full | 1 vs 2 |" in text and f"no larger than {floor:.3g} nats" in text
     linear = next(line for line in text.splitlines() if line.startswith("| linear | +"))
     assert "within the seed noise floor" in linear  # distinguishable from 0, not from seed noise
     window = next(line for line in text.splitlines() if line.startswith("| sliding_window | +"))
@@ -541,3 +541,16 @@ def test_the_longest_length_is_not_repeated_when_it_is_the_training_length(tmp_p
         if line.startswith("| mechanism | seeds |")
     )
     assert header.count("ppl @512 |") == 1
+
+
+def test_one_arm_with_two_seeds_shows_its_noise_floor(tmp_path):
+    make_run(tmp_path / "a", fake_results("full", seed=1))
+    make_run(tmp_path / "b", fake_results("full", quality=1.01, seed=2))
+    write_report(
+        OmegaConf.create({"runs": str(tmp_path / "*"), "output_dir": str(tmp_path / "r")}), tmp_path
+    )
+    text = (tmp_path / "r" / "report.md").read_text()
+    assert "runs: 2 (1 arm)" in text and "Paired differences" not in text
+    row = next(line for line in text.splitlines() if line.startswith("| full | 1 vs 2 |"))
+    value, low, high = interval_cell(row.split("|")[3].strip())
+    assert value == pytest.approx(-0.01 * 2.256 * 1.05, abs=5e-4) and low < value < high < 0

@@ -487,26 +487,7 @@ def _paired_part(group: ReportGroup) -> ReportPart | None:
         *_table(head, rows),
         "",
     ]
-    if gaps:
-        lines += [
-            "Noise floor: the same mechanism trained with another seed, scored on the same "
-            f"windows (Δloss @{length}, paired):",
-            "",
-            *_table(
-                ["mechanism", "seeds", f"Δloss @{length}"],
-                [
-                    [g.label, " vs ".join(str(s) for s in g.seeds), _difference_cell(g.difference)]
-                    for g in gaps
-                ],
-            ),
-            "",
-            f"Differences between mechanisms smaller than {floor:.3g} nats (the largest seed gap) "
-            "are not called distinguishable."
-            if floor is not None
-            else "",
-            "",
-        ]
-    else:
+    if not gaps:
         lines += [
             "No arm has two seeds, so the noise between runs of one mechanism is not measured "
             "here: an interval that excludes 0 says the two checkpoints differ on these "
@@ -526,6 +507,32 @@ def _paired_part(group: ReportGroup) -> ReportPart | None:
             styles=[style_of[label] for label in drawn],
         )
     return ReportPart(lines, {"paired_differences": figure} if figure else {})
+
+
+def _noise_part(group: ReportGroup) -> ReportPart | None:
+    """The paired differences between seeds of one arm, and the noise floor they set."""
+    gaps = seed_gaps(group.arms, group.length, group.bootstrap)
+    if not gaps:
+        return None
+    floor = noise_floor(gaps)
+    rows = [
+        [g.label, " vs ".join(str(s) for s in g.seeds), _difference_cell(g.difference)]
+        for g in gaps
+    ]
+    lines = [
+        "Noise floor: the same mechanism trained with another seed, scored on the same windows "
+        f"(Δloss @{group.length}, paired by document):",
+        "",
+        *_table(["mechanism", "seeds", f"Δloss @{group.length}"], rows),
+        "",
+    ]
+    if floor is not None:
+        lines += [
+            f"Differences between mechanisms no larger than {floor:.3g} nats (the largest seed "
+            "gap) are not called distinguishable.",
+            "",
+        ]
+    return ReportPart(lines)
 
 
 def _compute_part(group: ReportGroup) -> ReportPart | None:
@@ -654,7 +661,13 @@ def _position_part(group: ReportGroup) -> ReportPart | None:
 
 
 ReportSection = Callable[[ReportGroup], ReportPart | None]
-REPORT_SECTIONS: list[ReportSection] = [_paired_part, _compute_part, _recall_part, _position_part]
+REPORT_SECTIONS: list[ReportSection] = [
+    _paired_part,
+    _noise_part,
+    _compute_part,
+    _recall_part,
+    _position_part,
+]
 
 
 def register_report_section(make: ReportSection) -> None:
@@ -825,7 +838,7 @@ def _provenance(runs: list[Run], missing: list[Path], patterns, command: str | N
     arms = {(r.group, r.label) for r in runs}
     source = patterns if isinstance(patterns, str) else ", ".join(map(str, patterns))
     lines = [
-        f"- runs: {len(runs)} ({len(arms)} mechanism arms) from `{source}`"
+        f"- runs: {len(runs)} ({len(arms)} arm{'s' if len(arms) != 1 else ''}) from `{source}`"
         + (
             f"; {len(missing)} without results: " + ", ".join(f"`{m.name}`" for m in missing)
             if missing
