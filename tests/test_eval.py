@@ -97,7 +97,7 @@ PASSKEY = PasskeySettings(depths=[0.0, 0.5, 1.0], trials=3, distractors=3)
 
 
 def test_passkey_is_found_wherever_it_is_in_reach():
-    rows = passkey_grid(
+    rows, units = passkey_grid(
         Scorer(InductionLM()),
         random_filler(5000),
         ByteTokenizer(),
@@ -109,10 +109,13 @@ def test_passkey_is_found_wherever_it_is_in_reach():
         (L, d) for L in (192, 384) for d in (0.0, 0.5, 1.0)
     ]
     assert all(r["accuracy"] == 1.0 and r["mean_rank"] == 1.0 and r["trials"] == 3 for r in rows)
+    # Three trials per cell: Wilson's interval says how little 3/3 proves.
+    assert all(r["accuracy_high"] == 1.0 and 0.3 < r["accuracy_low"] < 0.5 for r in rows)
+    assert [u["correct"] for u in units] == [[1, 1, 1]] * 6
 
 
 def test_passkey_beyond_reach_is_not_found():
-    rows = passkey_grid(
+    rows, _ = passkey_grid(
         Scorer(InductionLM(reach=100)), random_filler(5000), ByteTokenizer(), PASSKEY, [512], 4
     )
     accuracy = {r["depth"]: r["accuracy"] for r in rows}
@@ -130,7 +133,7 @@ def test_passkey_inputs_are_exactly_the_length_and_the_needle_sits_at_its_depth(
 
 
 def test_passkey_cells_that_cannot_run_say_why():
-    rows = passkey_grid(
+    rows, units = passkey_grid(
         Scorer(InductionLM(max_len=300)),
         random_filler(5000),
         ByteTokenizer(),
@@ -138,7 +141,7 @@ def test_passkey_cells_that_cannot_run_say_why():
         [50, 400],
         4,
     )
-    assert all(r["accuracy"] is None for r in rows)
+    assert all(r["accuracy"] is None and r["accuracy_low"] is None for r in rows) and not units
     assert "cannot hold" in rows[0]["skipped"] and "at most 300" in rows[-1]["skipped"]
 
 
@@ -147,7 +150,9 @@ def test_passkey_ties_count_as_failures():
         def forward(self, ids):
             return torch.zeros(*ids.shape, VOCAB)
 
-    rows = passkey_grid(Scorer(Uniform()), random_filler(5000), ByteTokenizer(), PASSKEY, [192], 4)
+    rows, _ = passkey_grid(
+        Scorer(Uniform()), random_filler(5000), ByteTokenizer(), PASSKEY, [192], 4
+    )
     assert all(r["accuracy"] == 0.0 and r["mean_rank"] == 1 + PASSKEY.distractors for r in rows)
 
 
@@ -160,16 +165,19 @@ def synthetic_facts(distances=(64, 256), num_docs=8):
 def test_planted_facts_are_recalled_only_within_reach():
     facts = synthetic_facts()
     settings = FactRecallSettings(max_docs=8, distractors=3)
-    rows = fact_recall(
+    rows, units = fact_recall(
         Scorer(InductionLM(n=12)), facts, ByteTokenizer(), settings, [512], 8, buckets=[64, 256]
     )
     assert {r["distance"]: r["accuracy"] for r in rows} == {64: 1.0, 256: 1.0}
     assert all(r["fact_in_context"] == r["docs"] == 4 for r in rows)
-    limited = fact_recall(
+    assert all(r["accuracy_high"] == 1.0 and r["accuracy_low"] < 0.6 for r in rows)  # 4/4
+    (unit,) = units
+    assert unit["documents"] == list(range(8)) and unit["correct"] == [1] * 8
+    limited, _ = fact_recall(
         Scorer(InductionLM(n=12, reach=200)), facts, ByteTokenizer(), settings, [512], 8, [64, 256]
     )
     assert {r["distance"]: r["accuracy"] for r in limited} == {64: 1.0, 256: 0.0}
-    short = fact_recall(
+    short, _ = fact_recall(
         Scorer(InductionLM(n=12)), facts, ByteTokenizer(), settings, [200], 8, [64, 256]
     )
     assert {r["distance"]: (r["accuracy"], r["fact_in_context"]) for r in short} == {
@@ -198,7 +206,7 @@ def test_planted_facts_are_one_per_answer_with_their_own_distance():
                 fact.distance == answer_start - fact_start >= doc["distance"]
                 and fact.fact_start == fact_start
             )
-    rows = fact_recall(
+    rows, (unit,) = fact_recall(
         Scorer(InductionLM(n=12)),
         facts,
         ByteTokenizer(),
@@ -207,7 +215,9 @@ def test_planted_facts_are_one_per_answer_with_their_own_distance():
         8,
         buckets=[64, 256],
     )
-    assert sum(r["docs"] for r in rows) == 12 and all(r["accuracy"] == 1.0 for r in rows)
+    # One fact per document: scored facts are independent trials.
+    assert sum(r["docs"] for r in rows) == 4 and all(r["accuracy"] == 1.0 for r in rows)
+    assert unit["documents"] == [0, 1, 2, 3]
 
 
 def test_fact_distractors_start_with_the_other_codes_of_the_document():
@@ -279,7 +289,9 @@ def test_streaming_carries_state_across_segments_and_resets_at_documents(full_mo
     tokens = np.random.default_rng(6).integers(0, 256, 100)
     count = byte_counter(ByteTokenizer())
     scorer = Scorer(full_model)
-    carried, by_position = streaming_perplexity(scorer, tokens, np.array([0, 100]), 8, 1, 24, count)
+    carried, by_position, _ = streaming_perplexity(
+        scorer, tokens, np.array([0, 100]), 8, 1, 24, count
+    )
     with torch.no_grad():
         ids = torch.from_numpy(tokens)
         whole = F.cross_entropy(full_model(ids[None, :24])[0], ids[1:25]).item()
@@ -293,8 +305,13 @@ def test_streaming_carries_state_across_segments_and_resets_at_documents(full_mo
         )
     assert carried.protocol == "streaming" and carried.tokens == 24
     assert carried.loss == pytest.approx(whole, rel=1e-5)
-    reset, _ = streaming_perplexity(scorer, tokens, np.array([0, 8, 16, 100]), 8, 1, 24, count)
+    reset, _, units = streaming_perplexity(
+        scorer, tokens, np.array([0, 8, 16, 100]), 8, 1, 24, count
+    )
     assert reset.loss == pytest.approx(split, rel=1e-5)
+    # Targets 1-8, 9-16 and 17-24 belong to documents 0, 1 (from 8) and 2 (from 16): 7, 8, 9.
+    assert units["documents"] == [0, 1, 2] and units["tokens"] == [7, 8, 9]
+    assert reset.documents == 3 and reset.loss_low < reset.loss < reset.loss_high
     assert carried.loss != pytest.approx(reset.loss, rel=1e-3)
     # the fresh-state column is the reset stream's loss; both columns cover every scored token
     assert [(r["position_start"], r["position_end"]) for r in by_position] == [
@@ -313,7 +330,7 @@ def test_streaming_carries_state_across_segments_and_resets_at_documents(full_mo
 
 
 def test_streaming_is_skipped_when_the_model_cannot_reach_that_far():
-    row, by_position = streaming_perplexity(
+    row, by_position, units = streaming_perplexity(
         Scorer(InductionLM(max_len=16)),
         np.zeros(100, dtype=np.int64),
         np.array([0, 100]),
@@ -322,7 +339,7 @@ def test_streaming_is_skipped_when_the_model_cannot_reach_that_far():
         48,
         byte_counter(ByteTokenizer()),
     )
-    assert row.loss is None and "at most 16" in row.skipped and by_position == []
+    assert row.loss is None and "at most 16" in row.skipped and by_position == [] and units is None
 
 
 def test_eval_yaml_lists_every_setting_with_its_default():
@@ -340,6 +357,9 @@ def test_eval_yaml_lists_every_setting_with_its_default():
         ({"passkey": {"needle": "no key here"}}, "must contain {key}"),
         ({"streaming": {"enabled": "yes"}}, "eval.streaming.enabled"),
         ({"autocast": "fp16"}, "eval.autocast"),
+        ({"window_placement": "random"}, "eval.window_placement='random'"),
+        ({"bootstrap": {"confidence": 95}}, "eval.bootstrap.confidence=95"),
+        ({"max_tokens": 0}, "eval.max_tokens"),
     ],
 )
 def test_bad_eval_settings_say_what_to_change(section, message):
@@ -365,13 +385,13 @@ def test_cuda_evaluation_matches_the_cpu_and_records_peak_memory(full_model):
 
     tokens = torch.randint(0, 256, (400,), generator=torch.Generator().manual_seed(7))
     count = byte_counter(ByteTokenizer())
-    cpu_row, _, _ = score_windows(Scorer(full_model), tokens, 32, 16, 10**6, 4, count)
+    cpu_row = score_windows(Scorer(full_model), tokens, 32, 16, 10**6, 4, count).row
     cuda_model = build_model(model_config("full"), VOCAB).eval()
     cuda_model.load_state_dict(full_model.state_dict())
-    cuda_row, _, _ = score_windows(Scorer(cuda_model.cuda()), tokens, 32, 16, 10**6, 4, count)
-    bf16_row, _, _ = score_windows(
+    cuda_row = score_windows(Scorer(cuda_model.cuda()), tokens, 32, 16, 10**6, 4, count).row
+    bf16_row = score_windows(
         Scorer(cuda_model, autocast="bf16"), tokens, 32, 16, 10**6, 4, count
-    )
+    ).row
     assert cuda_row.loss == pytest.approx(cpu_row.loss, rel=1e-4)
     assert bf16_row.loss == pytest.approx(
         cpu_row.loss, rel=2e-2

@@ -30,7 +30,7 @@ ALLOWED: dict[str, set[str]] = {
     "eval": BASE | {"ops", "attention", "model", "data", "checkpoints", "flops"},
     "bench": BASE | {"ops", "attention", "model", "data", "flops"},
     "jobs": BASE | {"train", "eval", "data", "model", "checkpoints"},
-    "__init__": {"model", "checkpoints"},
+    "__init__": {"core", "model", "checkpoints"},
 }
 
 

@@ -1,12 +1,14 @@
-"""What a run cost to train: tokens per second and peak memory, from its logs or from a bench.json.
+"""What a run cost to train: tokens per second and peak memory, from its logs or from a bench.json;
+and its validation curve against steps, tokens, FLOPs and training time.
 
-Training logs: the CSV logger's metrics.csv in the training run directory (logger=csv; the wandb
-logger's offline files are binary and not read here). Lightning's ThroughputMonitor logs
-cumulative `train/lengths` (tokens) and `train/time` (seconds), so tokens/s is their ratio at
-the last logged step; a peak-memory metric is any column whose name matches MEMORY_COLUMN.
-Bench: `python -m longctx.bench` rows of the run's backend (whole-model `train_step` rows
-when present, else the `fwd_bwd` mixing kernel), at the sequence length nearest the run's
-training length.
+Training logs: the run directory's `metrics.jsonl` (longctx/train/metrics_file.py, written
+whatever the logger): tokens/s is cumulative tokens over cumulative training seconds at the last
+row, memory the largest `peak_memory_mib` (CUDA). Runs made before that file existed fall back
+to the CSV logger's metrics.csv (logger=csv): Lightning's ThroughputMonitor logs cumulative
+`train/lengths` (tokens) and `train/time` (seconds), and a peak-memory metric is any column whose
+name matches MEMORY_COLUMN. Bench: `python -m longctx.bench` rows of the run's backend
+(whole-model `train_step` rows when present, else the `fwd_bwd` mixing kernel), at the sequence
+length nearest the run's training length.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import math
 import re
 from pathlib import Path
 from typing import Any
+
+from longctx.core.metrics_log import METRICS_FILE, read_metrics
 
 MEMORY_COLUMN = re.compile(r"(peak|max).*mem", re.IGNORECASE)
 BENCH_MODES = ("train_step", "fwd_bwd")
@@ -34,7 +38,37 @@ def _last(rows: list[dict], column: str) -> float | None:
     return values[-1] if values else None
 
 
-def costs_from_metrics(directory: Path) -> dict[str, Any]:
+def costs_from_metrics_file(directory: Path) -> dict[str, Any]:
+    """Costs from the run directory's metrics.jsonl (empty without one)."""
+    path = directory / METRICS_FILE
+    rows = [r for r in read_metrics(path) if "loss" in r] if path.is_file() else []
+    if not rows:
+        return {}
+    last = rows[-1]
+    cost: dict[str, Any] = {"source": f"training log {METRICS_FILE}"}
+    if last.get("tokens") and last.get("train_seconds"):
+        cost["tokens_per_s"] = last["tokens"] / last["train_seconds"]
+        cost["train_seconds"] = last["train_seconds"]
+        cost["train_tokens"] = int(last["tokens"])
+    peaks = [r["peak_memory_mib"] for r in rows if r.get("peak_memory_mib") is not None]
+    if peaks:
+        cost["peak_memory_mib"] = max(peaks)
+    return cost
+
+
+def training_curve(directory: Path) -> list[dict[str, Any]]:
+    """Validation points of the run's metrics.jsonl: step, tokens, flops, train_seconds, val_loss
+    (the last row of each step, so a resumed step counts once)."""
+    path = directory / METRICS_FILE
+    if not path.is_file():
+        return []
+    by_step = {r["step"]: r for r in read_metrics(path) if r.get("val_loss") is not None}
+    keys = ("step", "tokens", "flops", "train_seconds", "val_loss")
+    return [{k: by_step[s].get(k) for k in keys} for s in sorted(by_step)]
+
+
+def costs_from_csv_log(directory: Path) -> dict[str, Any]:
+    """Costs from a CSV logger's metrics.csv (runs made before metrics.jsonl existed)."""
     found = sorted(directory.glob("**/metrics.csv"))
     if not found:
         return {}
@@ -87,7 +121,8 @@ def run_costs(
 ) -> dict[str, Any]:
     """Training-log figures first; the bench fills what the logs lack
     (each figure says where it came from)."""
-    logged = costs_from_metrics(training_dir(run_dir, results))
+    directory = training_dir(run_dir, results)
+    logged = costs_from_metrics_file(directory) or costs_from_csv_log(directory)
     bench = costs_from_bench(
         bench_rows, results["attention"], results["train_context_length"], bench_dtype
     )

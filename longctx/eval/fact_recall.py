@@ -8,6 +8,10 @@ first the other codes stated in the same document (copying the wrong fact is a f
 luck), then answers of other documents. Rows are grouped by planted distance (a fact's distance
 is at least its bucket: the corpus's configured distances, or powers of two), with how many
 facts still lay inside the truncated context, so a mechanism's reach reads off directly.
+
+Scored facts come from distinct documents (one drawn per sampled document), so they are
+independent trials: accuracy carries Wilson's interval, the answer NLL a bootstrap interval
+over facts (stats.py).
 """
 
 from __future__ import annotations
@@ -20,8 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from longctx.eval.progress import Progress
 from longctx.eval.scoring import Scorer
 from longctx.eval.settings import FactRecallSettings
+from longctx.eval.stats import Bootstrap, ratio_interval, wilson_interval
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class PlantedFact:
         int | None
     )  # characters from the fact to the answer (None when the corpus has no such column)
     fact_start: int | None  # character offset of the fact's answer text in `context`
+    document: int = 0  # index of its document in the test split
 
 
 def planted_facts(documents) -> list[PlantedFact]:
@@ -42,13 +49,15 @@ def planted_facts(documents) -> list[PlantedFact]:
     `distance` column when the corpus records no fact spans.
     """
     facts = []
-    for row in documents:
+    for index, row in enumerate(documents):
         fact_spans = row.get("fact_char_spans") or []
         for i, (start, end) in enumerate(row.get("answer_char_spans") or []):
             fact_start = fact_spans[i][0] if i < len(fact_spans) else None
             distance = start - fact_start if fact_start is not None else row.get("distance")
             facts.append(
-                PlantedFact(row["text"][:start], row["text"][start:end], distance, fact_start)
+                PlantedFact(
+                    row["text"][:start], row["text"][start:end], distance, fact_start, index
+                )
             )
     return facts
 
@@ -83,6 +92,16 @@ def distance_bucket(distance: int | None, buckets: list[int] | None) -> int | No
     return max([b for b in buckets if b <= distance] or [min(buckets)])
 
 
+def choose_facts(facts: list[PlantedFact], max_docs: int, seed: int) -> list[PlantedFact]:
+    """One fact from each of `max_docs` documents drawn at random (seeded), in document order."""
+    by_document = defaultdict(list)
+    for fact in facts:
+        by_document[fact.document].append(fact)
+    rng = random.Random(seed)
+    documents = sorted(rng.sample(sorted(by_document), min(max_docs, len(by_document))))
+    return [rng.choice(by_document[d]) for d in documents]
+
+
 def fact_recall(
     scorer: Scorer,
     facts: list[PlantedFact],
@@ -91,27 +110,43 @@ def fact_recall(
     lengths: list[int],
     batch_size: int,
     buckets: list[int] | None = None,
-) -> list[dict]:
-    rng = random.Random(settings.seed)
-    chosen = rng.sample(facts, min(settings.max_docs, len(facts)))
+    bootstrap: Bootstrap | None = None,
+    progress: Progress | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """Rows per (length, distance bucket), and each length's per-fact outcomes (units.json)."""
+    bootstrap = bootstrap or Bootstrap()
+    chosen = choose_facts(facts, settings.max_docs, settings.seed)
     pool = [f.answer for f in facts]
-    rows = []
+    rows, units = [], []
     for length in lengths:
         refusal = scorer.refusal(length)
         if refusal:
             rows.append(_row(length, None, skipped=refusal))
+            if progress:
+                progress.advance(len(chosen))
             continue
-        groups = defaultdict(list)
-        for index, fact in enumerate(chosen):
+        groups, scored = defaultdict(list), []
+        for fact in chosen:
             distractors = distractors_for(
-                fact, pool, settings.distractors, random.Random(f"{settings.seed}-{index}")
+                fact, pool, settings.distractors, random.Random(f"{settings.seed}-{fact.document}")
             )
-            groups[distance_bucket(fact.distance, buckets)].append(
-                _score(scorer, tokenizer, fact, distractors, length, batch_size)
-            )
+            result = _score(scorer, tokenizer, fact, distractors, length, batch_size)
+            groups[distance_bucket(fact.distance, buckets)].append(result)
+            scored.append(result)
+            if progress:
+                progress.advance()
         for distance in sorted(groups, key=lambda d: (d is None, d)):
-            rows.append(_summarise(length, distance, groups[distance]))
-    return rows
+            rows.append(_summarise(length, distance, groups[distance], bootstrap))
+        units.append(
+            {
+                "context_length": length,
+                "documents": [f.document for f in chosen],
+                "in_context": [int(r["in_context"]) for r in scored],
+                "correct": [int(r["correct"]) for r in scored],
+                "answer_nll": [r["answer_nll"] for r in scored],
+            }
+        )
+    return rows, units
 
 
 def _score(
@@ -140,15 +175,25 @@ def _row(length: int, distance, docs: int = 0, skipped: str | None = None) -> di
         "fact_in_context": 0,
         "correct": 0,
         "accuracy": None,
+        "accuracy_low": None,
+        "accuracy_high": None,
         "answer_nll": None,
+        "answer_nll_low": None,
+        "answer_nll_high": None,
         "skipped": skipped,
     }
 
 
-def _summarise(length: int, distance, results: list[dict]) -> dict:
+def _summarise(length: int, distance, results: list[dict], bootstrap: Bootstrap) -> dict:
     row = _row(length, distance, docs=len(results))
     row["fact_in_context"] = sum(r["in_context"] for r in results)
     row["correct"] = sum(r["correct"] for r in results)
     row["accuracy"] = row["correct"] / len(results)
-    row["answer_nll"] = float(np.mean([r["answer_nll"] for r in results]))
+    row["accuracy_low"], row["accuracy_high"] = wilson_interval(
+        row["correct"], len(results), bootstrap.confidence
+    )
+    nll = np.array([r["answer_nll"] for r in results])
+    row["answer_nll"], row["answer_nll_low"], row["answer_nll_high"] = ratio_interval(
+        nll, np.ones_like(nll), bootstrap
+    )
     return row

@@ -9,7 +9,7 @@ import csv
 import io
 import json
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +17,57 @@ from longctx.core.files import atomic_write_text
 from longctx.eval import plots
 from longctx.eval.perplexity import PerplexityRow
 
-RESULTS_SCHEMA_VERSION = 2
+RESULTS_SCHEMA_VERSION = 3
+UNITS_FILE = "units.json"
 ROW_FIELDS = tuple(PerplexityRow.__dataclass_fields__)
 # Section of results.json -> its CSV file and columns (after a leading "attention" column).
 SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
     "perplexity": ("results.csv", ROW_FIELDS),
     "position_loss": (
         "position_loss.csv",
-        ("context_length", "position_start", "position_end", "tokens", "loss"),
+        (
+            "context_length",
+            "position_start",
+            "position_end",
+            "tokens",
+            "documents",
+            "loss",
+            "loss_low",
+            "loss_high",
+            "few_tokens",
+        ),
     ),
     "prefix_ablation": (
         "prefix_ablation.csv",
-        ("prefix_length", "target_tokens", "samples", "tokens", "loss", "ppl", "skipped"),
+        (
+            "prefix_length",
+            "target_tokens",
+            "samples",
+            "tokens",
+            "documents",
+            "loss",
+            "loss_low",
+            "loss_high",
+            "ppl",
+            "gain",
+            "gain_low",
+            "gain_high",
+            "skipped",
+        ),
     ),
     "passkey": (
         "passkey.csv",
-        ("context_length", "depth", "trials", "correct", "accuracy", "mean_rank", "skipped"),
+        (
+            "context_length",
+            "depth",
+            "trials",
+            "correct",
+            "accuracy",
+            "accuracy_low",
+            "accuracy_high",
+            "mean_rank",
+            "skipped",
+        ),
     ),
     "streaming_memory": (
         "streaming_memory.csv",
@@ -41,8 +76,12 @@ SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
             "position_start",
             "position_end",
             "tokens",
+            "documents",
             "loss_with_state",
             "loss_fresh_state",
+            "gap",
+            "gap_low",
+            "gap_high",
         ),
     ),
     "fact_recall": (
@@ -54,11 +93,20 @@ SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
             "fact_in_context",
             "correct",
             "accuracy",
+            "accuracy_low",
+            "accuracy_high",
             "answer_nll",
+            "answer_nll_low",
+            "answer_nll_high",
             "skipped",
         ),
     ),
 }
+
+
+def register_section(name: str, filename: str, fields: tuple[str, ...]) -> None:
+    """A results.json section of a metric outside this package's list, with its CSV schema."""
+    SECTIONS[name] = (filename, tuple(fields))
 
 
 def csv_text(records: list[list]) -> str:
@@ -68,18 +116,27 @@ def csv_text(records: list[list]) -> str:
 
 
 def write_results(
-    out_dir: Path, meta: Mapping[str, Any], sections: Mapping[str, list[dict]]
+    out_dir: Path,
+    meta: Mapping[str, Any],
+    sections: Mapping[str, list[dict]],
+    units: Mapping[str, list] | None = None,
 ) -> dict[str, Path]:
-    """results.json (meta + every section), the sections' CSVs and the run's plots;
-    returns the paths."""
+    """results.json (meta + every section), units.json (the per-document and per-trial scores
+    behind the intervals), the sections' CSVs and the run's plots; returns the paths."""
     out_dir = Path(out_dir)
     payload = {
         "schema_version": RESULTS_SCHEMA_VERSION,
         **meta,
         **{k: list(sections.get(k, [])) for k in SECTIONS},
     }
-    paths = {"json": out_dir / "results.json"}
+    paths = {"json": out_dir / "results.json", "units": out_dir / UNITS_FILE}
     atomic_write_text(paths["json"], json.dumps(payload, indent=2))
+    units_payload = {
+        "schema_version": RESULTS_SCHEMA_VERSION,
+        "test_digest": meta.get("test_digest"),
+        **dict(units or {}),
+    }
+    atomic_write_text(paths["units"], json.dumps(units_payload))
     for section, (filename, fields) in SECTIONS.items():
         rows = sections.get(section, [])
         if rows or section == "perplexity":
@@ -122,22 +179,35 @@ def write_run_plots(
             {name: sections["prefix_ablation"]}, out_dir / "prefix_ablation.png"
         )
     if any(r.get("accuracy") is not None for r in sections.get("passkey", [])):
-        chance = (
-            1 / (1 + meta["eval_settings"]["passkey"]["distractors"])
-            if meta.get("eval_settings")
-            else None
-        )
         figures["passkey_png"] = plots.plot_passkey(
-            {name: sections["passkey"]}, out_dir / "passkey_heatmap.png", chance=chance
+            {name: sections["passkey"]},
+            out_dir / "passkey_heatmap.png",
+            chance=_chance(meta, "passkey"),
         )
     recall = defaultdict(list)
     for row in sections.get("fact_recall", []):
         recall[f"length {row['context_length']}"].append(row)
     if any(r.get("accuracy") is not None for rows in recall.values() for r in rows):
         figures["fact_recall_png"] = plots.plot_fact_recall(
-            recall, out_dir / "fact_recall.png", title=f"Planted-fact recall: {name}"
+            recall,
+            out_dir / "fact_recall.png",
+            title=f"Planted-fact recall: {name}",
+            chance=_chance(meta, "fact_recall"),
         )
+    for plot in RUN_PLOTS:
+        figures.update(plot(out_dir, meta, sections))
     return figures
+
+
+RunPlot = Callable[[Path, Mapping[str, Any], Mapping[str, list[dict]]], dict[str, Path]]
+# Figures of sections registered from outside (outputs.register_section): each returns
+# {"<name>_png": path} for the sections it draws, {} otherwise.
+RUN_PLOTS: list[RunPlot] = []
+
+
+def _chance(meta: Mapping[str, Any], section: str) -> float | None:
+    distractors = (meta.get("eval_settings") or {}).get(section, {}).get("distractors")
+    return None if distractors is None else 1 / (1 + distractors)
 
 
 def log_to_wandb(sections: Mapping[str, list[dict]], paths: Mapping[str, Path]) -> None:

@@ -7,6 +7,9 @@ Prompt (Mohtashami & Jaggi 2023, in tokens): filler text from the test split wit
 instruction, so the model is not asked to generate: the true key " 41273" and `distractors`
 other random keys are scored by log-likelihood, and a trial is correct when the true key is
 strictly the most likely. The model reads exactly `length` input tokens per candidate.
+
+Trials draw their keys and filler independently, so a cell's accuracy carries Wilson's interval
+over its trials; a cell of two trials says so by its width.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import random
 
 import numpy as np
 
+from longctx.eval.progress import Progress
 from longctx.eval.scoring import Scorer
 from longctx.eval.settings import PasskeySettings
+from longctx.eval.stats import wilson_interval
 
 
 def random_keys(rng: random.Random, digits: int, count: int) -> list[int]:
@@ -37,10 +42,12 @@ def passkey_grid(
     settings: PasskeySettings,
     lengths: list[int],
     batch_size: int,
-) -> list[dict]:
-    """One row per (length, depth).
+    confidence: float = 0.95,
+    progress: Progress | None = None,
+) -> tuple[list[dict], list[dict]]:
+    """One row per (length, depth), and each scored cell's trial outcomes (units.json).
     `filler` is the test split's tokens with document separators removed."""
-    rows = []
+    rows, units = [], []
     question = tokenizer.encode(" " + settings.question)
     for length in lengths:
         length_error = scorer.refusal(length)
@@ -51,20 +58,30 @@ def passkey_grid(
                 "trials": 0,
                 "correct": 0,
                 "accuracy": None,
+                "accuracy_low": None,
+                "accuracy_high": None,
                 "mean_rank": None,
                 "skipped": length_error,
             }
             rows.append(row)
             if length_error is None:
-                _run_cell(
+                outcomes = _run_cell(
                     scorer, filler, tokenizer, settings, question, length, depth, batch_size, row
                 )
-    return rows
+                if outcomes:
+                    row["accuracy_low"], row["accuracy_high"] = wilson_interval(
+                        row["correct"], row["trials"], confidence
+                    )
+                    units.append({"context_length": length, "depth": depth, "correct": outcomes})
+            if progress:
+                progress.advance(settings.trials)
+    return rows, units
 
 
 def _run_cell(
     scorer, filler, tokenizer, settings, question, length, depth, batch_size, row
-) -> None:
+) -> list[int]:
+    """Runs the cell's trials into `row`; returns each trial's outcome (1 correct, 0 not)."""
     # Seeded per cell so that adding lengths or depths never changes the keys of the others.
     rng = random.Random(f"{settings.seed}-{length}-{depth}")
     ranks = []
@@ -76,12 +93,12 @@ def _run_cell(
         filler_length = length + 1 - len(needle) - len(question) - max(len(c) for c in candidates)
         if filler_length < 0:
             row["skipped"] = f"{length} tokens cannot hold the needle, the question and a key"
-            return
+            return []
         if filler_length > len(filler):
             row["skipped"] = (
                 f"the test split has {len(filler)} filler tokens, fewer than {filler_length}"
             )
-            return
+            return []
         begin = rng.randrange(len(filler) - filler_length + 1)
         context = build_context(filler[begin : begin + filler_length], needle, question, depth)
         scores = scorer.continuation_logprobs(context, candidates, batch_size)
@@ -92,3 +109,4 @@ def _run_cell(
     row["correct"] = sum(rank == 1 for rank in ranks)
     row["accuracy"] = row["correct"] / len(ranks)
     row["mean_rank"] = float(np.mean(ranks))
+    return [int(rank == 1) for rank in ranks]

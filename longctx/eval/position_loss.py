@@ -3,11 +3,18 @@
 Position p is the p-th input of a window: its logits predict the next token with p + 1 tokens
 of context. A loss that keeps falling towards the last bins means distant context is used; a
 flat or rising tail (past the training length: extrapolation failing) means it is not.
+
+The first bins hold one or two tokens per window: each row says how many tokens and documents
+it rests on, carries a confidence interval (documents resampled), and is flagged `few_tokens`
+below `eval.min_bin_tokens` tokens; plots draw flagged bins hollow.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from longctx.eval.documents import DocumentSums
+from longctx.eval.stats import Bootstrap
 
 
 def log_bins(length: int) -> list[tuple[int, int]]:
@@ -20,10 +27,26 @@ def log_bins(length: int) -> list[tuple[int, int]]:
     return bins
 
 
-def position_loss_rows(length: int, nll_sum: np.ndarray, count: np.ndarray) -> list[dict]:
+def bin_index(length: int) -> np.ndarray:
+    """The log bin of each position 0 .. length - 1."""
+    index = np.zeros(length, dtype=np.int64)
+    for i, (start, end) in enumerate(log_bins(length)):
+        index[start:end] = i
+    return index
+
+
+def position_loss_rows(
+    length: int,
+    sums: DocumentSums,
+    bins: list[tuple[int, int]],
+    bootstrap: Bootstrap,
+    min_bin_tokens: int,
+) -> list[dict]:
     rows = []
-    for start, end in log_bins(length):
-        tokens = int(count[start:end].sum())
+    for column, ((start, end), (loss, low, high)) in enumerate(
+        zip(bins, sums.intervals(bootstrap))
+    ):
+        tokens = int(sums.tokens[:, column].sum())
         if tokens:
             rows.append(
                 {
@@ -31,7 +54,11 @@ def position_loss_rows(length: int, nll_sum: np.ndarray, count: np.ndarray) -> l
                     "position_start": start,
                     "position_end": end,
                     "tokens": tokens,
-                    "loss": float(nll_sum[start:end].sum() / tokens),
+                    "documents": int((sums.tokens[:, column] > 0).sum()),
+                    "loss": loss,
+                    "loss_low": low,
+                    "loss_high": high,
+                    "few_tokens": tokens < min_bin_tokens,
                 }
             )
     return rows

@@ -5,6 +5,9 @@ For each sample start s (evenly spaced over the test stream) the target block is
 predictions at inputs tokens[s : s+T]; with prefix P the model reads tokens[s-P : s+T], so target
 t has P + (t - s) + 1 tokens of context. Every prefix scores exactly the same targets, so the
 loss curve over P isolates what the extra distant context buys.
+
+Each row carries the loss's interval and the gain over prefix 0 (loss with no prefix minus loss
+with this one) with its paired interval, documents resampled (stats.py).
 """
 
 from __future__ import annotations
@@ -14,8 +17,11 @@ import math
 import numpy as np
 import torch
 
+from longctx.eval.documents import DocumentSums
+from longctx.eval.progress import Progress
 from longctx.eval.scoring import Scorer
 from longctx.eval.settings import PrefixAblationSettings
+from longctx.eval.stats import Bootstrap, ratio_interval
 
 
 def prefix_lengths(step: int, max_prefix: int) -> list[int]:
@@ -42,19 +48,31 @@ def prefix_ablation(
     settings: PrefixAblationSettings,
     max_length: int,
     batch_size: int,
+    offsets: np.ndarray | None = None,
+    bootstrap: Bootstrap | None = None,
+    progress: Progress | None = None,
 ) -> list[dict]:
+    """One row per prefix length; `offsets` are the test documents' starts (None: one document)."""
+    bootstrap = bootstrap or Bootstrap()
+    offsets = np.array([0, len(tokens)]) if offsets is None else np.asarray(offsets)
     target = settings.target_tokens
     max_prefix = max(max_length - target, 0)
     starts = sample_starts(len(tokens), max_prefix, target, settings.samples)
-    rows = []
+    rows, baseline = [], None
     for prefix in prefix_lengths(settings.step, max_prefix):
         row = {
             "prefix_length": prefix,
             "target_tokens": target,
             "samples": len(starts),
             "tokens": 0,
+            "documents": 0,
             "loss": None,
+            "loss_low": None,
+            "loss_high": None,
             "ppl": None,
+            "gain": None,
+            "gain_low": None,
+            "gain_high": None,
             "skipped": None,
         }
         rows.append(row)
@@ -66,14 +84,26 @@ def prefix_ablation(
             continue
         row["skipped"] = scorer.refusal(prefix + target)
         if row["skipped"]:
+            if progress:
+                progress.advance(len(starts))
             continue
-        total = 0.0
+        sums = DocumentSums(offsets)
         for first in range(0, len(starts), batch_size):
-            windows = torch.stack(
-                [tokens[s - prefix : s + target + 1] for s in starts[first : first + batch_size]]
-            )
-            total += float(scorer.nll(windows[:, :-1], windows[:, 1:])[:, prefix:].sum())
-        row["tokens"] = len(starts) * target
-        row["loss"] = total / row["tokens"]
+            chunk = starts[first : first + batch_size]
+            windows = torch.stack([tokens[s - prefix : s + target + 1] for s in chunk])
+            nll = scorer.nll(windows[:, :-1], windows[:, 1:])[:, prefix:]
+            for start, sample_nll in zip(chunk, nll):
+                sums.add(np.arange(start + 1, start + target + 1), sample_nll.numpy())
+            if progress:
+                progress.advance(len(chunk))
+        ((row["loss"], row["loss_low"], row["loss_high"]),) = sums.intervals(bootstrap)
+        row["tokens"], row["documents"] = int(sums.tokens.sum()), len(sums.scored())
         row["ppl"] = math.exp(min(row["loss"], 700.0))
+        if baseline is None and prefix == 0:
+            baseline = sums
+        if baseline is not None:
+            docs = sums.scored()  # the same targets, hence the same documents, for every prefix
+            row["gain"], row["gain_low"], row["gain_high"] = ratio_interval(
+                (baseline.nll - sums.nll)[docs, 0], sums.tokens[docs, 0], bootstrap
+            )
     return rows

@@ -16,21 +16,17 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from longctx.checkpoints import model_from_checkpoint
 from longctx.core.device import resolve_device
 from longctx.data import build_datamodule
 from longctx.errors import ConfigError
-from longctx.eval.fact_recall import fact_recall, planted_facts
 from longctx.eval.outputs import log_to_wandb, write_results
-from longctx.eval.passkey import passkey_grid
-from longctx.eval.perplexity import perplexity_by_context_length
-from longctx.eval.prefix_ablation import prefix_ablation
+from longctx.eval.progress import Progress
 from longctx.eval.scoring import Scorer
+from longctx.eval.sections import EVAL_SECTIONS, EvalContext, stream_digest
 from longctx.eval.settings import EvalSettings, eval_settings, settings_dict
-from longctx.eval.streaming import streaming_perplexity
 from longctx.eval.token_bytes import byte_counter
 
 log = logging.getLogger(__name__)
@@ -43,100 +39,58 @@ def _timed(timings: dict, section: str):
     timings[section] = round(time.perf_counter() - start, 3)
 
 
+def document_offsets(datamodule, split: str = "test") -> np.ndarray:
+    """Where each document starts in the split's stream (its EOS included), plus the length."""
+    lengths = [len(d) + 1 for d in datamodule.split_documents(split)]
+    return np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+
+
 def evaluate_model(model, datamodule, cfg, output_dir: Path, checkpoint: str | None = None) -> dict:
-    """Every metric of `cfg.eval` on the test split;
-    writes results.{json,csv}, section CSVs and PNGs."""
+    """Every section of `cfg.eval` on the test split; writes results.{json,csv}, units.json,
+    section CSVs and PNGs, and logs one line per section with its progress."""
     settings = eval_settings(cfg.get("eval"))
     started = datetime.now(timezone.utc)
-    scorer = Scorer(model.to(resolve_device(settings.device)).eval(), settings.autocast)
-    tokenizer = datamodule.tokenizer
-    count_bytes = byte_counter(tokenizer)
     stream = np.asarray(datamodule.split_tokens("test"), dtype=np.int64)
-    tokens = torch.from_numpy(stream)
-    train_length = int(cfg["context_length"])
-    sections, timings = {}, {}
+    ctx = EvalContext(
+        scorer=Scorer(model.to(resolve_device(settings.device)).eval(), settings.autocast),
+        datamodule=datamodule,
+        settings=settings,
+        train_length=int(cfg["context_length"]),
+        count_bytes=byte_counter(datamodule.tokenizer),
+        stream=stream,
+        offsets=document_offsets(datamodule),
+    )
+    active = [section for section in EVAL_SECTIONS if section.applies(ctx)]
+    progress = Progress(len(active))
+    sections: dict[str, list] = {}
+    units: dict[str, list] = {}
+    timings, work = {}, {}
+    for section in active:
+        total, unit, what = section.plan(ctx)
+        before = ctx.scorer.forward_tokens
+        with _timed(timings, section.name), progress.section(section.name, total, unit, what):
+            result = section.run(ctx, progress)
+        work[section.name] = ctx.scorer.forward_tokens - before
+        for key, rows in result.sections.items():
+            sections.setdefault(key, []).extend(rows)
+        for key, rows in result.units.items():
+            units.setdefault(key, []).extend(rows)
 
-    with _timed(timings, "perplexity"):
-        rows, positions = perplexity_by_context_length(
-            scorer,
-            tokens,
-            settings.context_lengths,
-            count_bytes,
-            settings.max_tokens,
-            settings.batch_size,
-            settings.strides,
-        )
-    if settings.streaming.enabled is True or (
-        settings.streaming.enabled == "auto" and scorer.backend.ordered_stream
-    ):
-        with _timed(timings, "streaming"):
-            documents = datamodule.split_documents("test")
-            offsets = np.concatenate(
-                [[0], np.cumsum([len(d) + 1 for d in documents])]
-            )  # + 1: each document's EOS
-            row, sections["streaming_memory"] = streaming_perplexity(
-                scorer,
-                stream,
-                offsets,
-                settings.streaming.segment_length or train_length,
-                settings.batch_size,
-                settings.streaming.max_tokens,
-                count_bytes,
-            )
-            rows.append(row)
-    sections["perplexity"] = [row.as_dict() for row in rows]
-    sections["position_loss"] = positions
-    if settings.prefix_ablation.enabled:
-        with _timed(timings, "prefix_ablation"):
-            longest = settings.prefix_ablation.max_length or max(settings.context_lengths)
-            sections["prefix_ablation"] = prefix_ablation(
-                scorer, tokens, settings.prefix_ablation, longest, settings.batch_size
-            )
-    if settings.passkey.enabled:
-        with _timed(timings, "passkey"):
-            filler = stream[stream != tokenizer.eos_id]
-            lengths = settings.passkey.lengths or settings.context_lengths
-            sections["passkey"] = passkey_grid(
-                scorer, filler, tokenizer, settings.passkey, lengths, settings.batch_size
-            )
-    facts = _planted_facts(datamodule) if settings.fact_recall.enabled else []
-    if facts:
-        with _timed(timings, "fact_recall"):
-            lengths = settings.fact_recall.lengths or [train_length]
-            buckets = datamodule.data_cfg.get("distances")  # the corpus's planted distances
-            sections["fact_recall"] = fact_recall(
-                scorer,
-                facts,
-                tokenizer,
-                settings.fact_recall,
-                lengths,
-                settings.batch_size,
-                sorted(buckets) if buckets else None,
-            )
-
-    meta = _meta(cfg, datamodule, model, settings, checkpoint, started, timings)
-    paths = write_results(Path(output_dir), meta, sections)
+    meta = _meta(cfg, datamodule, ctx, settings, checkpoint, started, timings, work)
+    paths = write_results(Path(output_dir), meta, sections, units)
     log_to_wandb(sections, paths)
     _log_summary(sections, timings)
+    log.info("evaluation results: %s", paths["json"])
     return {"meta": meta, "rows": sections["perplexity"], "sections": sections, "paths": paths}
 
 
-def _planted_facts(datamodule) -> list:
-    """Facts of the test documents, for corpora that plant them (data.source=synthetic)."""
-    if datamodule.data_cfg.get("source") != "synthetic":
-        return []
-    from longctx.data.corpus import load_corpus
-
-    return planted_facts(load_corpus(datamodule.data_cfg)["test"])
-
-
-def _meta(cfg, datamodule, model, settings: EvalSettings, checkpoint, started, timings) -> dict:
+def _meta(cfg, datamodule, ctx, settings: EvalSettings, checkpoint, started, timings, work) -> dict:
     trainer = cfg.get("trainer") or {}
     return {
         "attention": cfg["attention"]["name"],
         "attention_options": _plain(cfg["attention"]),
         "model": _plain(cfg["model"]),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": sum(p.numel() for p in ctx.scorer.model.parameters()),
         "train_context_length": int(cfg["context_length"]),
         "train": {
             "max_steps": trainer.get("max_steps"),
@@ -148,11 +102,14 @@ def _meta(cfg, datamodule, model, settings: EvalSettings, checkpoint, started, t
         "tokenizer": datamodule.tokenizer.name,
         "vocab_size": datamodule.vocab_size,
         "split": "test",
-        "test_tokens": int(len(datamodule.split_tokens("test"))),
+        "test_tokens": int(len(ctx.stream)),
+        "test_documents": int(len(ctx.offsets) - 1),
         "test_utf8_bytes": int(datamodule.split_utf8_bytes("test")),
+        "test_digest": stream_digest(ctx.stream),
         "checkpoint": checkpoint,
         "eval_settings": settings_dict(settings),
         "eval_seconds": timings,
+        "eval_forward_tokens": work,
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "code_version": _code_version(),
@@ -185,25 +142,38 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
+def _interval(row: dict, key: str) -> str:
+    low, high = row.get(f"{key}_low"), row.get(f"{key}_high")
+    return "" if low is None or high is None else f" [{low:.4f}, {high:.4f}]"
+
+
 def _log_summary(sections: dict, timings: dict) -> None:
     for row in sections["perplexity"]:
         log.info(
-            "ctx %5d %-9s ppl %s bpb %s %s",
+            "ctx %5d %-9s ppl %s%s bpb %s, %d documents, %.1f%% of the split %s",
             row["context_length"],
             row["protocol"],
             _fmt(row["ppl"]),
+            _interval(row, "ppl"),
             _fmt(row["bpb"]),
+            row["documents"],
+            100 * (row["split_share"] or 0),
             row["skipped"] or "",
         )
     for row in sections.get("prefix_ablation", []):
         log.info(
-            "prefix %5d loss %s %s", row["prefix_length"], _fmt(row["loss"]), row["skipped"] or ""
+            "prefix %5d loss %s%s %s",
+            row["prefix_length"],
+            _fmt(row["loss"]),
+            _interval(row, "loss"),
+            row["skipped"] or "",
         )
     passkey = [r for r in sections.get("passkey", []) if r["accuracy"] is not None]
     if passkey:
         log.info(
-            "passkey accuracy %.3f over %d cells",
-            np.mean([r["accuracy"] for r in passkey]),
+            "passkey %d of %d trials correct over %d cells",
+            sum(r["correct"] for r in passkey),
+            sum(r["trials"] for r in passkey),
             len(passkey),
         )
     for row in sections.get("streaming_memory", []):
@@ -216,10 +186,12 @@ def _log_summary(sections: dict, timings: dict) -> None:
         )
     for row in sections.get("fact_recall", []):
         log.info(
-            "fact recall ctx %d distance %s accuracy %s",
+            "fact recall ctx %d distance %s: %d/%d correct%s",
             row["context_length"],
             row["distance"],
-            _fmt(row["accuracy"]),
+            row["correct"],
+            row["docs"],
+            _interval(row, "accuracy"),
         )
     log.info("evaluation seconds: %s", timings)
 

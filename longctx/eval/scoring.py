@@ -13,12 +13,17 @@ from torch.nn import functional as F
 from longctx.errors import ConfigError
 
 
-@dataclass(frozen=True)
+@dataclass
 class Scorer:
-    """A model in eval mode, where it runs, and how (fp32, or bf16 autocast)."""
+    """A model in eval mode, where it runs, and how (fp32, or bf16 autocast).
+
+    `forward_tokens` counts the input tokens of every forward call: the evaluation's work,
+    recorded per section in results.json (a count, comparable across machines).
+    """
 
     model: torch.nn.Module
     autocast: str | None = None
+    forward_tokens: int = 0
 
     @property
     def device(self) -> torch.device:
@@ -49,6 +54,7 @@ class Scorer:
     def nll(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """NLL (nats, float64, on the CPU) of targets[b, t] given inputs[b, :t+1]:
         one forward call."""
+        self.forward_tokens += inputs.numel()
         with self.autocast_context():
             logits = self.model(inputs.to(self.device))
         nll = F.cross_entropy(

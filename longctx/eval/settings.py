@@ -68,12 +68,29 @@ class StreamingSettings:
 
 
 @dataclass
+class BootstrapSettings:
+    """Intervals of every figure: documents (or trials) resampled, never tokens (stats.py)."""
+
+    resamples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+
+
+WINDOW_PLACEMENTS = ("spread", "prefix")
+
+
+@dataclass
 class EvalSettings:
     context_lengths: list[int] = field(default_factory=lambda: [64, 128, 256, 512, 1024])
     # null: non-overlapping windows; an integer: a stride in tokens; a fraction in (0, 1): that
     # fraction of each length (0.5: every scored token has at least half a window of context).
     strides: list[Any] = field(default_factory=lambda: [None, 0.5])
-    max_tokens: int = 65536  # scored tokens per (length, stride)
+    max_tokens: int | None = 65536  # scored tokens per (length, stride); null: the whole split
+    # spread: windows evenly spaced over the whole test split (each document's share follows its
+    # length); prefix: the first windows of the split (how evaluations were made before).
+    window_placement: str = "spread"
+    min_bin_tokens: int = 256  # loss-by-position bins with fewer tokens are flagged `few_tokens`
+    bootstrap: BootstrapSettings = field(default_factory=BootstrapSettings)
     batch_size: int = 8
     device: str = "auto"  # auto: cuda when available
     autocast: str | None = (
@@ -97,8 +114,20 @@ class EvalSettings:
                 f"eval.strides entry {stride!r} is not valid; use null (non-overlapping), "
                 "a positive integer (tokens) or a fraction in (0, 1) of the length"
             )
-        for key in ("max_tokens", "batch_size"):
-            _positive_ints([getattr(self, key)], f"eval.{key}")
+        if self.max_tokens is not None:
+            _positive_ints([self.max_tokens], "eval.max_tokens")
+        _positive_ints([self.batch_size, self.min_bin_tokens], "eval.batch_size/min_bin_tokens")
+        if self.window_placement not in WINDOW_PLACEMENTS:
+            raise ConfigError(
+                f"eval.window_placement={self.window_placement!r} is not valid; use spread "
+                "(windows over the whole test split) or prefix (the split's first windows)"
+            )
+        _positive_ints([self.bootstrap.resamples], "eval.bootstrap.resamples")
+        if not 0 < self.bootstrap.confidence < 1:
+            raise ConfigError(
+                f"eval.bootstrap.confidence={self.bootstrap.confidence!r} must lie in (0, 1), "
+                "e.g. 0.95"
+            )
         if self.device not in ("auto", "cpu") and not str(self.device).startswith("cuda"):
             raise ConfigError(
                 f"eval.device={self.device!r} is not valid; use auto, cpu or cuda[:index]"

@@ -39,6 +39,7 @@ from longctx.train.callbacks import (
 from longctx.train.checkpoint_io import AtomicCheckpointIO
 from longctx.train.csv_history import ResumableCSVLogger
 from longctx.train.data_checks import check_data_sources, check_enough_data
+from longctx.train.metrics_file import MetricsFile
 from longctx.train.module import LanguageModelTask
 from longctx.train.resume import command_line_overrides, continue_run, explicit_setting
 from longctx.train.run_dir import claim_run_dir, refuse_another_runs_dir, remove_stale_partial_files
@@ -131,6 +132,7 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> tuple[list[Callback], 
         RandomStateCheckpoint(),
         StreamStateCheckpoint(every),
         LearningRateMonitor(logging_interval="step"),
+        MetricsFile(output_dir),
         ThroughputMonitor(
             batch_size_fn=lambda batch: batch["input_ids"].shape[0],
             length_fn=lambda batch: batch["input_ids"].numel(),
