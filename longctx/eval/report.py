@@ -23,6 +23,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from longctx.core.files import atomic_write_text
+from longctx.errors import ConfigError
 from longctx.eval import plots
 from longctx.eval.costs import load_bench, run_costs
 from longctx.eval.outputs import csv_text
@@ -487,6 +488,9 @@ def write_report(report_cfg, out_dir: Path, command: str | None = None) -> dict:
     )
     if not runs:
         raise FileNotFoundError(f"no results.json under report.runs={patterns}")
+    recall_probes = [run for run in runs if run.results.get("mqar")]
+    if recall_probes:  # data=mqar: compared by recall accuracy and state size, not perplexity
+        return _mqar_report(runs, recall_probes, missing, patterns, out_dir, report_cfg, command)
     figures, records = (
         {},
         [list(SUMMARY_COLUMNS) + ["data", "tokenizer", "train_context_length", "cost_sources"]],
@@ -512,6 +516,19 @@ def write_report(report_cfg, out_dir: Path, command: str | None = None) -> dict:
     atomic_write_text(out_dir / "report.csv", csv_text(records))
     _log_report_to_wandb(records, figures)
     return {"runs": runs, "missing": missing, "markdown": out_dir / "report.md", "figures": figures}
+
+
+def _mqar_report(runs, recall_probes, missing, patterns, out_dir, report_cfg, command) -> dict:
+    from longctx.eval.mqar_report import write_mqar_report
+
+    if len(recall_probes) != len(runs):
+        raise ConfigError(
+            f"report.runs={patterns} mixes {len(recall_probes)} data=mqar runs with "
+            f"{len(runs) - len(recall_probes)} corpus runs; report each kind separately"
+        )
+    title = report_cfg.get("title") or "Multi-query associative recall"
+    provenance = _provenance(runs, missing, patterns, command)
+    return write_mqar_report(runs, provenance, out_dir, title)
 
 
 def _log_report_to_wandb(records: list[list], figures: dict) -> None:

@@ -22,8 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from longctx.checkpoints import model_from_checkpoint
 from longctx.core.device import resolve_device
 from longctx.data import build_datamodule
+from longctx.data.mqar import MQARDataModule
 from longctx.errors import ConfigError
 from longctx.eval.fact_recall import fact_recall, planted_facts
+from longctx.eval.mqar import mqar_sections
 from longctx.eval.outputs import log_to_wandb, write_results
 from longctx.eval.passkey import passkey_grid
 from longctx.eval.perplexity import perplexity_by_context_length
@@ -49,6 +51,13 @@ def evaluate_model(model, datamodule, cfg, output_dir: Path, checkpoint: str | N
     settings = eval_settings(cfg.get("eval"))
     started = datetime.now(timezone.utc)
     scorer = Scorer(model.to(resolve_device(settings.device)).eval(), settings.autocast)
+    if isinstance(datamodule, MQARDataModule):  # a recall probe, not a corpus: its own sections
+        timings = {}
+        with _timed(timings, "mqar"):
+            sections = mqar_sections(scorer, datamodule, settings.batch_size)
+        return _write(
+            output_dir, sections, timings, cfg, datamodule, model, settings, checkpoint, started
+        )
     tokenizer = datamodule.tokenizer
     count_bytes = byte_counter(tokenizer)
     stream = np.asarray(datamodule.split_tokens("test"), dtype=np.int64)
@@ -114,11 +123,23 @@ def evaluate_model(model, datamodule, cfg, output_dir: Path, checkpoint: str | N
                 sorted(buckets) if buckets else None,
             )
 
+    return _write(
+        output_dir, sections, timings, cfg, datamodule, model, settings, checkpoint, started
+    )
+
+
+def _write(output_dir, sections, timings, cfg, datamodule, model, settings, checkpoint, started):
+    """results.json, CSVs, plots and wandb for the sections; returns what evaluate_model returns."""
     meta = _meta(cfg, datamodule, model, settings, checkpoint, started, timings)
     paths = write_results(Path(output_dir), meta, sections)
     log_to_wandb(sections, paths)
     _log_summary(sections, timings)
-    return {"meta": meta, "rows": sections["perplexity"], "sections": sections, "paths": paths}
+    return {
+        "meta": meta,
+        "rows": sections.get("perplexity", []),
+        "sections": sections,
+        "paths": paths,
+    }
 
 
 def _planted_facts(datamodule) -> list:
@@ -143,19 +164,28 @@ def _meta(cfg, datamodule, model, settings: EvalSettings, checkpoint, started, t
             "batch_size": cfg.get("batch_size"),
             "precision": trainer.get("precision"),
             "seed": cfg.get("seed"),
+            "lr": (cfg.get("optim") or {}).get("lr"),
         },
         "data": cfg["data"]["name"],
-        "tokenizer": datamodule.tokenizer.name,
         "vocab_size": datamodule.vocab_size,
         "split": "test",
-        "test_tokens": int(len(datamodule.split_tokens("test"))),
-        "test_utf8_bytes": int(datamodule.split_utf8_bytes("test")),
+        **_corpus_meta(datamodule),
         "checkpoint": checkpoint,
         "eval_settings": settings_dict(settings),
         "eval_seconds": timings,
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "code_version": _code_version(),
+    }
+
+
+def _corpus_meta(datamodule) -> dict:
+    if isinstance(datamodule, MQARDataModule):  # token ids generated directly: no tokenizer
+        return {"tokenizer": "none"}
+    return {
+        "tokenizer": datamodule.tokenizer.name,
+        "test_tokens": int(len(datamodule.split_tokens("test"))),
+        "test_utf8_bytes": int(datamodule.split_utf8_bytes("test")),
     }
 
 
@@ -186,7 +216,16 @@ def _fmt(value) -> str:
 
 
 def _log_summary(sections: dict, timings: dict) -> None:
-    for row in sections["perplexity"]:
+    for row in sections.get("mqar", []):
+        log.info(
+            "mqar %-10s seq_len %4d pairs %3d accuracy %s %s",
+            row["split"],
+            row["seq_len"],
+            row["num_pairs"],
+            _fmt(row["accuracy"]),
+            row["skipped"] or "",
+        )
+    for row in sections.get("perplexity", []):
         log.info(
             "ctx %5d %-9s ppl %s bpb %s %s",
             row["context_length"],

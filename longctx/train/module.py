@@ -65,8 +65,16 @@ class LanguageModelTask(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss = self._loss(self.model(batch["input_ids"]), batch["targets"])
+        logits, targets = self.model(batch["input_ids"]), batch["targets"]
+        loss = self._loss(logits, targets)
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True)
+        # Greedy next-token accuracy over the scored targets (-100 = unscored, as in the loss):
+        # on data=mqar the answers alone, what early stopping on recall watches.
+        scored = targets != -100
+        correct = (logits.argmax(dim=-1)[scored] == targets[scored]).float()
+        self.log(
+            "val/accuracy", correct.mean(), on_epoch=True, sync_dist=True, batch_size=len(correct)
+        )
 
     def on_validation_epoch_end(self) -> None:
         loss = self.trainer.callback_metrics.get("val/loss")

@@ -1,0 +1,214 @@
+"""data=mqar: the generator's format, determinism and gaps; its DataModule; MQAR scoring; the
+streaming state size; and that a tiny `full` model learns recall that a 1-token window cannot."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import compose_config, model_config
+from omegaconf import open_dict
+
+from longctx.data import build_datamodule
+from longctx.data.mqar import (
+    IGNORE_INDEX,
+    MQARDataModule,
+    MQARTask,
+    answer_distances,
+    generate_mqar,
+)
+from longctx.errors import ConfigError
+from longctx.eval.mqar import mqar_sections, split_accuracy
+from longctx.eval.scoring import Scorer
+from longctx.eval.state_size import streaming_state_size
+from longctx.model import build_model
+
+TASK = MQARTask(vocab_size=64, seq_len=48, num_pairs=6, num_queries=4, power_a=0.5)
+
+
+def test_examples_state_pairs_then_ask_some_keys_for_their_values():
+    examples = generate_mqar(TASK, 200, seed=3)
+    assert examples.inputs.shape == examples.targets.shape == (200, 48)
+    half, pairs = TASK.vocab_size // 2, TASK.num_pairs
+    for inputs, targets in zip(examples.inputs.tolist(), examples.targets.tolist()):
+        keys, values = inputs[0 : 2 * pairs : 2], inputs[1 : 2 * pairs : 2]
+        assert all(k < half for k in keys) and all(v >= half for v in values)
+        assert len(set(keys)) == len(set(values)) == pairs
+        answers = [t for t, target in enumerate(targets) if target != IGNORE_INDEX]
+        assert len(answers) == TASK.queries
+        stated = dict(zip(keys, values))
+        asked = [inputs[t] for t in answers]
+        assert len(set(asked)) == TASK.queries  # each asked key once
+        for t in answers:
+            assert t >= 2 * pairs and (t - 2 * pairs) % 2 == 0  # first token of a slot
+            assert targets[t] == stated[inputs[t]]  # the target is the value stated with the key
+        filler = [x for t, x in enumerate(inputs) if t >= 2 * pairs and t not in answers]
+        assert not set(filler) & set(keys)  # a key occurs only at its statement and its query
+        assert all(0 <= x < TASK.vocab_size for x in inputs)
+
+
+def test_generation_is_a_function_of_the_seed():
+    first, again = generate_mqar(TASK, 50, seed=7), generate_mqar(TASK, 50, seed=7)
+    assert torch.equal(first.inputs, again.inputs) and torch.equal(first.targets, again.targets)
+    other = generate_mqar(TASK, 50, seed=8)
+    assert not torch.equal(first.inputs, other.inputs)
+
+
+def test_query_slots_follow_the_power_law():
+    """One query per example: the slot index s is drawn with p(s) ~ (s + 1) ** (a - 1)."""
+    task = MQARTask(vocab_size=64, seq_len=28, num_pairs=4, num_queries=1, power_a=0.3)
+    examples = generate_mqar(task, 40_000, seed=0)
+    position = (examples.targets != IGNORE_INDEX).int().argmax(dim=1)
+    slots = ((position - 2 * task.num_pairs) // 2).numpy()
+    observed = np.bincount(slots, minlength=task.slots) / len(slots)
+    expected = task.slot_probabilities()
+    assert expected[0] > 3 * expected[-1]  # a real power law, not near-uniform
+    # 40k draws: the standard error of each frequency is at most 0.0025.
+    np.testing.assert_allclose(observed, expected, atol=0.01)
+
+
+def test_several_queries_are_drawn_without_replacement_favouring_early_slots():
+    examples = generate_mqar(TASK, 4000, seed=1)
+    position = (examples.targets != IGNORE_INDEX).nonzero()[:, 1]
+    counts = np.bincount(((position - 2 * TASK.num_pairs) // 2).numpy(), minlength=TASK.slots)
+    assert counts.sum() == 4000 * TASK.queries
+    assert counts[0] > counts[TASK.slots // 2] > counts[-1]
+
+
+def test_answer_distances_count_tokens_from_statement_to_query():
+    inputs = torch.tensor([[3, 40, 5, 41, 9, 50, 5, 60, 3, 61]])
+    targets = torch.full_like(inputs, IGNORE_INDEX)
+    targets[0, 6], targets[0, 8] = 41, 40
+    assert answer_distances(inputs, targets).tolist() == [4, 8]
+
+
+@pytest.mark.parametrize(
+    "settings, match",
+    [
+        (dict(vocab_size=8, num_pairs=5), "raise data.vocab_size"),
+        (dict(seq_len=12, num_pairs=4), "raise seq_len to at least 16"),
+        (dict(num_queries=9), "num_queries=9 must lie in 1..num_pairs"),
+        (dict(power_a=0.0), "power_a must be positive"),
+    ],
+)
+def test_impossible_settings_are_refused_with_the_fix(settings, match):
+    values = dict(vocab_size=64, seq_len=64, num_pairs=4) | settings
+    with pytest.raises(ConfigError, match=match):
+        MQARTask(**values)
+
+
+def _mqar_cfg(*overrides: str, **data):
+    cfg = compose_config("data=mqar", "model=tiny", "context_length=64", "batch_size=8", *overrides)
+    with open_dict(cfg):
+        for key, value in data.items():
+            cfg.data[key] = value
+    return cfg
+
+
+SMALL = dict(
+    vocab_size=32,
+    train_settings=[
+        {"seq_len": 32, "num_pairs": 2, "examples": 40},
+        {"seq_len": 64, "num_pairs": 4, "examples": 24},
+    ],
+    test_settings=[{"seq_len": 64, "num_pairs": 8, "examples": 10}],
+    validation_examples=16,
+)
+
+
+def test_datamodule_batches_hold_one_setting_and_splits_use_their_own_seeds():
+    datamodule = build_datamodule(_mqar_cfg(**SMALL), ordered_stream=False)
+    assert isinstance(datamodule, MQARDataModule) and datamodule.vocab_size == 32
+    datamodule.setup("fit")
+    batches = list(datamodule.train_dataloader())
+    assert sorted(b["input_ids"].shape[1] for b in batches) == [32] * 5 + [64] * 3  # full only
+    assert all(b["input_ids"].shape[0] == 8 and "reset" not in b for b in batches)
+    validation = list(datamodule.val_dataloader())
+    assert [b["input_ids"].shape for b in validation] == [(8, 32), (8, 32), (8, 64), (8, 64)]
+    train, held_out = datamodule.split("train"), datamodule.split("validation")
+    assert not torch.equal(train.parts[0].inputs[:16], held_out.parts[0].inputs)
+    test = datamodule.split("test")
+    assert test.settings[0].num_pairs == 8 and len(test) == 10
+
+
+def test_batch_tokens_sizes_each_settings_batches_by_its_length():
+    datamodule = build_datamodule(_mqar_cfg(**SMALL, batch_tokens=256), ordered_stream=False)
+    datamodule.setup("fit")
+    shapes = sorted(tuple(b["input_ids"].shape) for b in datamodule.train_dataloader())
+    assert shapes == [(4, 64)] * 6 + [(8, 32)] * 5
+    with pytest.raises(ConfigError, match="batch_tokens=32 must be an integer of at least"):
+        build_datamodule(_mqar_cfg(**SMALL, batch_tokens=32), ordered_stream=False)
+
+
+def test_ordered_sampling_starts_every_example_as_a_new_stream():
+    datamodule = build_datamodule(_mqar_cfg(**SMALL), ordered_stream=True)
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    assert batch["reset"].dtype == torch.bool and bool(batch["reset"].all())
+
+
+def test_a_setting_longer_than_the_context_length_is_refused():
+    settings = dict(SMALL, test_settings=[{"seq_len": 128, "num_pairs": 8, "examples": 4}])
+    with pytest.raises(ConfigError, match="raise context_length"):
+        build_datamodule(_mqar_cfg(**settings), ordered_stream=False)
+
+
+def test_scoring_counts_greedy_answers_by_setting_and_distance():
+    """An oracle model that predicts each example's answers scores 1; a model that predicts
+    token 0 everywhere scores 0 (0 is never a value)."""
+    datamodule = build_datamodule(_mqar_cfg(**SMALL), ordered_stream=False)
+    split = datamodule.split("test")
+    examples = split.parts[0]
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, answer: bool):
+            super().__init__()
+            self.answer, self.weight = answer, torch.nn.Parameter(torch.zeros(1))
+            self.backend = build_model(model_config("full"), 32).backend
+            self.dims = build_model(model_config("full"), 32).dims
+
+        def forward(self, ids):
+            row = next(i for i in range(len(examples)) if torch.equal(examples.inputs[i], ids[0]))
+            wanted = examples.targets[row : row + len(ids)].clamp(min=0) if self.answer else 0
+            predicted = torch.zeros(len(ids), ids.shape[1], dtype=torch.long) + wanted
+            return torch.nn.functional.one_hot(predicted, 32).float()
+
+    for answer, accuracy in ((True, 1.0), (False, 0.0)):
+        rows, by_distance = split_accuracy(Scorer(Oracle(answer)), split, "test", batch_size=4)
+        assert rows[0]["answers"] == 10 * 8 and rows[0]["accuracy"] == accuracy
+        assert sum(r["answers"] for r in by_distance) == 80
+        for row in by_distance:
+            assert row["distance_start"] * 2 == row["distance_end"]
+            assert row["accuracy"] == accuracy
+
+
+def _state_bytes(attention: str, options: dict, length: int) -> int:
+    model = build_model(model_config(attention, options, "context_length=256"), 32).eval()
+    return streaming_state_size(model, length, 32)["bytes"]
+
+
+def test_state_size_is_measured_from_the_streaming_state():
+    """full keeps K and V of every token: 2 layers x (K + V) x d_model fp32 values per token
+    (tiny: d_model 64), plus the position counter; a window keeps at most its last W tokens;
+    linear attention keeps a constant state."""
+    per_token = 2 * 2 * 64 * 4
+    full_64, full_128 = _state_bytes("full", {}, 64), _state_bytes("full", {}, 128)
+    assert full_128 - full_64 == 64 * per_token
+    window_64, window_128 = (_state_bytes("sliding_window", {"window": 16}, n) for n in (64, 128))
+    assert window_64 == window_128 <= full_64 // 4 + 64
+    linear = [_state_bytes("linear", {}, n) for n in (16, 64, 256)]
+    assert linear[0] == linear[1] == linear[2] > 0
+
+
+def test_mqar_sections_report_both_splits_and_state_sizes():
+    datamodule = build_datamodule(_mqar_cfg(**SMALL), ordered_stream=False)
+    model = build_model(_mqar_cfg(**SMALL), 32).eval()
+    sections = mqar_sections(Scorer(model), datamodule, batch_size=8)
+    assert [(r["split"], r["seq_len"], r["num_pairs"]) for r in sections["mqar"]] == [
+        ("validation", 32, 2),
+        ("validation", 64, 4),
+        ("test", 64, 8),
+    ]
+    assert all(0 <= r["accuracy"] <= 1 for r in sections["mqar"])
+    assert [r["length"] for r in sections["state_size"]] == [64]
+    assert {r["split"] for r in sections["mqar_distance"]} == {"test"}
