@@ -189,22 +189,30 @@ def test_scoring_counts_greedy_answers_by_setting_and_distance():
             assert row["accuracy"] == accuracy
 
 
-def _state_bytes(attention: str, options: dict, length: int) -> int:
+def _state(attention: str, options: dict, length: int) -> dict:
     model = build_model(model_config(attention, options, "context_length=256"), 32).eval()
-    return streaming_state_size(model, length, 32)["bytes"]
+    return streaming_state_size(model, length, 32)
 
 
 def test_state_size_is_measured_from_the_streaming_state():
     """full keeps K and V of every token: 2 layers x (K + V) x d_model fp32 values per token
     (tiny: d_model 64), plus the position counter; a window keeps at most its last W tokens;
-    linear attention keeps a constant state."""
+    linear attention keeps a constant state; local attention empties its state at each block
+    boundary, so its peak (just before one) is what decoding needs."""
     per_token = 2 * 2 * 64 * 4
-    full_64, full_128 = _state_bytes("full", {}, 64), _state_bytes("full", {}, 128)
-    assert full_128 - full_64 == 64 * per_token
-    window_64, window_128 = (_state_bytes("sliding_window", {"window": 16}, n) for n in (64, 128))
-    assert window_64 == window_128 <= full_64 // 4 + 64
-    linear = [_state_bytes("linear", {}, n) for n in (16, 64, 256)]
+    full_64, full_128 = _state("full", {}, 64), _state("full", {}, 128)
+    assert full_128["bytes"] - full_64["bytes"] == 64 * per_token
+    assert full_64["peak_bytes"] == full_64["bytes"]
+    window_64, window_128 = (_state("sliding_window", {"window": 16}, n) for n in (64, 128))
+    assert window_64["bytes"] == window_128["bytes"] == window_128["peak_bytes"]
+    assert window_64["peak_bytes"] <= 16 * per_token + 8
+    linear = [_state("linear", {}, n)["bytes"] for n in (16, 64, 128)]
     assert linear[0] == linear[1] == linear[2] > 0
+    local = _state("local", {"block_size": 16}, 64)
+    assert local["bytes"] == 8  # a block boundary: only the position counter is left
+    # Just before a boundary it holds the 15 earlier positions of its block, as a 16-token
+    # window holds its 15 earlier positions (K, V and their positions).
+    assert local["peak_bytes"] == window_64["peak_bytes"] >= 15 * per_token
 
 
 def test_mqar_sections_report_both_splits_and_state_sizes():

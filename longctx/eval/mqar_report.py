@@ -42,7 +42,7 @@ class MQARRun:
     validation: dict  # (seq_len, num_pairs) -> accuracy
     test: dict  # (seq_len, num_pairs) -> accuracy
     by_distance: dict  # (distance_start, distance_end) -> (correct, answers), test settings pooled
-    state_bytes: dict  # length -> bytes per sequence
+    state_bytes: dict  # length -> peak bytes per sequence while decoding that many tokens
     steps: int | None
     steps_to_99: int | None
     train_seconds: float | None
@@ -106,7 +106,7 @@ def mqar_run(run) -> MQARRun:
         validation=dict(accuracy["validation"]),
         test=dict(accuracy["test"]),
         by_distance={k: tuple(v) for k, v in pooled.items()},
-        state_bytes={row["length"]: row["bytes"] for row in r.get("state_size", [])},
+        state_bytes={row["length"]: row["peak_bytes"] for row in r.get("state_size", [])},
         steps=steps,
         steps_to_99=steps_to_99,
         train_seconds=run.cost.get("train_seconds"),
@@ -273,7 +273,7 @@ def plot_frontier(cells: list[Cell], path: Path) -> Path:
                 label=f"{cell.arm}, d={cell.width}",
             )
         ax.set_xscale("log")
-        ax.set_xlabel(f"streaming state after {setting[0]} tokens (bytes per sequence)")
+        ax.set_xlabel(f"streaming state, peak over {setting[0]} tokens (bytes per sequence)")
         ax.set_ylabel("MQAR test accuracy (%)")
         ax.set_ylim(-2, 102)
         ax.set_title(f"L={setting[0]}, {setting[1]} pairs")
@@ -331,8 +331,9 @@ def write_mqar_report(report_runs, provenance: list[str], out_dir: Path, title: 
         *provenance,
         "",
         "MQAR test accuracy (%) per setting, each arm at its best learning rate on the validation "
-        "split (mean ± standard deviation over seeds where several ran); state = streaming state "
-        "bytes per sequence after the longest tested length, measured from `init_state`/`step`; "
+        "split (mean ± standard deviation over seeds where several ran); state = the largest "
+        "streaming state of one sequence while decoding the longest tested length token by "
+        "token, measured from `init_state`/`step`; "
         "steps = optimizer steps trained per seed (training stops once validation accuracy passes "
         "99%); train s = training wall time summed over the seeds (a shared machine).",
         "",

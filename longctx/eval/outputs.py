@@ -76,7 +76,7 @@ SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
             "accuracy",
         ),  # fmt: skip
     ),
-    "state_size": ("state_size.csv", ("length", "tensors", "bytes")),
+    "state_size": ("state_size.csv", ("length", "tensors", "bytes", "peak_bytes")),
 }
 
 

@@ -1,11 +1,12 @@
-"""Streaming state size: the bytes a model holds per sequence to continue decoding after n tokens.
+"""Streaming state size: the bytes a model holds per sequence to continue decoding.
 
-Measured, not derived from a formula: a batch of one sequence runs through the model's own
-`init_state` and `step` (a prefill of n - 1 tokens, then one decoding step), and every tensor of
-the resulting state is counted (numel * element size). Growing states (a K/V cache) are thereby
-sized at the length evaluated, bounded ones (a window, a block) at what they really keep, and
-constant ones (linear attention, RWKV) at their fixed size. The state includes every layer's
-mixer and feed-forward state and the position counter.
+Measured, not derived from a formula: one sequence is decoded token by token through the
+model's own `init_state` and `step`, and after every token each tensor of the state is counted
+(numel * element size; every layer's mixer and feed-forward state and the position counter).
+`bytes` is the state after n tokens, `peak_bytes` the largest after any of tokens 1..n: a growing
+K/V cache peaks at n, a window stays at its size, and a state that empties at block or segment
+boundaries (local attention's current block, Transformer-XL's current segment) peaks just
+before one, which the state after exactly n tokens can miss.
 """
 
 from __future__ import annotations
@@ -24,14 +25,16 @@ def state_bytes(state) -> tuple[int, int]:
 
 @torch.no_grad()
 def streaming_state_size(model, length: int, vocab_size: int, seed: int = 0) -> dict:
-    """The state after `length` tokens of one sequence: {length, tensors, bytes}."""
-    if length < 2:
-        raise ValueError(f"state size needs a length of at least 2 tokens, got {length}")
+    """The state of one sequence decoded for `length` tokens: {length, tensors, bytes,
+    peak_bytes}."""
+    if length < 1:
+        raise ValueError(f"state size needs a length of at least 1 token, got {length}")
     device = next(model.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab_size, (1, length), generator=generator).to(device)
-    state = model.init_state(1)
-    _, state = model.step(ids[:, :-1], state)
-    _, state = model.step(ids[:, -1:], state)
-    tensors, nbytes = state_bytes(state)
-    return {"length": length, "tensors": tensors, "bytes": nbytes}
+    state, peak = model.init_state(1), 0
+    for position in range(length):
+        _, state = model.step(ids[:, position : position + 1], state)
+        tensors, nbytes = state_bytes(state)
+        peak = max(peak, nbytes)
+    return {"length": length, "tensors": tensors, "bytes": nbytes, "peak_bytes": peak}
