@@ -248,15 +248,16 @@ def test_the_training_loss_scores_the_answers_alone():
 
 TINY_TASK = (
     "data.vocab_size=16",
-    "data.train_settings=[{seq_len:16,num_pairs:2,examples:20000}]",
+    "data.train_settings=[{seq_len:16,num_pairs:2,examples:40000}]",
     "data.test_settings=[{seq_len:16,num_pairs:2,examples:200}]",
-    "data.validation_examples=128",
+    "data.validation_examples=256",
 )
 
 
 def _tiny_run(out, *overrides: str):
-    """A seeded fit of a 2-layer, width-32 model on 16-token examples with 2 pairs, evaluated
-    after the fit (results.json), stopping once validation accuracy passes 95%."""
+    """A seeded fit of a 2-layer, width-32 model on 16-token examples with 2 pairs (batches of
+    128, constant learning rate after warmup), evaluated after the fit (results.json); it stops
+    once validation accuracy passes 95%."""
     cfg = compose_config(
         "data=mqar",
         "model=mqar",
@@ -264,11 +265,12 @@ def _tiny_run(out, *overrides: str):
         "trainer=debug",
         "logger=csv",
         "context_length=16",
-        "batch_size=64",
+        "batch_size=128",
         "seed=0",
         "optim.lr=3e-3",
+        "optim.min_lr_ratio=1.0",
         "optim.warmup_steps=50",
-        "trainer.max_steps=600",
+        "trainer.max_steps=1200",
         "trainer.val_check_interval=50",
         "trainer.limit_val_batches=null",
         "+callbacks={stop:{_target_:lightning.pytorch.callbacks.EarlyStopping,"
@@ -298,26 +300,71 @@ def _test_accuracy(results: dict) -> float:
     return next(r["accuracy"] for r in results["mqar"] if r["split"] == "test")
 
 
+@pytest.mark.slow  # two fits of up to 1200 steps: minutes on a shared 2-core CPU
 def test_tiny_full_attention_learns_recall_that_a_one_token_window_cannot(tiny_runs):
     """Two pairs: knowing only which values occur scores 50%, guessing 1/8. Full attention
     passes 90% on unseen test examples within the budget; a window of one token sees only the
-    queried key and stays near chance."""
+    queried key and stays near chance. How many steps attention needs is a seed-dependent phase
+    change (docs/results/mqar_cpu/README.md): with seed 0 it breaks out after about 800 steps
+    and stops at 95% validation accuracy before 900."""
     full, window = (_test_accuracy(tiny_runs[k][1]) for k in ("full", "window"))
     assert full > 0.9, full
     assert window < 0.3, window
 
 
-def test_report_tables_and_plots_the_frontier_from_measured_state(tiny_runs, tmp_path):
+def _fake_run(root, name: str, options: dict, lr: float, seed: int, validation: float,
+              test: float, state: int):  # fmt: skip
+    """A run directory with the results.json an MQAR evaluation writes (numbers chosen)."""
+    run = root / f"{name}-{options}-{lr}-{seed}"
+    run.mkdir(parents=True)
+    rows = [
+        {"split": split, "seq_len": 64, "num_pairs": 4, "examples": 10, "answers": 40,
+         "correct": round(40 * accuracy), "accuracy": accuracy, "skipped": None}
+        for split, accuracy in (("validation", validation), ("test", test))
+    ]  # fmt: skip
+    results = {
+        "attention": name, "attention_options": {"name": name, "kernel": "auto", **options},
+        "model": {"d_model": 64}, "parameters": 1, "train_context_length": 64,
+        "train": {"seed": seed, "lr": lr}, "data": "mqar", "tokenizer": "none",
+        "mqar": rows,
+        "mqar_distance": [{"split": "test", "seq_len": 64, "num_pairs": 4, "distance_start": 8,
+                           "distance_end": 16, "answers": 40, "correct": round(40 * test),
+                           "accuracy": test}],
+        "state_size": [{"length": 64, "tensors": 5, "bytes": state, "peak_bytes": state}],
+    }  # fmt: skip
+    (run / "results.json").write_text(json.dumps(results))
+    return run
+
+
+def test_report_keeps_each_cell_at_its_best_validation_rate_and_plots_the_frontier(tmp_path):
+    """Each (arm, width) is reported at the learning rate with the best validation accuracy
+    (never chosen on the test split), with the mean and spread over that rate's seeds."""
+    runs = [
+        _fake_run(tmp_path, "full", {}, 1e-3, 1, 0.5, 0.9, 65544),  # worse on validation
+        _fake_run(tmp_path, "full", {}, 3e-3, 1, 0.9, 0.8, 65544),
+        _fake_run(tmp_path, "full", {}, 3e-3, 2, 0.9, 0.6, 65544),
+        _fake_run(tmp_path, "sliding_window", {"window": 16}, 3e-3, 1, 0.3, 0.25, 15608),
+    ]
     out = tmp_path / "report"
     result = write_report(
-        OmegaConf.create({"runs": [str(d) for d, _ in tiny_runs.values()], "output_dir": str(out)}),
-        out,
+        OmegaConf.create({"runs": [str(r) for r in runs], "output_dir": str(out)}), out
     )
     text = (out / "report.md").read_text()
-    assert "| full | 32 | 0.003 | 1 |" in text
-    assert "| sliding_window (window=1) | 32 |" in text
+    assert "| full | 64 | 0.003 | 2 | 70.0 ± 10.0 | 64.0 KiB |" in text
+    assert "| sliding_window (window=16) | 64 | 0.003 | 1 | 25.0 | 15.2 KiB |" in text
+    assert "| full | 64 | 50.0 | 90.0 |" in text  # the learning-rate sweep, validation
     assert set(result["figures"]) == {"accuracy_vs_length", "state_frontier"}
     assert all(path.stat().st_size > 0 for path in result["figures"].values())
     rows = list(csv.DictReader((out / "report.csv").open()))
-    full_state = {r["state_bytes"] for r in rows if r["arm"] == "full" and r["split"] == "test"}
-    assert full_state == {str(tiny_runs["full"][1]["state_size"][0]["bytes"])}
+    assert len(rows) == 8 and {r["state_bytes"] for r in rows if r["arm"] == "full"} == {"65544"}
+
+
+def test_a_report_mixing_mqar_and_corpus_runs_is_refused(tmp_path):
+    mqar = _fake_run(tmp_path, "full", {}, 3e-3, 1, 0.9, 0.8, 65544)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    results = json.loads((mqar / "results.json").read_text()) | {"mqar": [], "data": "bundled"}
+    (corpus / "results.json").write_text(json.dumps(results))
+    cfg = OmegaConf.create({"runs": [str(mqar), str(corpus)], "output_dir": str(tmp_path / "r")})
+    with pytest.raises(ConfigError, match="report each kind separately"):
+        write_report(cfg, tmp_path / "r")
