@@ -189,9 +189,9 @@ def test_scoring_counts_greedy_answers_by_setting_and_distance():
             assert row["accuracy"] == accuracy
 
 
-def _state(attention: str, options: dict, length: int) -> dict:
-    model = build_model(model_config(attention, options, "context_length=256"), 32).eval()
-    return streaming_state_size(model, length, 32)
+def _states(attention: str, options: dict, *lengths: int) -> list[dict]:
+    model = build_model(model_config(attention, options, "context_length=64"), 32).eval()
+    return [streaming_state_size(model, length, 32) for length in lengths]
 
 
 def test_state_size_is_measured_from_the_streaming_state():
@@ -200,19 +200,19 @@ def test_state_size_is_measured_from_the_streaming_state():
     linear attention keeps a constant state; local attention empties its state at each block
     boundary, so its peak (just before one) is what decoding needs."""
     per_token = 2 * 2 * 64 * 4
-    full_64, full_128 = _state("full", {}, 64), _state("full", {}, 128)
-    assert full_128["bytes"] - full_64["bytes"] == 64 * per_token
-    assert full_64["peak_bytes"] == full_64["bytes"]
-    window_64, window_128 = (_state("sliding_window", {"window": 16}, n) for n in (64, 128))
-    assert window_64["bytes"] == window_128["bytes"] == window_128["peak_bytes"]
-    assert window_64["peak_bytes"] <= 16 * per_token + 8
-    linear = [_state("linear", {}, n)["bytes"] for n in (16, 64, 128)]
+    full_32, full_48 = _states("full", {}, 32, 48)
+    assert full_48["bytes"] - full_32["bytes"] == 16 * per_token
+    assert full_32["peak_bytes"] == full_32["bytes"]
+    window_32, window_48 = _states("sliding_window", {"window": 16}, 32, 48)
+    assert window_32["bytes"] == window_48["bytes"] == window_48["peak_bytes"]
+    assert window_32["peak_bytes"] <= 16 * per_token + 8
+    linear = [state["bytes"] for state in _states("linear", {}, 8, 24, 48)]
     assert linear[0] == linear[1] == linear[2] > 0
-    local = _state("local", {"block_size": 16}, 64)
+    (local,) = _states("local", {"block_size": 16}, 32)
     assert local["bytes"] == 8  # a block boundary: only the position counter is left
     # Just before a boundary it holds the 15 earlier positions of its block, as a 16-token
     # window holds its 15 earlier positions (K, V and their positions).
-    assert local["peak_bytes"] == window_64["peak_bytes"] >= 15 * per_token
+    assert local["peak_bytes"] == window_32["peak_bytes"] >= 15 * per_token
 
 
 def test_mqar_sections_report_both_splits_and_state_sizes():
