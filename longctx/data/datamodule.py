@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 from longctx.data.config import to_plain_dict
 from longctx.data.corpus import corpus_fingerprint, load_corpus
 from longctx.data.locks import exclusive_lock
+from longctx.data.mqar import MQARDataModule
 from longctx.data.packing import (
     OrderedStream,
     PackedWindows,
@@ -259,14 +260,19 @@ class LongDocDataModule(L.LightningDataModule):
         return float(-(probs * np.log(probs)).sum())
 
 
-def build_datamodule(cfg: Mapping, ordered_stream: bool) -> LongDocDataModule:
+def build_datamodule(cfg: Mapping, ordered_stream: bool) -> LongDocDataModule | MQARDataModule:
     """The DataModule of a composed root config (`data`, `tokenizer`, lengths, batch, seed)."""
+    sampling = "ordered" if ordered_stream else "packed"
+    if cfg["data"].get("source") == "mqar":  # generated recall examples, no corpus or tokenizer
+        return MQARDataModule(
+            cfg["data"], cfg["context_length"], cfg["batch_size"], sampling, cfg["seed"]
+        )
     return LongDocDataModule(
         data_cfg=cfg["data"],
         tokenizer_cfg=cfg["tokenizer"],
         context_length=cfg["context_length"],
         batch_size=cfg["batch_size"],
         num_workers=cfg["num_workers"],
-        sampling="ordered" if ordered_stream else "packed",
+        sampling=sampling,
         seed=cfg["seed"],
     )

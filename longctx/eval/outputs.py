@@ -101,7 +101,28 @@ SECTIONS: dict[str, tuple[str, tuple[str, ...]]] = {
             "skipped",
         ),
     ),
+    # data=mqar (longctx/eval/mqar.py)
+    "mqar": (
+        "mqar.csv",
+        ("split", "seq_len", "num_pairs", "examples", "answers", "correct", "accuracy", "skipped"),
+    ),
+    "mqar_distance": (
+        "mqar_distance.csv",
+        (
+            "split",
+            "seq_len",
+            "num_pairs",
+            "distance_start",
+            "distance_end",
+            "answers",
+            "correct",
+            "accuracy",
+        ),  # fmt: skip
+    ),
+    "state_size": ("state_size.csv", ("length", "tensors", "bytes", "peak_bytes")),
 }
+# The sections of a data=mqar run (a recall probe); a corpus run writes the others.
+MQAR_SECTIONS = ("mqar", "mqar_distance", "state_size")
 
 
 def register_section(name: str, filename: str, fields: tuple[str, ...]) -> None:
@@ -156,14 +177,14 @@ def write_run_plots(
         meta.get("attention"),
         [meta["train_context_length"]] if meta.get("train_context_length") else [],
     )
-    figures = {
-        "ppl_png": plots.plot_ppl_vs_context(
-            {name: sections.get("perplexity", [])},
+    figures = {}
+    if sections.get("perplexity"):  # none for data=mqar
+        figures["ppl_png"] = plots.plot_ppl_vs_context(
+            {name: sections["perplexity"]},
             train,
             out_dir / "ppl_vs_context.png",
             title=f"Perplexity by context length: {name}",
         )
-    }
     by_length = defaultdict(list)
     for row in sections.get("position_loss", []):
         by_length[f"length {row['context_length']}"].append(row)

@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 
 from longctx.core.files import atomic_write_text
 from longctx.core.run_names import flatten, value_text
+from longctx.errors import ConfigError
 from longctx.eval import plots
 from longctx.eval.compare import (
     Arm,
@@ -884,6 +885,9 @@ def write_report(report_cfg, out_dir: Path, command: str | None = None) -> dict:
     )
     if not runs:
         raise FileNotFoundError(f"no results.json under report.runs={patterns}")
+    recall_probes = [run for run in runs if run.results.get("mqar")]
+    if recall_probes:  # data=mqar: compared by recall accuracy and state size, not perplexity
+        return _mqar_report(runs, recall_probes, missing, patterns, out_dir, report_cfg, command)
     title = report_cfg.get("title") or "Comparison of attention mechanisms"
     lines = [f"# {title}", "", *_provenance(runs, missing, patterns, command), ""]
     lines += [_legend_text(bootstrap_of(runs).confidence), ""]
@@ -915,6 +919,19 @@ def write_report(report_cfg, out_dir: Path, command: str | None = None) -> dict:
     print(f"report: {markdown_path}")
     log.info("report written to %s", markdown_path)
     return {"runs": runs, "missing": missing, "markdown": markdown_path, "figures": all_figures}
+
+
+def _mqar_report(runs, recall_probes, missing, patterns, out_dir, report_cfg, command) -> dict:
+    from longctx.eval.mqar_report import write_mqar_report
+
+    if len(recall_probes) != len(runs):
+        raise ConfigError(
+            f"report.runs={patterns} mixes {len(recall_probes)} data=mqar runs with "
+            f"{len(runs) - len(recall_probes)} corpus runs; report each kind separately"
+        )
+    title = report_cfg.get("title") or "Multi-query associative recall"
+    provenance = _provenance(runs, missing, patterns, command)
+    return write_mqar_report(runs, provenance, out_dir, title)
 
 
 def _log_report_to_wandb(records: list[list], figures: dict) -> None:

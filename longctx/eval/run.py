@@ -21,7 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 from longctx.checkpoints import model_from_checkpoint
 from longctx.core.device import resolve_device
 from longctx.data import build_datamodule
+from longctx.data.mqar import MQARDataModule
 from longctx.errors import ConfigError
+from longctx.eval.mqar import mqar_sections
 from longctx.eval.outputs import log_to_wandb, write_results
 from longctx.eval.progress import Progress
 from longctx.eval.scoring import Scorer
@@ -47,12 +49,22 @@ def document_offsets(datamodule, split: str = "test") -> np.ndarray:
 
 def evaluate_model(model, datamodule, cfg, output_dir: Path, checkpoint: str | None = None) -> dict:
     """Every section of `cfg.eval` on the test split; writes results.{json,csv}, units.json,
-    section CSVs and PNGs, and logs one line per section with its progress."""
+    section CSVs and PNGs, and logs one line per section with its progress.
+
+    On data=mqar (a recall probe, not a corpus) the sections are MQAR's own (longctx.eval.mqar).
+    """
     settings = eval_settings(cfg.get("eval"))
     started = datetime.now(timezone.utc)
+    scorer = Scorer(model.to(resolve_device(settings.device)).eval(), settings.autocast)
+    if isinstance(datamodule, MQARDataModule):
+        timings = {}
+        with _timed(timings, "mqar"):
+            sections = mqar_sections(scorer, datamodule, settings.batch_size)
+        meta = _meta(cfg, datamodule, scorer, settings, checkpoint, started, timings)
+        return _write(output_dir, meta | {"tokenizer": "none"}, sections, {}, timings)
     stream = np.asarray(datamodule.split_tokens("test"), dtype=np.int64)
     ctx = EvalContext(
-        scorer=Scorer(model.to(resolve_device(settings.device)).eval(), settings.autocast),
+        scorer=scorer,
         datamodule=datamodule,
         settings=settings,
         train_length=int(cfg["context_length"]),
@@ -76,40 +88,53 @@ def evaluate_model(model, datamodule, cfg, output_dir: Path, checkpoint: str | N
         for key, rows in result.units.items():
             units.setdefault(key, []).extend(rows)
 
-    meta = _meta(cfg, datamodule, ctx, settings, checkpoint, started, timings, work)
+    meta = _meta(cfg, datamodule, scorer, settings, checkpoint, started, timings) | {
+        "tokenizer": datamodule.tokenizer.name,
+        "test_tokens": int(len(ctx.stream)),
+        "test_documents": int(len(ctx.offsets) - 1),
+        "test_utf8_bytes": int(datamodule.split_utf8_bytes("test")),
+        "test_digest": stream_digest(ctx.stream),
+        "eval_forward_tokens": work,
+    }
+    return _write(output_dir, meta, sections, units, timings)
+
+
+def _write(output_dir, meta: dict, sections: dict, units: dict, timings: dict) -> dict:
+    """results.json, units.json, CSVs, plots and wandb; returns what evaluate_model returns."""
     paths = write_results(Path(output_dir), meta, sections, units)
     log_to_wandb(sections, paths)
     _log_summary(sections, timings)
     log.info("evaluation results: %s", paths["json"])
-    return {"meta": meta, "rows": sections["perplexity"], "sections": sections, "paths": paths}
+    return {
+        "meta": meta,
+        "rows": sections.get("perplexity", []),
+        "sections": sections,
+        "paths": paths,
+    }
 
 
-def _meta(cfg, datamodule, ctx, settings: EvalSettings, checkpoint, started, timings, work) -> dict:
+def _meta(cfg, datamodule, scorer, settings: EvalSettings, checkpoint, started, timings) -> dict:
+    """What every results.json records; the corpus's own counts are added by the caller."""
     trainer = cfg.get("trainer") or {}
     return {
         "attention": cfg["attention"]["name"],
         "attention_options": _plain(cfg["attention"]),
         "model": _plain(cfg["model"]),
-        "parameters": sum(p.numel() for p in ctx.scorer.model.parameters()),
+        "parameters": sum(p.numel() for p in scorer.model.parameters()),
         "train_context_length": int(cfg["context_length"]),
         "train": {
             "max_steps": trainer.get("max_steps"),
             "batch_size": cfg.get("batch_size"),
             "precision": trainer.get("precision"),
             "seed": cfg.get("seed"),
+            "lr": (cfg.get("optim") or {}).get("lr"),
         },
         "data": cfg["data"]["name"],
-        "tokenizer": datamodule.tokenizer.name,
         "vocab_size": datamodule.vocab_size,
         "split": "test",
-        "test_tokens": int(len(ctx.stream)),
-        "test_documents": int(len(ctx.offsets) - 1),
-        "test_utf8_bytes": int(datamodule.split_utf8_bytes("test")),
-        "test_digest": stream_digest(ctx.stream),
         "checkpoint": checkpoint,
         "eval_settings": settings_dict(settings),
         "eval_seconds": timings,
-        "eval_forward_tokens": work,
         "started_at": started.isoformat(timespec="seconds"),
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "code_version": _code_version(),
@@ -148,7 +173,16 @@ def _interval(row: dict, key: str) -> str:
 
 
 def _log_summary(sections: dict, timings: dict) -> None:
-    for row in sections["perplexity"]:
+    for row in sections.get("mqar", []):
+        log.info(
+            "mqar %-10s seq_len %4d pairs %3d accuracy %s %s",
+            row["split"],
+            row["seq_len"],
+            row["num_pairs"],
+            _fmt(row["accuracy"]),
+            row["skipped"] or "",
+        )
+    for row in sections.get("perplexity", []):
         log.info(
             "ctx %5d %-9s ppl %s%s bpb %s, %d documents, %.1f%% of the split %s",
             row["context_length"],

@@ -171,13 +171,15 @@ class LanguageModel(nn.Module):
         state: State | None = None,
         targets: Tensor | None = None,
         reset: Tensor | None = None,
-    ) -> Tensor | tuple[Tensor, State]:
+        accuracy: bool = False,
+    ) -> Tensor | tuple:
         """Logits [B, N, V] for positions 0..N-1 with fresh state.
 
         With `state` (or `reset`): streaming, as `step`, returning (output, state); `reset`
         (bool [B]) restarts the flagged rows from a fresh state (a new document), and without
         `state` every row starts fresh. With `targets` [B, N] the output is the mean next-token
-        loss instead of the logits, computed in chunks (loss.py). Streaming goes through here
+        loss instead of the logits, computed in chunks (loss.py); with `accuracy` too, the pair
+        (loss, greedy accuracy over the scored targets). Streaming goes through here
         rather than through a separate method so that FSDP's hooks gather the parameters of
         every block in either form.
         """
@@ -203,7 +205,10 @@ class LanguageModel(nn.Module):
                 x, block_state = block(x, block_state, start, reset)
                 new_layer_states.append(block_state)
         x = self.norm(x)
-        output = self.head(x) if targets is None else chunked_cross_entropy(x, self.head, targets)
+        if targets is None:
+            output = self.head(x)
+        else:
+            output = chunked_cross_entropy(x, self.head, targets, with_accuracy=accuracy)
         if not streaming:
             return output
         position = torch.full((), start + input_ids.shape[1], device=input_ids.device)

@@ -25,27 +25,49 @@ from longctx.core.dtypes import accumulation_dtype
 LOGITS_PER_CHUNK = 2**25
 
 
+IGNORE_INDEX = -100  # a target that is not scored (F.cross_entropy's default ignore_index)
+
+
 def _summed_loss(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
     logits = head(hidden)
     return F.cross_entropy(logits.to(accumulation_dtype(logits.dtype)), targets, reduction="sum")
 
 
-def chunked_cross_entropy(
-    hidden: Tensor, head: nn.Module, targets: Tensor, logits_per_chunk: int = LOGITS_PER_CHUNK
-) -> Tensor:
-    """mean over positions of cross_entropy(head(hidden), targets), in fp32 (fp64 for fp64).
+def _correct(head: nn.Module, hidden: Tensor, targets: Tensor) -> Tensor:
+    with torch.no_grad():
+        return (head(hidden).argmax(dim=-1) == targets).sum()
 
-    hidden [..., D] (the final norm's output), targets [...] of the same leading shape.
+
+def chunked_cross_entropy(
+    hidden: Tensor,
+    head: nn.Module,
+    targets: Tensor,
+    logits_per_chunk: int = LOGITS_PER_CHUNK,
+    with_accuracy: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """mean over scored positions of cross_entropy(head(hidden), targets), in fp32 (fp64 for
+    fp64); targets equal to IGNORE_INDEX are not scored, as in F.cross_entropy.
+
+    hidden [..., D] (the final norm's output), targets [...] of the same leading shape. With
+    `with_accuracy`: (loss, the share of scored positions whose greedy prediction is the
+    target), the accuracy without gradient.
     """
     hidden = hidden.flatten(0, -2)
     targets = targets.flatten()
     rows = max(1, logits_per_chunk // head.out_features)
     recompute = torch.is_grad_enabled()
-    total = None
+    total = correct = None
     for hidden_chunk, target_chunk in zip(hidden.split(rows), targets.split(rows)):
         if recompute:
             part = checkpoint(_summed_loss, head, hidden_chunk, target_chunk, use_reentrant=False)
         else:
             part = _summed_loss(head, hidden_chunk, target_chunk)
         total = part if total is None else total + part
-    return total / targets.numel()
+        if with_accuracy:
+            right = _correct(head, hidden_chunk, target_chunk)
+            correct = right if correct is None else correct + right
+    scored = (targets != IGNORE_INDEX).sum()
+    loss = total / scored
+    if not with_accuracy:
+        return loss
+    return loss, correct / scored

@@ -80,8 +80,11 @@ class LanguageModelTask(pl.LightningModule):
         return loss
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        loss = self.model(batch["input_ids"], targets=batch["targets"])
+        loss, accuracy = self.model(batch["input_ids"], targets=batch["targets"], accuracy=True)
         self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True)
+        # Greedy next-token accuracy over the scored targets (-100 = unscored, as in the loss):
+        # on data=mqar the answers alone, what early stopping on recall watches.
+        self.log("val/accuracy", accuracy, on_epoch=True, sync_dist=True)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.trainer.callback_metrics.get("val/loss")

@@ -138,6 +138,8 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> tuple[list[Callback], 
             length_fn=lambda batch: batch["input_ids"].numel(),
         ),
     ]
+    # An experiment's own callbacks by name, e.g. early stopping at a validation accuracy.
+    callbacks += [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
     return callbacks, last
 
 
