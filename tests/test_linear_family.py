@@ -434,10 +434,10 @@ def spec_aft_bias(name, mixer, options, n):
 def test_aft_mixers_compute_the_spec_formula_with_their_learned_bias(name):
     """A model's AFT mixer (forward, streamed step() chunks, and gradients to the input and every
     parameter) equals the dense O(N^2) formula Y_t = sigmoid(Q_t) * sum_{t'<=t} e^{K_t' + w[t,t']}
-    V_t' / sum_{t'<=t} e^{K_t' + w[t,t']} with w built from the mixer's parameters as the spec
-    defines it per variant. The engine tests feed it a given table; this holds each mixer's
-    `bias_for` (indexing, lag direction, window/kernel from the config, 0 not -inf outside) to the
-    spec. Window/kernel 5 over 45 positions: most pairs lie outside it."""
+    V_t' / sum_{t'<=t} e^{K_t' + w[t,t']} with w built from the mixer's parameters as
+    docs/attention.md defines it per variant. The engine tests feed it a given table; this holds
+    each mixer's `bias_for` (indexing, lag direction, window/kernel from the config, 0 not -inf
+    outside) to it. Window/kernel 5 over 45 positions: most pairs lie outside it."""
     model = _model(name, None, "model.n_layer=1")
     mixer, options = model.blocks[0].mixer, SMALL_OPTIONS[name]
     with torch.no_grad():  # projections large enough that K and V matter next to the bias

@@ -2,7 +2,7 @@
 sparse_fixed, blockwise) against docs/attention.md.
 
 The spec predicates are re-written here in plain Python, independently of
-longctx/attention/sparse_patterns.py, and every check compares against them: the pattern
+longctx/ops/sparse/patterns.py, and every check compares against them: the pattern
 predicate itself, the block-sparse engine (outputs and dq, dk, dv against the dense reference,
 fp64 / fp32 / bf16, with and without ALiBi), exact causality of the core, the one-layer
 receptive field by perturbation, the exact streaming cache, FLOP counts, the FlexAttention
@@ -383,8 +383,8 @@ def _plan_multiplicity(pattern, n):
 
 @pytest.mark.parametrize(("name", "options"), CONFIGS + FLEX_CONFIGS, ids=lambda c: str(c))
 def test_flex_slot_plans_give_every_allowed_key_exactly_once(name, options):
-    """The plans' intervals, mapped back to positions, are the spec pattern: each allowed key
-    once (the union layout's two plans included), nothing else."""
+    """The plans' intervals, mapped back to positions, are the pattern of docs/attention.md: each
+    allowed key once (the union layout's two plans included), nothing else."""
     for n in (SEQ, FLEX_N):
         backend = _backend(name, options, context_length=FLEX_N)
         for layer in range(N_LAYER):

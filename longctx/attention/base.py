@@ -129,7 +129,7 @@ class StatelessMixer(Mixer):
 class Backend(ABC):
     """How one named mechanism builds its layers. Subclasses register with `@register`.
 
-    `Options` is a dataclass whose defaults are the spec's defaults; the config section
+    `Options` is a dataclass whose defaults are those of docs/attention.md; the config section
     (minus `name` and `kernel`) is validated against it when the backend is built. `kernel`
     (`attention.kernel`, default `auto`) picks the implementation among `kernels`
     (longctx.ops.seam).

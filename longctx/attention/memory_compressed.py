@@ -7,7 +7,8 @@ projected K and V) into one slot. Query i attends, under one softmax, to
   (a) the raw keys of its own block up to itself: floor(j/k) == floor(i/k), j <= i;
   (b) the slot of every block that is complete at i, i.e. ends at or before i: mk+k-1 <= i.
 When i is the last position of its block, that block's slot is visible too: it holds no position
-after i (the spec's "end at or before i"). A slot mixing in any position after i never reaches i.
+after i (docs/attention.md: "end at or before i"). A slot mixing in any position after i never
+reaches i.
 
 Slots carry the position of their block's last token, mk+k-1, for RoPE (slot keys are rotated
 after compression, so scores stay relative) and ALiBi (distance i - (mk+k-1)).

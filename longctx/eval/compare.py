@@ -142,41 +142,36 @@ def _mean_nll(units: list[dict]) -> np.ndarray:
 def arm_loss(arm: Arm, length: int, protocol: str, bootstrap: Bootstrap) -> Estimate | None:
     """The arm's mean loss per token (nats) at `length`, documents resampled; with seeds, each
     document's NLL is the mean over the seeds."""
-    rows = [perplexity_row(run, length, protocol) for run in arm.runs]
-    rows = [r for r in rows if r is not None]
-    if not rows:
-        return None
-    per_seed = tuple(r["loss"] for r in rows)
-    if len(rows) == 1:
-        r = rows[0]
-        return Estimate(
-            r["loss"], r.get("loss_low"), r.get("loss_high"), per_seed, r.get("documents") or 0
-        )
-    units = [perplexity_units(run, length, protocol) for run in arm.runs]
-    if len(rows) == len(arm.runs) and _pairable(units, arm.runs):
-        tokens = np.asarray(units[0]["tokens"], dtype=np.float64)
-        value, low, high = ratio_interval(_mean_nll(units), tokens, bootstrap)
-        return Estimate(value, low, high, per_seed, len(tokens))
-    return _mean_of(rows, "loss", per_seed)
+    return _arm_ratio(arm, length, protocol, bootstrap, "loss", "tokens", 1.0)
 
 
 def arm_bits_per_byte(arm: Arm, length: int, bootstrap: Bootstrap) -> Estimate | None:
-    rows = [perplexity_row(run, length, "windows") for run in arm.runs]
-    rows = [r for r in rows if r is not None and r.get("bpb") is not None]
+    """The arm's bits per UTF-8 byte at `length` (windows), as `arm_loss` pools its seeds."""
+    return _arm_ratio(arm, length, "windows", bootstrap, "bpb", "bytes", 1 / math.log(2))
+
+
+def _arm_ratio(
+    arm: Arm, length: int, protocol: str, bootstrap: Bootstrap, key: str, per: str, scale: float
+) -> Estimate | None:
+    """A figure that is NLL x `scale` per unit `per` (tokens or bytes), summed by document: one
+    run's own interval, the seeds pooled by document when they scored the same windows, or the
+    mean of the seeds otherwise."""
+    rows = [perplexity_row(run, length, protocol) for run in arm.runs]
+    rows = [r for r in rows if r is not None and r.get(key) is not None]
     if not rows:
         return None
-    per_seed = tuple(r["bpb"] for r in rows)
+    per_seed = tuple(r[key] for r in rows)
     if len(rows) == 1:
         r = rows[0]
         return Estimate(
-            r["bpb"], r.get("bpb_low"), r.get("bpb_high"), per_seed, r.get("documents") or 0
+            r[key], r.get(f"{key}_low"), r.get(f"{key}_high"), per_seed, r.get("documents") or 0
         )
-    units = [perplexity_units(run, length, "windows") for run in arm.runs]
+    units = [perplexity_units(run, length, protocol) for run in arm.runs]
     if len(rows) == len(arm.runs) and _pairable(units, arm.runs):
-        nbytes = np.asarray(units[0]["bytes"], dtype=np.float64)
-        value, low, high = ratio_interval(_mean_nll(units) / math.log(2), nbytes, bootstrap)
-        return Estimate(value, low, high, per_seed, len(nbytes))
-    return _mean_of(rows, "bpb", per_seed)
+        amounts = np.asarray(units[0][per], dtype=np.float64)
+        value, low, high = ratio_interval(_mean_nll(units) * scale, amounts, bootstrap)
+        return Estimate(value, low, high, per_seed, len(amounts))
+    return _mean_of(rows, key, per_seed)
 
 
 def _mean_of(rows: list[dict], key: str, per_seed: tuple) -> Estimate:

@@ -19,6 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from longctx.core.run_names import flatten
 from longctx.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -81,8 +82,8 @@ def continue_run(
     conflicts, changed, restored, relocated = [], [], [], []
     for top in sorted((set(cfg) | set(saved)) - NOT_COMPARED):
         own = top in RUN_SECTIONS or top in RUN_KEYS
-        current = _flat({top: _plain(cfg, top)}, "") if top in cfg else {}
-        before = _flat({top: saved[top]}, "") if top in saved else {}
+        current = flatten({top: _plain(cfg, top)}) if top in cfg else {}
+        before = flatten({top: saved[top]}) if top in saved else {}
         # Another backend, corpus or tokenizer: its options are the checkpoint's, all of them.
         replaced = top in RUN_SECTIONS and current.get(f"{top}.name") != before.get(f"{top}.name")
         result = {}
@@ -138,17 +139,6 @@ def _plain(cfg: DictConfig, key: str) -> Any:
     if isinstance(node, DictConfig) or OmegaConf.is_list(node):
         return OmegaConf.to_container(node, resolve=True)
     return node
-
-
-def _flat(node: dict[str, Any], prefix: str) -> dict[str, Any]:
-    """Nested dicts as dotted keys under `prefix`; lists and empty dicts are values."""
-    flat = {}
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _nested(flat: dict[str, Any]) -> dict[str, Any]:

@@ -337,7 +337,10 @@ def _row_buffer(layouts: list[PairLayout], like: Tensor, *shape: int, dtype: tor
     )
 
 
-class _BlockSparseAttention(torch.autograd.Function):
+class _SelectedBlockAttention(torch.autograd.Function):
+    """moba's attention over own and selected blocks (the module docstring); backward recomputes
+    each part against the merged log-sum-exp."""
+
     @staticmethod
     def forward(ctx, q, k, v, selected, block_size, slopes, q_start, kernel_name, tile, max_rows):
         kernel = KERNELS[kernel_name]
@@ -485,6 +488,6 @@ def block_sparse_attention(
             f"keys cover {k.shape[2]} positions, expected q_start + n = {q_start + q.shape[2]}"
         )
     kernel = kernel or default_kernel(q.device)
-    return _BlockSparseAttention.apply(
+    return _SelectedBlockAttention.apply(
         q, k, v, selected, block_size, slopes, q_start, kernel, tile, max_rows
     )

@@ -1,8 +1,8 @@
 """The sparse softmax patterns of docs/attention.md, declared once.
 
 A `Component` is one head group's pattern. It declares:
-- `allowed(i, j)`: the spec's predicate P(i, j) (callers always add j <= i), used by the dense
-  reference and by streaming steps;
+- `allowed(i, j)`: the predicate P(i, j) of docs/attention.md (callers always add j <= i), used by
+  the dense reference and by streaming steps;
 - `build_parts(n)`: its disjoint parts for the CPU engine (block layouts, see layouts.py);
 - `slot_plans(n, device)`: the same pattern as FlexAttention calls (slot orders and intervals,
   see flex.py);
