@@ -321,7 +321,10 @@ def test_multirun_jobs_get_their_own_directories_and_wandb_runs(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-4000:]
     jobs = sorted(path for path in sweep.iterdir() if path.is_dir())
-    assert [job.name for job in jobs] == ["0_full-tiny-ctx32-s1", "1_full-tiny-ctx32-s2"]
+    assert [job.name for job in jobs] == [
+        "0_full-tiny-bundled-ctx32-s1",
+        "1_full-tiny-bundled-ctx32-s2",
+    ]
     runs = [list((job / "wandb").glob("offline-run-*")) for job in jobs]
     assert all(len(job_runs) == 1 for job_runs in runs)
     assert (

@@ -3,6 +3,8 @@ and a smoke sweep that compares different things."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from conftest import compose_config
 from hydra.core.hydra_config import HydraConfig
@@ -52,7 +54,8 @@ def test_an_evaluation_is_named_after_its_checkpoint_run(tmp_path):
     assert eval_run_name(None) == "report"
     cfg = compose_config(f"ckpt_path={run}/checkpoints/last.ckpt", config_name="eval")
     HydraConfig.instance().set_config(cfg)
-    assert cfg.hydra.run.dir.endswith("_eval-full-mini-bundled-ctx512-s1337")
+    # <time>_<name>_<per-process token> (two evaluations started in one second get two dirs)
+    assert re.search(r"_eval-full-mini-bundled-ctx512-s1337_[0-9a-f]+$", cfg.hydra.run.dir)
 
 
 def sweep(cfg, key: str) -> list:
