@@ -51,16 +51,7 @@ def _gpu_kernel(name: str, options: dict) -> str:
     return backend.supported_kernels()[0]
 
 
-# main's aft.py waits for the device in its band windows; the kernels-fla branch's rework of the
-# AFT kernels (longctx/ops/aft/) does not. Remove this mark when that branch is merged.
-AFT_ON_MAIN = pytest.mark.xfail(
-    reason="aft.py on main syncs in _band_windows (fixed on the kernels-fla branch)", strict=False
-)
-
-
-@pytest.mark.parametrize(
-    "name", [pytest.param(n, marks=AFT_ON_MAIN) if n.startswith("aft") else n for n in CASES]
-)
+@pytest.mark.parametrize("name", list(CASES))
 def test_the_gpu_path_of_every_backend_makes_no_host_sync_in_a_training_step(name):
     """Forward, loss and backward with the backend's GPU kernel, forced on the CPU, counted after
     a first forward filled the per-length caches: no operator waits for the device. Flex's
