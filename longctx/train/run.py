@@ -244,6 +244,8 @@ def _fit(
     datamodule.setup("fit")
     check_enough_data(cfg, datamodule, sampling, trainer.world_size)
     task = LanguageModelTask(cfg, datamodule.vocab_size)
+    tokenizer = getattr(datamodule, "tokenizer", None)  # None: generated token ids (mqar)
+    task.tokenizer_state = tokenizer.to_state() if tokenizer is not None else None
     tokens_per_batch = cfg.batch_size * cfg.context_length
     task.flops_per_batch = training_flops_per_batch(task, cfg.context_length, tokens_per_batch)
     if logger:
