@@ -186,3 +186,15 @@ def test_known_noise_is_filtered_and_other_warnings_stay(caplog):
         tips.info("💡 Tip: For seamless cloud logging ...")
         tips.info("GPU available: False")
     assert "Tip" not in caplog.text and "GPU available" in caplog.text
+
+
+def test_the_search_config_is_a_grid_the_basic_sweeper_expands():
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    cfg = compose_config("hparams_search=lr_grid", "experiment=smoke", "seeds=[1,2]")
+    params = {k: v for k, v in cfg.hydra.sweeper.params.items() if k != "seed"}
+    overrides = OverridesParser.create().parse_overrides([f"{k}={v}" for k, v in params.items()])
+    (jobs,) = BasicSweeper.split_arguments(overrides, max_batch_size=None)
+    assert len(jobs) == 6 and ["optim.lr=0.001", "optim.warmup_steps=20"] in jobs
+    assert str(cfg.hydra.mode) == "RunMode.MULTIRUN"
