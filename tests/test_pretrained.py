@@ -16,10 +16,11 @@ from hydra.core.hydra_config import HydraConfig
 
 import longctx
 from longctx.checkpoints import TOKENIZER_KEY
-from longctx.data.tokenizer import HFTokenizer
+from longctx.data.tokenizer import ByteTokenizer, HFTokenizer
 from longctx.errors import ConfigError
 from longctx.generation import generate_text
 from longctx.jobs import train
+from longctx.model import LanguageModel
 
 PROMPT = "To be, or not"
 
@@ -119,6 +120,8 @@ def test_export_then_reload_gives_equal_logits(bpe_run, tmp_path):
         assert torch.equal(model(ids), again(ids))
     assert again.head.weight is again.embed.weight  # tied as trained
     assert tokenizer_again.to_state() == tokenizer.to_state() and cfg_again == cfg
+    assert HFTokenizer.from_pretrained(exported).to_state() == tokenizer.to_state()
+    assert torch.equal(LanguageModel.from_pretrained(exported).head.weight, model.head.weight)
     with pytest.raises(ConfigError, match="already exists and is not empty"):
         longctx.export_checkpoint(ckpt, exported)
 
@@ -130,3 +133,19 @@ def test_only_longctx_model_folders_are_read(bpe_run, tmp_path):
     (exported / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     with pytest.raises(ConfigError, match="does not load transformers models"):
         longctx.load_checkpoint(exported)
+
+
+def test_a_built_model_and_the_byte_tokenizer_round_trip_through_a_folder(tmp_path):
+    cfg = compose_config("model=tiny", "attention=sliding_window", "attention.window=8")
+    model = longctx.build_model(cfg, ByteTokenizer.vocab_size).eval()
+    model.save_pretrained(tmp_path / "m")
+    ByteTokenizer().save_pretrained(tmp_path / "m")
+    again, tokenizer, settings = longctx.load_checkpoint(tmp_path / "m")
+    ids = torch.randint(0, ByteTokenizer.vocab_size, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(model(ids), again(ids))
+    assert isinstance(tokenizer, ByteTokenizer)
+    assert ByteTokenizer.from_pretrained(tmp_path / "m").to_state() == {"kind": "byte"}
+    assert settings["attention"]["window"] == 8 and settings["model"] == model.build_config["model"]
+    with pytest.raises(ConfigError, match="not a HFTokenizer"):
+        HFTokenizer.from_pretrained(tmp_path / "m")

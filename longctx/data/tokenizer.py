@@ -1,9 +1,12 @@
 """Tokenizers: raw UTF-8 bytes, byte-level BPE trained offline, or a user's tokenizer.json.
 
 All three expose the same small surface (`encode`, `encode_batch`, `decode`,
-`vocab_size`, `eos_id`, `name`, `identity`); `identity` names the exact
+`vocab_size`, `eos_id`, `name`, `identity`, and `to_state` / `save_pretrained` /
+`from_pretrained` to travel with a checkpoint or an exported model); `identity` names the exact
 vocabulary so token caches never mix tokenizers.
 """
+
+from __future__ import annotations
 
 import hashlib
 import json
@@ -49,6 +52,10 @@ class ByteTokenizer:
         """tokenizer_config.json alone: the byte tokenizer has no vocabulary file."""
         _write_tokenizer_config(directory, self.to_state())
 
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> ByteTokenizer:
+        return _expect(cls, tokenizer_from_pretrained(directory), directory)
+
 
 class HFTokenizer:
     """A `tokenizers.Tokenizer` with a designated EOS token (used for `bpe` and `file`)."""
@@ -93,6 +100,10 @@ class HFTokenizer:
         atomic_write_text(Path(directory) / TOKENIZER_FILE, state.pop("tokenizer_json"))
         _write_tokenizer_config(directory, state)
 
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> HFTokenizer:
+        return _expect(cls, tokenizer_from_pretrained(directory), directory)
+
 
 Tokenizer = ByteTokenizer | HFTokenizer
 TextSource = Iterable[str] | Callable[[], Iterable[str]]
@@ -126,6 +137,15 @@ def tokenizer_from_pretrained(directory: str | os.PathLike) -> Tokenizer:
     if state.get("kind") == "tokenizers":
         state["tokenizer_json"] = (Path(directory) / TOKENIZER_FILE).read_text()
     return tokenizer_from_state(state)
+
+
+def _expect(cls: type, tokenizer: Tokenizer, directory: str | os.PathLike) -> Tokenizer:
+    if not isinstance(tokenizer, cls):
+        raise ConfigError(
+            f"{directory} holds a {type(tokenizer).__name__}, not a {cls.__name__}; load it "
+            "with tokenizer_from_pretrained, which reads either"
+        )
+    return tokenizer
 
 
 def _write_tokenizer_config(directory: str | os.PathLike, state: dict[str, str]) -> None:
