@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 
 import longctx
 from longctx.checkpoints import TOKENIZER_KEY
+from longctx.core.cli import errors_in_one_line
 from longctx.data.tokenizer import ByteTokenizer, HFTokenizer
 from longctx.errors import ConfigError
 from longctx.generation import generate_text
@@ -93,7 +94,7 @@ def test_generate_streams_the_greedy_continuation(bpe_run):
     assert "".join(pieces[1:]) == tokenizer.decode(expected[0, len(prompt_ids) :].tolist())
 
 
-def test_generate_py_prints_text_and_a_mistake_in_one_line(bpe_run, tmp_path):
+def test_generate_py_prints_the_prompt_and_its_continuation(bpe_run):
     ckpt, _ = bpe_run
     command = [sys.executable, "generate.py", f"ckpt_path={ckpt}", "prompt=To be"]
     done = subprocess.run(
@@ -101,11 +102,15 @@ def test_generate_py_prints_text_and_a_mistake_in_one_line(bpe_run, tmp_path):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("To be") and len(done.stdout) > len("To be\n")
-    missing = subprocess.run(
-        [*command, "max_new_tokens=0"], cwd=ROOT, capture_output=True, text=True, timeout=300
-    )
-    assert missing.returncode == 1
-    assert missing.stderr.strip() == "error: max_new_tokens=0 must be at least 1"
+
+
+def test_a_generate_mistake_is_one_line_and_status_1(bpe_run, capsys):
+    ckpt, _ = bpe_run
+    settings = dict(ckpt_path=str(ckpt), prompt="", max_new_tokens=0, temperature=1.0, seed=0)
+    with pytest.raises(SystemExit) as stopped, errors_in_one_line():
+        list(generate_text(settings))
+    assert stopped.value.code == 1
+    assert capsys.readouterr().err == "error: max_new_tokens=0 must be at least 1\n"
 
 
 def test_export_then_reload_gives_equal_logits(bpe_run, tmp_path):
