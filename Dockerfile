@@ -47,7 +47,7 @@ RUN python -c "import torch; print(f'torch=={torch.__version__}')" > /tmp/base-t
 
 COPY conf/ conf/
 COPY data/ data/
-COPY train.py eval.py ./
+COPY train.py eval.py generate.py export.py ./
 
 # Runs as an unprivileged user; outputs/ and data/cache/ are where runs write (mount them to keep results).
 # A high id that no base image uses for its own accounts (Ubuntu's images take 1000).

@@ -21,5 +21,19 @@ register_resolvers()  # `${run_name:...}` and `${eval_run_name:...}` in conf/tra
 _RUN_ID = secrets.token_hex(3)
 OmegaConf.register_new_resolver("run_id", lambda: _RUN_ID, replace=True, use_cache=True)
 
-__all__ = ["LanguageModel", "build_model"]
+__all__ = ["LanguageModel", "build_model", "export_checkpoint", "load_checkpoint"]
+_PRETRAINED = ("export_checkpoint", "load_checkpoint")
+
+
+def __getattr__(name: str):
+    """`longctx.load_checkpoint` and `longctx.export_checkpoint`, imported on first use: they
+    need the data layer (tokenizers), which `import longctx` alone should not load (every bench
+    worker process imports the package)."""
+    if name in _PRETRAINED:
+        from longctx import pretrained
+
+        return getattr(pretrained, name)
+    raise AttributeError(f"module 'longctx' has no attribute {name!r}")
+
+
 __version__ = "0.1.0"

@@ -39,6 +39,10 @@ MODEL_PREFIX = "model."
 # have the layout of version 1.
 CHECKPOINT_SCHEMA_VERSION = 1
 SCHEMA_KEY = "longctx_checkpoint_schema"
+# The run's tokenizer as plain strings (longctx.data.tokenizer's to_state), so that a checkpoint
+# turns into text without the run's data cache. Absent in checkpoints written before it and in
+# runs on generated token ids (data=mqar).
+TOKENIZER_KEY = "longctx_tokenizer"
 # What Lightning needs besides the weights to continue training where the checkpoint stopped.
 TRAINING_STATE_KEYS = ("global_step", "optimizer_states", "lr_schedulers", "loops")
 # A sharded checkpoint's non-tensor part, beside the shards (Lightning's FSDP layout).
@@ -298,6 +302,11 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[LanguageModel, dict[
     """The trained LanguageModel (fp32, on the CPU) and the run's config dict."""
     checkpoint = read_checkpoint(path)
     info = checkpoint_info(checkpoint, str(path))
+    return model_from_contents(checkpoint, info), info.cfg
+
+
+def model_from_contents(checkpoint: dict[str, Any], info: CheckpointInfo) -> LanguageModel:
+    """The LanguageModel (fp32) of loaded, validated checkpoint contents."""
     model = build_model(info.cfg, info.vocab_size)
     weights = {
         key.removeprefix(MODEL_PREFIX): value
@@ -305,7 +314,7 @@ def model_from_checkpoint(path: str | os.PathLike) -> tuple[LanguageModel, dict[
         if key.startswith(MODEL_PREFIX)
     }
     model.load_state_dict(weights)
-    return model.float(), info.cfg
+    return model.float()
 
 
 def non_finite_weights(path: str | os.PathLike) -> list[str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -21,6 +20,8 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from omegaconf import DictConfig, OmegaConf
 
 from longctx.checkpoints import inspect_checkpoint, local_checkpoint
+from longctx.core.cli import errors_in_one_line as one_line_errors
+from longctx.core.cli import quiet_known_noise
 from longctx.errors import ConfigError
 from longctx.eval.run import evaluate_model, run_eval
 from longctx.eval.settings import eval_settings
@@ -51,6 +52,15 @@ def train(cfg: DictConfig) -> dict[str, float]:
         if result.cfg.eval_after_fit:
             _evaluate_after_fit(result)
     return result.metrics
+
+
+def sweep_objective(metrics: dict[str, float]) -> float:
+    """What train.py returns to a sweeper: the last logged validation loss, or the last training
+    loss when no validation ran; NaN only when nothing trained (a requeued finished run)."""
+    for key in ("val/loss", "train/loss"):
+        if key in metrics:
+            return float(metrics[key])
+    return float("nan")
 
 
 def _evaluate_after_fit(result) -> None:
@@ -120,21 +130,15 @@ def wandb_files_inside(run_dir: Path) -> Iterator[None]:
 
 @contextmanager
 def errors_in_one_line() -> Iterator[None]:
-    """The entry points' handling of failures the user can fix.
+    """The entry points' handling of failures the user can fix (longctx.core.cli).
 
     A ConfigError or a stopped non-finite run is printed as one line (`error: ...`) and the
     process exits with status 1; HYDRA_FULL_ERROR=1 shows the traceback instead. A ConfigError
     comes before training: the run directory this process created for it is removed.
     """
-    try:
+    quiet_known_noise()
+    with one_line_errors(USER_ERRORS, on_config_error=remove_unused_run_dir):
         yield
-    except USER_ERRORS as error:
-        if isinstance(error, ConfigError):
-            remove_unused_run_dir()
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 def remove_unused_run_dir() -> None:

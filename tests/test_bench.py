@@ -20,7 +20,7 @@ from longctx import build_model, flops
 from longctx.attention import ModelSettings, build_backend
 from longctx.attention.full import FullAttention
 from longctx.bench import allocator, anchors, environment, report, worker
-from longctx.bench.config import Config, settings_from_config
+from longctx.bench.config import Config, bare_values_as_lists, settings_from_config
 from longctx.bench.isolation import IsolatedRunner
 from longctx.bench.measure import time_calls
 from longctx.bench.plan import Planner, extrapolate
@@ -286,6 +286,29 @@ def test_settings_validate_before_anything_runs():
         {**TINY, "anchors": ["fla_naive_linear"]}, {"fla_naive_linear": "absent"}
     )
     assert all(kind != "anchor" for _, kind in missing.subjects)
+
+
+def test_list_settings_accept_one_bare_value():
+    given = {**TINY, "backends": "full", "lengths": 64, "dtypes": "fp32", "modes": "fwd_bwd"}
+    settings = settings_from_config(bare_values_as_lists(given), {})
+    assert [name for name, kind in settings.subjects if kind == "backend"] == ["full"]
+    assert settings.lengths == [64] and settings.dtypes == ["fp32"]
+    assert bare_values_as_lists({"backends": "all"})["backends"] == "all"
+    memory = bare_values_as_lists({"memory": {"models": "small", "backends": "all"}})["memory"]
+    assert memory == {"models": ["small"], "backends": "all"}
+
+
+def test_the_command_line_takes_a_bare_name_and_reports_a_mistake_in_one_line(tmp_path):
+    """`backends=full` gets past the backends check (the old error was "['f','u','l','l'] is not
+    valid"); the dtype mistake after it is one line on stderr and exit status 1."""
+    command = [sys.executable, "-m", "longctx.bench", "backends=full", "dtypes=fp33"]
+    command += [f"hydra.run.dir={tmp_path / 'bench'}"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    errors = [line for line in done.stderr.splitlines() if line.strip()]
+    assert errors == [
+        "error: dtypes=['fp33'] is not valid; choose from ['fp32', 'bf16', 'fp16', 'fp64']"
+    ]
 
 
 def test_missing_anchors_are_named_with_the_install_command(monkeypatch):

@@ -29,8 +29,10 @@ ALLOWED: dict[str, set[str]] = {
     "train": BASE | {"ops", "attention", "model", "data", "checkpoints", "flops"},
     "eval": BASE | {"ops", "attention", "model", "data", "checkpoints", "flops"},
     "bench": BASE | {"ops", "attention", "model", "data", "flops"},
+    "pretrained": BASE | {"model", "data", "checkpoints"},
+    "generation": BASE | {"pretrained"},
     "jobs": BASE | {"train", "eval", "data", "model", "checkpoints"},
-    "__init__": {"core", "model", "checkpoints"},
+    "__init__": {"core", "model", "checkpoints", "pretrained"},
 }
 
 

@@ -11,7 +11,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from longctx.core.metrics_log import METRICS_FILE, read_metrics
 from longctx.eval.costs import costs_from_metrics_file, training_curve
-from longctx.jobs import train
+from longctx.jobs import finish_wandb, train
 
 
 def fit(out: Path, *overrides: str):
@@ -30,7 +30,10 @@ def fit(out: Path, *overrides: str):
         *overrides,
     )
     HydraConfig.instance().set_config(cfg)
-    return train(cfg)
+    try:
+        return train(cfg)
+    finally:
+        finish_wandb()  # a wandb run left open would be reused by the next test's logger
 
 
 @pytest.fixture(scope="module")

@@ -286,9 +286,9 @@ def test_a_conflicting_override_is_refused_naming_the_setting(override, named, r
 def logged_learning_rates(out: Path) -> dict[int, float]:
     with open(out / "csv" / "metrics.csv") as handle:
         return {
-            int(row["step"]): float(row["lr-AdamW/pg1"])
+            int(row["step"]): float(row["train/lr"])
             for row in csv.DictReader(handle)
-            if row.get("lr-AdamW/pg1")
+            if row.get("train/lr")
         }
 
 

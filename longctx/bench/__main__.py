@@ -10,10 +10,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from longctx.bench.config import bare_values_as_lists
 from longctx.bench.environment import REPO_ROOT
 from longctx.bench.memory import run_memory
 from longctx.bench.memory_plan import run_plan
 from longctx.bench.run import run_bench, run_sanity
+from longctx.core.cli import errors_in_one_line, quiet_known_noise
 from longctx.errors import ConfigError
 
 log = logging.getLogger("longctx.bench")
@@ -22,8 +24,14 @@ BENCH_MODES = ("time", "memory", "plan")  # what each does: conf/bench.yaml
 
 @hydra.main(config_path=str(REPO_ROOT / "conf"), config_name="bench", version_base="1.3")
 def main(cfg: DictConfig) -> None:
+    quiet_known_noise()
+    with errors_in_one_line():
+        _run(cfg)
+
+
+def _run(cfg: DictConfig) -> None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    settings = OmegaConf.to_container(cfg, resolve=True)
+    settings = bare_values_as_lists(OmegaConf.to_container(cfg, resolve=True))
     if cfg.mode not in BENCH_MODES:
         raise ConfigError(f"mode={cfg.mode!r} is not valid; choose one of {list(BENCH_MODES)}")
     if cfg.mode == "memory":

@@ -120,6 +120,30 @@ class Settings:
 _NON_BACKEND_MODES = {"baseline": ("fwd", "fwd_bwd", "decode"), "anchor": KERNEL_MODES}
 
 
+# Settings that are lists; on the command line each also takes one bare value (`backends=full`,
+# `lengths=4096`), which Hydra parses as a string or a number rather than a list.
+LIST_SETTINGS = ("backends", "anchors", "lengths", "dtypes", "modes")
+MEMORY_LIST_SETTINGS = ("models", "backends", "lengths", "check_backends", "width_check")
+ALL = "all"  # `backends: all`, the one bare value that is not a list of one
+
+
+def bare_values_as_lists(settings: dict[str, Any]) -> dict[str, Any]:
+    """The bench's settings with every bare value of a list setting made a list of one."""
+
+    def listed(section: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+        return {
+            key: [value]
+            if key in keys and value is not None and value != ALL and not isinstance(value, list)
+            else value
+            for key, value in section.items()
+        }
+
+    settings = listed(settings, LIST_SETTINGS)
+    if isinstance(settings.get("memory"), dict):
+        settings["memory"] = listed(settings["memory"], MEMORY_LIST_SETTINGS)
+    return settings
+
+
 def _check_choices(values, valid, key: str) -> list:
     values = list(values)
     unknown = [v for v in values if v not in valid]
@@ -130,7 +154,7 @@ def _check_choices(values, valid, key: str) -> list:
 
 def _subjects(backends, anchors, missing_anchors) -> list[tuple[str, str]]:
     registered = available_backends()
-    if backends == "all":
+    if backends == ALL:
         names = registered
     else:
         names = [

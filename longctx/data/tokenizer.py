@@ -1,11 +1,15 @@
 """Tokenizers: raw UTF-8 bytes, byte-level BPE trained offline, or a user's tokenizer.json.
 
 All three expose the same small surface (`encode`, `encode_batch`, `decode`,
-`vocab_size`, `eos_id`, `name`, `identity`); `identity` names the exact
+`vocab_size`, `eos_id`, `name`, `identity`, and `to_state` / `save_pretrained` /
+`from_pretrained` to travel with a checkpoint or an exported model); `identity` names the exact
 vocabulary so token caches never mix tokenizers.
 """
 
+from __future__ import annotations
+
 import hashlib
+import json
 import os
 import warnings
 from collections.abc import Callable, Iterable
@@ -41,6 +45,17 @@ class ByteTokenizer:
         # EOS is not text; a window cut mid-character decodes with replacement marks.
         return data[data < 256].astype(np.uint8).tobytes().decode("utf-8", errors="replace")
 
+    def to_state(self) -> dict[str, str]:
+        return {"kind": "byte"}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """tokenizer_config.json alone: the byte tokenizer has no vocabulary file."""
+        _write_tokenizer_config(directory, self.to_state())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> ByteTokenizer:
+        return _expect(cls, tokenizer_from_pretrained(directory), directory)
+
 
 class HFTokenizer:
     """A `tokenizers.Tokenizer` with a designated EOS token (used for `bpe` and `file`)."""
@@ -70,9 +85,72 @@ class HFTokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         return self.model.decode(list(ids), skip_special_tokens=True)
 
+    def to_state(self) -> dict[str, str]:
+        return {
+            "kind": "tokenizers",
+            "name": self.name,
+            "eos_token": self.model.id_to_token(self.eos_id),
+            "tokenizer_json": self.model.to_str(),
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """tokenizer.json (the `tokenizers` library's file, as Hugging Face names it) and
+        tokenizer_config.json (which tokenizer, its EOS token)."""
+        state = self.to_state()
+        atomic_write_text(Path(directory) / TOKENIZER_FILE, state.pop("tokenizer_json"))
+        _write_tokenizer_config(directory, state)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> HFTokenizer:
+        return _expect(cls, tokenizer_from_pretrained(directory), directory)
+
 
 Tokenizer = ByteTokenizer | HFTokenizer
 TextSource = Iterable[str] | Callable[[], Iterable[str]]
+
+# A tokenizer saved with a model (Hugging Face's file names).
+TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+
+
+def tokenizer_from_state(state: dict[str, str]) -> Tokenizer:
+    """The tokenizer `to_state()` described (as stored in a checkpoint): plain strings, no
+    training and no files needed."""
+    kind = state.get("kind")
+    if kind == "byte":
+        return ByteTokenizer()
+    if kind == "tokenizers":
+        model = HFTokenizerModel.from_str(state["tokenizer_json"])
+        return HFTokenizer(model, name=state["name"], eos_token=state["eos_token"])
+    raise ConfigError(f"unknown stored tokenizer kind {kind!r}; expected byte or tokenizers")
+
+
+def tokenizer_from_pretrained(directory: str | os.PathLike) -> Tokenizer:
+    """The tokenizer `save_pretrained` wrote into `directory`."""
+    config_path = Path(directory) / TOKENIZER_CONFIG
+    if not config_path.is_file():
+        raise ConfigError(
+            f"{directory} holds no {TOKENIZER_CONFIG}; export the checkpoint again with "
+            "`python export.py`, which saves the tokenizer beside the weights"
+        )
+    state = json.loads(config_path.read_text())
+    if state.get("kind") == "tokenizers":
+        state["tokenizer_json"] = (Path(directory) / TOKENIZER_FILE).read_text()
+    return tokenizer_from_state(state)
+
+
+def _expect(cls: type, tokenizer: Tokenizer, directory: str | os.PathLike) -> Tokenizer:
+    if not isinstance(tokenizer, cls):
+        raise ConfigError(
+            f"{directory} holds a {type(tokenizer).__name__}, not a {cls.__name__}; load it "
+            "with tokenizer_from_pretrained, which reads either"
+        )
+    return tokenizer
+
+
+def _write_tokenizer_config(directory: str | os.PathLike, state: dict[str, str]) -> None:
+    Path(directory).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(directory) / TOKENIZER_CONFIG, json.dumps(state, indent=2) + "\n")
 
 
 def train_byte_level_bpe(

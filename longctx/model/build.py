@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping
 from functools import partial
+from typing import Any
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from torch import nn
 
 from longctx.attention import Backend, Mixer, ModelSettings, build_backend
@@ -12,7 +15,7 @@ from longctx.core.positions import POSITION_SCHEMES
 from longctx.errors import ConfigError
 from longctx.model.checkpointing import NONE
 from longctx.model.layers import MLPS, NORMS
-from longctx.model.lm import Block, LanguageModel, init_block_weights
+from longctx.model.lm import BUILD_KEYS, Block, LanguageModel, init_block_weights
 
 
 def _choice(value: str, options, key: str) -> None:
@@ -60,7 +63,7 @@ def build_model(cfg: Mapping, vocab_size: int) -> LanguageModel:
     """Build the LM described by the composed root config (conf/train.yaml plus overrides)."""
     model = cfg["model"]
     dims, backend, make_ffn, norm = _parts(cfg)
-    return LanguageModel(
+    lm = LanguageModel(
         dims,
         backend,
         vocab_size,
@@ -69,6 +72,15 @@ def build_model(cfg: Mapping, vocab_size: int) -> LanguageModel:
         tie_embeddings=bool(model.get("tie_embeddings", True)),
         activation_checkpointing=model.get("activation_checkpointing", NONE),
     )
+    # What LanguageModel.save_pretrained writes, so that from_pretrained rebuilds this model.
+    lm.build_config = {"vocab_size": vocab_size, **{key: _plain(cfg[key]) for key in BUILD_KEYS}}
+    return lm
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    return copy.deepcopy(value)
 
 
 def build_block(cfg: Mapping, layer: int) -> Block:

@@ -6,15 +6,55 @@ never branches on which backend it is.
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
 
 from longctx.attention.base import Backend, Mixer, ModelSettings, State
+from longctx.core.files import atomic_write_bytes, atomic_write_text
 from longctx.core.state import map_state, reset_rows
+from longctx.errors import ConfigError
 from longctx.model.checkpointing import NONE, checkpointed_blocks
 from longctx.model.loss import chunked_cross_entropy
+
+# The files of a directory written by LanguageModel.save_pretrained (Hugging Face's names).
+PRETRAINED_CONFIG = "config.json"
+PRETRAINED_WEIGHTS = "model.safetensors"
+PRETRAINED_MODEL_TYPE = "longctx"
+PRETRAINED_FORMAT_VERSION = 1
+# The config sections build_model reads: what config.json keeps to rebuild the model.
+BUILD_KEYS = ("attention", "model", "context_length")
+
+
+def pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """config.json of a save_pretrained directory, checked to be longctx's."""
+    path = Path(directory) / PRETRAINED_CONFIG
+    if not path.is_file() or not (Path(directory) / PRETRAINED_WEIGHTS).is_file():
+        raise ConfigError(
+            f"{directory} is not a longctx model directory: it needs {PRETRAINED_CONFIG} and "
+            f"{PRETRAINED_WEIGHTS}, as LanguageModel.save_pretrained writes them"
+        )
+    config = json.loads(path.read_text())
+    if config.get("model_type") != PRETRAINED_MODEL_TYPE:
+        raise ConfigError(
+            f"{path} has model_type={config.get('model_type')!r}, not {PRETRAINED_MODEL_TYPE!r}: "
+            "longctx reads only the directories it wrote (it does not load transformers models)"
+        )
+    if config.get("format_version", 1) > PRETRAINED_FORMAT_VERSION:
+        raise ConfigError(
+            f"{path} has format_version {config['format_version']}, newer than the "
+            f"{PRETRAINED_FORMAT_VERSION} this code reads; update longctx to load it"
+        )
+    return config
 
 
 class Block(nn.Module):
@@ -133,6 +173,7 @@ class LanguageModel(nn.Module):
             self.head.weight = self.embed.weight
         self._init_weights()
         self.activation_checkpointing = activation_checkpointing
+        self.build_config: dict[str, Any] | None = None  # set by build_model
 
     def _init_weights(self) -> None:
         _normal_init(self.modules())
@@ -235,9 +276,21 @@ class LanguageModel(nn.Module):
     ) -> Tensor:
         """Sample continuations with the streaming state:
         one prompt pass, then one token per step."""
+        generated = [input_ids, *self.stream(input_ids, max_new_tokens, temperature, top_k)]
+        return torch.cat(generated, dim=1)
+
+    @torch.no_grad()
+    def stream(
+        self,
+        input_ids: Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+    ) -> Iterator[Tensor]:
+        """`generate`, one sampled token [B, 1] at a time as it is drawn (for printing as it
+        goes); temperature <= 0 picks the most likely token."""
         state = self.init_state(input_ids.shape[0])
         logits, state = self.step(input_ids, state)
-        generated = [input_ids]
         for index in range(max_new_tokens):
             next_logits = logits[:, -1, :]
             if temperature <= 0:
@@ -248,10 +301,44 @@ class LanguageModel(nn.Module):
                     kth = torch.topk(next_logits, min(top_k, next_logits.shape[-1])).values[:, -1:]
                     next_logits = next_logits.masked_fill(next_logits < kth, float("-inf"))
                 next_token = torch.multinomial(F.softmax(next_logits, dim=-1), num_samples=1)
-            generated.append(next_token)
+            yield next_token
             if index + 1 < max_new_tokens:
                 logits, state = self.step(next_token, state)
-        return torch.cat(generated, dim=1)
+
+    def save_pretrained(self, directory: str | os.PathLike, run_config: Mapping | None = None):
+        """Write `model.safetensors` (the weights, no pickle) and `config.json` (what rebuilds
+        the model: vocab size and the attention, model and context_length settings; with
+        `run_config`, the whole run's config too) into `directory`, in the layout of Hugging
+        Face's `save_pretrained`. `from_pretrained` loads it back. Needs a model made by
+        `build_model`, which records those settings."""
+        if self.build_config is None:
+            raise ValueError("save_pretrained needs a model built by longctx.build_model")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {
+            "model_type": PRETRAINED_MODEL_TYPE,
+            "format_version": PRETRAINED_FORMAT_VERSION,
+            **self.build_config,
+            "run_config": dict(run_config) if run_config is not None else None,
+        }
+        atomic_write_text(directory / PRETRAINED_CONFIG, json.dumps(config, indent=2) + "\n")
+        # save_model writes tied weights (embedding and head) once; load_model ties them back.
+        # Written aside first, then moved in whole with the mode a plain open gives.
+        with tempfile.TemporaryDirectory() as scratch:
+            staged = Path(scratch) / PRETRAINED_WEIGHTS
+            safetensors.torch.save_model(self, str(staged), {"format": "pt"})
+            atomic_write_bytes(directory / PRETRAINED_WEIGHTS, staged.read_bytes())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> LanguageModel:
+        """The model `save_pretrained` wrote into `directory` (fp32 or as saved, on the CPU)."""
+        from longctx.model.build import build_model  # build imports this module
+
+        config = pretrained_config(directory)
+        settings = {key: config[key] for key in BUILD_KEYS}
+        model = build_model(settings, int(config["vocab_size"]))
+        safetensors.torch.load_model(model, str(Path(directory) / PRETRAINED_WEIGHTS))
+        return model
 
     def compile_blocks(self) -> None:
         """`compile: true`: torch.compile each block in place (regional compilation).

@@ -32,6 +32,7 @@ from lightning.pytorch.callbacks import Callback
 
 from longctx.core.files import atomic_write_text
 from longctx.core.metrics_log import METRICS_FILE, read_metrics
+from longctx.train.optimizer_stats import gradient_norm, learning_rates, logging_step_due
 
 COUNTERS = ("tokens", "flops", "train_seconds")  # cumulative: carried over a resume
 
@@ -39,13 +40,6 @@ COUNTERS = ("tokens", "flops", "train_seconds")  # cumulative: carried over a re
 def _peak_rss_mib() -> float:
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB else
-
-
-def _learning_rates(optimizer: torch.optim.Optimizer) -> dict[str, float]:
-    rates = [float(group["lr"]) for group in optimizer.param_groups]
-    if len(set(rates)) == 1:
-        return {"lr": rates[0]}
-    return {f"lr/{i}": rate for i, rate in enumerate(rates)}
 
 
 class MetricsFile(Callback):
@@ -57,10 +51,6 @@ class MetricsFile(Callback):
         self._losses: list[float] = []
         self._step_extras: dict[str, float] = {}
         self._mark = time.monotonic()
-
-    def _due(self, trainer: pl.Trainer, step: int) -> bool:
-        every = max(int(trainer.log_every_n_steps), 1)
-        return step % every == 0 or (trainer.max_steps > 0 and step >= trainer.max_steps)
 
     def _append(self, row: dict[str, Any]) -> None:
         with open(self.path, "a") as handle:
@@ -81,14 +71,14 @@ class MetricsFile(Callback):
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer
     ) -> None:
-        if not trainer.is_global_zero or not self._due(trainer, trainer.global_step + 1):
+        if not trainer.is_global_zero or not logging_step_due(trainer, trainer.global_step + 1):
             return
-        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        norm = (
-            float(torch.stack([g.detach().float().norm() for g in grads]).norm()) if grads else None
-        )
+        norm = gradient_norm(pl_module)
         # Read here: the schedulers step right after the optimizer, before on_train_batch_end.
-        self._step_extras = {**_learning_rates(optimizer), "grad_norm": norm}
+        self._step_extras = {
+            **learning_rates(optimizer),
+            "grad_norm": None if norm is None else float(norm),
+        }
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs, batch, batch_idx: int
@@ -112,7 +102,7 @@ class MetricsFile(Callback):
             # Lightning hands back the loss divided by the accumulation factor.
             self._losses.append(float(loss) * trainer.accumulate_grad_batches)
         step = trainer.global_step
-        if not trainer.is_global_zero or not self._step_extras or not self._due(trainer, step):
+        if not (trainer.is_global_zero and self._step_extras and logging_step_due(trainer, step)):
             return
         row = {
             "step": step,

@@ -9,6 +9,7 @@ import lightning.pytorch as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from longctx.checkpoints import TOKENIZER_KEY
 from longctx.model import build_model
 from longctx.model.lm import carry_over
 from longctx.train.schedule import warmup_cosine
@@ -40,6 +41,8 @@ class LanguageModelTask(pl.LightningModule):
         self.model = build_model(cfg, vocab_size)
         self.stream_state = None
         self.blocks_compiled = False
+        # Set once the data is ready (longctx/train/run.py); saved with every checkpoint.
+        self.tokenizer_state: dict[str, str] | None = None
 
     @property
     def ordered_stream(self) -> bool:
@@ -47,6 +50,10 @@ class LanguageModelTask(pl.LightningModule):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.tokenizer_state is not None:
+            checkpoint[TOKENIZER_KEY] = self.tokenizer_state
 
     def configure_model(self) -> None:
         """Lightning's hook before fit/validate/test.

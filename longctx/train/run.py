@@ -13,13 +13,9 @@ from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
-from hydra.utils import instantiate
-from lightning.pytorch.callbacks import (
-    Callback,
-    LearningRateMonitor,
-    ModelCheckpoint,
-    ThroughputMonitor,
-)
+from hydra.utils import get_class, instantiate
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, ProgressBar
+from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.plugins.io import CheckpointIO
 from omegaconf import DictConfig
 
@@ -39,6 +35,7 @@ from longctx.train.callbacks import (
 from longctx.train.checkpoint_io import AtomicCheckpointIO
 from longctx.train.csv_history import ResumableCSVLogger
 from longctx.train.data_checks import check_data_sources, check_enough_data
+from longctx.train.loggers import wandb_run_id
 from longctx.train.metrics_file import MetricsFile
 from longctx.train.module import LanguageModelTask
 from longctx.train.resume import command_line_overrides, continue_run, explicit_setting
@@ -131,16 +128,34 @@ def build_callbacks(cfg: DictConfig, output_dir: Path) -> tuple[list[Callback], 
         CheckpointSchemaStamp(),
         RandomStateCheckpoint(),
         StreamStateCheckpoint(every),
-        LearningRateMonitor(logging_interval="step"),
         MetricsFile(output_dir),
-        ThroughputMonitor(
-            batch_size_fn=lambda batch: batch["input_ids"].shape[0],
-            length_fn=lambda batch: batch["input_ids"].numel(),
-        ),
     ]
-    # An experiment's own callbacks by name, e.g. early stopping at a validation accuracy.
-    callbacks += [instantiate(spec) for spec in (cfg.get("callbacks") or {}).values()]
-    return callbacks, last
+    return callbacks + configured_callbacks(cfg), last
+
+
+def configured_callbacks(cfg: DictConfig) -> list[Callback]:
+    """The `callbacks` group (conf/callbacks): each entry built from its `_target_`.
+
+    A progress bar is left out when trainer.enable_progress_bar is false (Lightning refuses
+    both), so that trainer=debug needs no callbacks override.
+    """
+    built = []
+    for name, spec in (cfg.get("callbacks") or {}).items():
+        if not isinstance(spec, DictConfig) or "_target_" not in spec:
+            raise ConfigError(
+                f"callbacks.{name} is not a callback config; give it a `_target_` "
+                "(a Callback class) and its arguments, as in conf/callbacks/"
+            )
+        callback = instantiate(spec)
+        if not isinstance(callback, Callback):
+            raise ConfigError(
+                f"callbacks.{name}: {spec._target_} is not a Lightning Callback; "
+                "name a subclass of lightning.pytorch.callbacks.Callback"
+            )
+        built.append(callback)
+    if cfg.trainer.get("enable_progress_bar") is False:
+        built = [c for c in built if not isinstance(c, ProgressBar)]
+    return built
 
 
 def build_trainer(cfg: DictConfig, callbacks: list[Callback], logger) -> pl.Trainer:
@@ -229,6 +244,8 @@ def _fit(
     datamodule.setup("fit")
     check_enough_data(cfg, datamodule, sampling, trainer.world_size)
     task = LanguageModelTask(cfg, datamodule.vocab_size)
+    tokenizer = getattr(datamodule, "tokenizer", None)  # None: generated token ids (mqar)
+    task.tokenizer_state = tokenizer.to_state() if tokenizer is not None else None
     tokens_per_batch = cfg.batch_size * cfg.context_length
     task.flops_per_batch = training_flops_per_batch(task, cfg.context_length, tokens_per_batch)
     if logger:
@@ -250,15 +267,22 @@ def _fit(
 
 
 def build_logger(cfg: DictConfig, start_step: int):
-    """cfg.logger instantiated (False without one); a CSV history continues at `start_step`."""
-    logger = instantiate(cfg.logger) if cfg.get("logger") else False
+    """cfg.logger instantiated (False without one); a CSV history continues at `start_step`, a
+    wandb run continues the run directory's wandb run when resuming (longctx/train/loggers.py)."""
+    if not cfg.get("logger"):
+        return False
+    chosen = {}
+    if issubclass(get_class(cfg.logger._target_), WandbLogger) and not cfg.logger.get("id"):
+        chosen["id"] = wandb_run_id(Path(cfg.paths.output_dir), resuming=start_step > 0)
+    logger = instantiate(cfg.logger, **chosen)
     if isinstance(logger, ResumableCSVLogger):
         logger.resume_step = start_step
     return logger
 
 
 def training_flops_per_batch(task: LanguageModelTask, seq_len: int, tokens: int) -> float | None:
-    """For Lightning's ThroughputMonitor (MFU); None when a backend does not count its FLOPs."""
+    """For Lightning's ThroughputMonitor (MFU, conf/callbacks/throughput.yaml); None when a
+    backend does not count its FLOPs."""
     try:
         return training_flops_per_token(task.model, seq_len) * tokens
     except NotImplementedError:
