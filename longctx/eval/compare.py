@@ -262,11 +262,7 @@ def arm_facts_in_context(arm: Arm, length: int, confidence: float) -> Estimate |
         ]
         if rows:
             values.append((sum(f["correct"] for f in rows), sum(f["docs"] for f in rows)))
-    if not values:
-        return None
-    correct, scored = (float(np.mean(v)) for v in zip(*values))
-    low, high = wilson_interval(correct, round(scored), confidence)
-    return Estimate(correct / scored, low, high, tuple(c / n for c, n in values), round(scored))
+    return _share_over_seeds(values, confidence)
 
 
 def paired_facts(arm: Arm, baseline: Arm, length: int, bootstrap: Bootstrap) -> Difference:
@@ -302,11 +298,17 @@ def arm_passkey(arm: Arm, keep, confidence: float) -> Estimate | None:
         ]
         if cells:
             per_seed.append((sum(p["correct"] for p in cells), sum(p["trials"] for p in cells)))
+    return _share_over_seeds(per_seed, confidence)
+
+
+def _share_over_seeds(per_seed: list[tuple[int, int]], confidence: float) -> Estimate | None:
+    """(correct, tried) per seed: the mean share, with Wilson's interval over one seed's count
+    of trials (the seeds share their prompts), or None without any."""
     if not per_seed:
         return None
-    correct, trials = (float(np.mean(v)) for v in zip(*per_seed))
-    low, high = wilson_interval(correct, round(trials), confidence)
-    return Estimate(correct / trials, low, high, tuple(c / n for c, n in per_seed), round(trials))
+    correct, tried = (float(np.mean(v)) for v in zip(*per_seed))
+    low, high = wilson_interval(correct, round(tried), confidence)
+    return Estimate(correct / tried, low, high, tuple(c / n for c, n in per_seed), round(tried))
 
 
 # --- noise floor ---
