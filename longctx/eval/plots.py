@@ -87,6 +87,17 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _finish(fig, axes, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Labels, a light grid and the shared legend on a one-panel figure; then saved."""
+    ax = axes[0]
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both")
+    _legend(fig, axes)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 def _points(rows, x: str, y: str, keep=lambda row: True) -> list[dict]:
     return sorted(
         (r for r in rows if keep(r) and r.get(y) is not None and r.get(x) is not None),
@@ -254,12 +265,14 @@ def plot_prefix_ablation(series: Series, path: Path, title: str = "") -> Path:
         if points:
             _errorbars(ax, points, "prefix_length", "loss", style, label, _dodge(i, len(series)))
     ax.set_xscale("symlog", base=2, linthresh=64)
-    ax.set_xlabel("visible prefix before the target tokens (tokens)")
-    ax.set_ylabel("loss on the fixed targets (nats / token)")
-    ax.grid(alpha=0.3, which="both")
-    _legend(fig, axes)
-    fig.suptitle(title or "Prefix-length ablation")
-    return _save(fig, path)
+    return _finish(
+        fig,
+        axes,
+        "visible prefix before the target tokens (tokens)",
+        "loss on the fixed targets (nats / token)",
+        title or "Prefix-length ablation",
+        path,
+    )
 
 
 def _chance_line(ax, chance: float | None) -> None:
@@ -293,12 +306,14 @@ def plot_fact_recall(
     ax.set_xscale("log", base=2)
     _plain_log2_axis(ax.xaxis)
     ax.set_ylim(-0.03, 1.03)
-    ax.set_xlabel("planted distance (characters from fact to question)")
-    ax.set_ylabel("accuracy (answer ranked first)")
-    ax.grid(alpha=0.3, which="both")
-    _legend(fig, axes)
-    fig.suptitle(title or "Planted-fact recall (correct/scored per point)")
-    return _save(fig, path)
+    return _finish(
+        fig,
+        axes,
+        "planted distance (characters from fact to question)",
+        "accuracy (answer ranked first)",
+        title or "Planted-fact recall (correct/scored per point)",
+        path,
+    )
 
 
 def plot_passkey(series: Series, path: Path, chance: float | None = None, title: str = "") -> Path:
@@ -383,12 +398,7 @@ def plot_cost_quality(
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.grid(alpha=0.3, which="both")
-    _legend(fig, axes)
-    fig.suptitle(title or "Quality versus training cost")
-    return _save(fig, path)
+    return _finish(fig, axes, xlabel, ylabel, title or "Quality versus training cost", path)
 
 
 def plot_paired_differences(
