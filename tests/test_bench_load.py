@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT
 from omegaconf import OmegaConf
 
-from longctx.bench import load, run, worker
+from longctx.bench import load, report, run, worker
 from longctx.bench.config import settings_from_config
 from longctx.bench.isolation import IsolatedRunner
 from longctx.bench.report import CSV_COLUMNS, add_ratios, add_slowdowns
@@ -221,6 +221,38 @@ def test_each_configuration_is_timed_idle_then_under_load_and_compared_with_sdpa
     assert environment["processes"] == 1 and environment["pids"] == started_pids(recorded)
     assert len(recorded) == 4  # one load per loaded timing, each stopped before the next idle one
     assert not any(alive(pid) for pid in environment["pids"])
+
+
+def test_a_threads_sweep_compares_each_row_with_sdpa_at_its_own_thread_count(recorded):
+    class ThreadScaledRunner(ScriptedRunner):
+        """SDPA's times grow with the thread count, full's do not."""
+
+        def run(self, config, timeout_s):
+            row = super().run(config, timeout_s)
+            row["threads"] = config.threads  # what a real worker measures after set_num_threads
+            if config.subject == "sdpa":
+                scaled = row["time_ms"] * config.threads
+                row.update(time_ms=scaled, time_ms_min=scaled, times_ms=[scaled])
+            return row
+
+    settings = settings_from_config({**TINY, "threads": [1, 2]}, {})
+    rows = run.measure_all(settings, run.LoadedTimer(settings, ThreadScaledRunner()))
+    add_ratios(rows)
+    add_slowdowns(rows)
+    ratios = {(r["subject"], r["threads"]): r["ratio_vs_sdpa"] for r in rows}
+    assert ratios == {("sdpa", 1): 1.0, ("full", 1): 2.0, ("sdpa", 2): 1.0, ("full", 2): 1.0}
+    assert {(r["subject"], r["threads"]): r["slowdown_vs_sdpa"] for r in rows} == {
+        ("sdpa", 1): 1.0,
+        ("full", 1): 1.5,
+        ("sdpa", 2): 1.0,
+        ("full", 2): 1.5,
+    }
+    environment = {"device_name": "cpu", "torch": "x", "threads": [1, 2], "load": {"processes": 1}}
+    markdown = report.markdown(rows, report.fits(rows), environment, [])
+    for threads in (1, 2):
+        assert f"### fwd_bwd, fp32, {threads} threads: time / memory" in markdown
+        assert f"fwd_bwd, fp32, {threads} threads under load=1" in markdown
+    assert "1, 2 threads" in markdown
 
 
 def test_a_failed_loaded_run_keeps_the_idle_time_and_says_why(recorded):
