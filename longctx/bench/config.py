@@ -57,9 +57,9 @@ class Config:
     kernel: str = AUTO  # attention.kernel of a backend (longctx.ops.seam)
 
     @property
-    def series(self) -> tuple[str, str, str, str]:
-        """The line this point belongs to: one per subject, dtype, mode and kernel."""
-        return (self.subject, self.dtype, self.mode, self.kernel)
+    def series(self) -> tuple[str, str, str, str, int | None]:
+        """The line this point belongs to: one per subject, dtype, mode, kernel and threads."""
+        return (self.subject, self.dtype, self.mode, self.kernel, self.threads)
 
 
 @dataclass(frozen=True)
@@ -74,29 +74,33 @@ class Settings:
     backend_options: Mapping[str, Mapping[str, Any]]  # attention options per backend name
     rounds: int = 1  # passes over every configuration (see run.measure_all)
     kernel: str = AUTO  # attention.kernel of every backend in the timed modes
+    threads: tuple[int | None, ...] = (None,)  # torch threads of each pass; None: torch's default
+    load: int = 0  # competing CPU-bound processes of the second, loaded timing (0: no such timing)
 
     def configs(self) -> list[Config]:
-        """Every configuration, shortest lengths first so a spent total budget cuts the longest."""
+        """Every configuration, shortest lengths first so a spent total budget cuts the longest;
+        at each length, every thread count in turn."""
         planned = []
         for seq_len in self.lengths:
-            for dtype in self.dtypes:
-                for mode in self.modes:
-                    for name, kind in self.subjects:
-                        if kind != "backend" and mode not in _NON_BACKEND_MODES[kind]:
-                            continue
-                        for kernel in self._kernels(name, kind, mode):
-                            planned.append(
-                                dataclasses.replace(
-                                    self.template,
-                                    subject=name,
-                                    kind=kind,
-                                    mode=mode,
-                                    dtype=dtype,
-                                    seq_len=seq_len,
-                                    options=self._options(name, kind, mode, seq_len),
-                                    kernel=kernel,
-                                )
+            for threads in self.threads:
+                for dtype in self.dtypes:
+                    for mode in self.modes:
+                        planned += [
+                            dataclasses.replace(
+                                self.template,
+                                subject=name,
+                                kind=kind,
+                                mode=mode,
+                                dtype=dtype,
+                                seq_len=seq_len,
+                                threads=threads,
+                                options=self._options(name, kind, mode, seq_len),
+                                kernel=kernel,
                             )
+                            for name, kind in self.subjects
+                            if kind == "backend" or mode in _NON_BACKEND_MODES[kind]
+                            for kernel in self._kernels(name, kind, mode)
+                        ]
         return planned
 
     def _kernels(self, name: str, kind: str, mode: str) -> tuple[str, ...]:
@@ -174,6 +178,28 @@ def _subjects(backends, anchors, missing_anchors) -> list[tuple[str, str]]:
     )
 
 
+def _threads(given) -> tuple[int | None, ...]:
+    """`threads`: null (torch's default), a count, or a list of counts (one pass each)."""
+    if given is None:
+        return (None,)
+    counts = list(given) if isinstance(given, (list, tuple)) else [given]
+    if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+        raise ConfigError(
+            f"threads={given} is not valid; give null (torch's default), a thread count such as "
+            "2, or a list of counts such as [1,2]"
+        )
+    return tuple(dict.fromkeys(counts))
+
+
+def _load(given) -> int:
+    if isinstance(given, bool) or not isinstance(given, int) or given < 0:
+        raise ConfigError(
+            f"load={given} is not valid; give the number of competing CPU-bound processes to "
+            "time under (0: idle timing only; 1: one competing process)"
+        )
+    return given
+
+
 def _has_option(name: str, key: str) -> bool:
     return key in {f.name for f in dataclasses.fields(backend_class(name).Options)}
 
@@ -211,6 +237,7 @@ def settings_from_config(cfg: Mapping, missing_anchors: Mapping[str, str]) -> Se
         if int(cfg[key]) < 1:
             raise ConfigError(f"{key}={cfg[key]} must be at least 1")
     options = _backend_options(cfg["options"])
+    threads = _threads(cfg["threads"])
     subjects = _subjects(cfg["backends"], cfg["anchors"], missing_anchors)
     template = Config(
         subject="",
@@ -228,7 +255,7 @@ def settings_from_config(cfg: Mapping, missing_anchors: Mapping[str, str]) -> Se
         prefill_chunk=int(cfg["prefill_chunk"]),
         model_size=str(cfg["model_size"]),
         memory_cap_mib=float(cfg["memory_cap_mib"]) if cfg["memory_cap_mib"] else None,
-        threads=int(cfg["threads"]) if cfg["threads"] else None,
+        threads=threads[0],  # Settings.configs sets each entry of `threads` in turn
         seed=int(cfg["seed"]),
         cpu_allocator=check_cpu_allocator(str(cfg["cpu_allocator"])),
     )
@@ -243,4 +270,6 @@ def settings_from_config(cfg: Mapping, missing_anchors: Mapping[str, str]) -> Se
         backend_options=options,
         rounds=int(cfg["rounds"]),
         kernel=_check_choices([cfg.get("kernel", AUTO)], KERNELS, "kernel")[0],
+        threads=threads,
+        load=_load(cfg.get("load", 0)),
     )

@@ -30,6 +30,10 @@ CSV_COLUMNS = [
     "time_ms",
     "time_ms_min",
     "ratio_vs_sdpa",
+    "load",
+    "time_ms_loaded",
+    "slowdown",
+    "slowdown_vs_sdpa",
     "tokens_per_s",
     "gflops_per_s",
     "memory_mib",
@@ -75,7 +79,8 @@ def combine_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
     time_ms is the median of the rounds' medians, time_ms_min the least call; memory figures
     are the largest seen, faulted_mib the median of the rounds'. `round_times_ms` keeps each
     round's median (None where a later round failed), so ratios can pair rounds; `rounds` counts
-    the rounds that measured.
+    the rounds that measured. Under `load`, time_ms_loaded is the median of the rounds' loaded
+    times and `round_times_ms_loaded` keeps each round's, paired with its idle time.
     """
     first = rows[0]
     if first["status"] != "ok":
@@ -101,41 +106,77 @@ def combine_rounds(rows: list[dict[str, Any]]) -> dict[str, Any]:
         combined[memory] = max(figures) if figures else None
     faulted = [row["faulted_mib"] for row in measured if row.get("faulted_mib") is not None]
     combined["faulted_mib"] = median(faulted) if faulted else None
+    combined["round_times_ms_loaded"] = [
+        row.get("time_ms_loaded") if row["status"] == "ok" else None for row in rows
+    ]
+    loaded = [t for t in combined["round_times_ms_loaded"] if t is not None]
+    combined["time_ms_loaded"] = median(loaded) if loaded else None
     return combined
 
 
+def _same_setting(row: dict[str, Any]) -> tuple:
+    """What a row is compared with SDPA at: N, dtype, mode and thread count."""
+    return (row["dtype"], row["mode"], row["seq_len"], row.get("threads"))
+
+
+def _baselines(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, Any]]:
+    return {_same_setting(r): r for r in rows if r["subject"] == BASELINE and r["status"] == "ok"}
+
+
+def _paired_median(
+    numerators: list[float | None], denominators: list[float | None]
+) -> float | None:
+    """The median of numerator / denominator over the rounds where both were measured."""
+    pairs = [t / b for t, b in zip(numerators, denominators) if t is not None and b is not None]
+    return median(pairs) if pairs else None
+
+
 def add_ratios(rows: list[dict[str, Any]]) -> None:
-    """ratio_vs_sdpa: the row's time over SDPA's at the same N, dtype and mode (None if none),
-    as the median over rounds of the two times measured in the same round."""
-    baseline = {
-        (r["dtype"], r["mode"], r["seq_len"]): r
-        for r in rows
-        if r["subject"] == BASELINE and r["status"] == "ok"
-    }
+    """ratio_vs_sdpa: the row's time over SDPA's at the same N, dtype, mode and thread count
+    (None if none), as the median over rounds of the two times measured in the same round."""
+    baseline = _baselines(rows)
     for row in rows:
-        reference = baseline.get((row["dtype"], row["mode"], row["seq_len"]))
+        reference = baseline.get(_same_setting(row))
         row["ratio_vs_sdpa"] = None
         if row["status"] != "ok" or reference is None:
             continue
-        paired = [
-            t / b
-            for t, b in zip(row.get("round_times_ms") or [], reference.get("round_times_ms") or [])
-            if t is not None and b is not None
-        ]
-        row["ratio_vs_sdpa"] = median(paired) if paired else row["time_ms"] / reference["time_ms"]
+        paired = _paired_median(
+            row.get("round_times_ms") or [], reference.get("round_times_ms") or []
+        )
+        row["ratio_vs_sdpa"] = (
+            paired if paired is not None else row["time_ms"] / reference["time_ms"]
+        )
+
+
+def add_slowdowns(rows: list[dict[str, Any]]) -> None:
+    """Under `load`: slowdown = loaded time / idle time (the median over rounds of each round's
+    pair), and slowdown_vs_sdpa = that slowdown over SDPA's at the same N, dtype, mode and
+    thread count: above 1, the competing load costs the row more than it costs SDPA."""
+    for row in rows:
+        row["slowdown"] = row["slowdown_vs_sdpa"] = None
+        if row["status"] == "ok" and row.get("time_ms_loaded") is not None:
+            row["slowdown"] = _paired_median(
+                row.get("round_times_ms_loaded") or [], row.get("round_times_ms") or []
+            )
+    baseline = _baselines(rows)
+    for row in rows:
+        reference = baseline.get(_same_setting(row))
+        if row["slowdown"] is not None and reference and reference["slowdown"] is not None:
+            row["slowdown_vs_sdpa"] = row["slowdown"] / reference["slowdown"]
 
 
 def fits(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Time and memory scaling exponents per subject, dtype and mode."""
+    """Time and memory scaling exponents per subject, dtype, mode and thread count."""
     series: dict[tuple, list[dict]] = defaultdict(list)
     for row in rows:
         if row["status"] == "ok" and row["mode"] != COUNTED:
-            series[(row["subject"], row["dtype"], row["mode"])].append(row)
+            series[(row["subject"], row["dtype"], row["mode"], row.get("threads"))].append(row)
     return [
         {
             "subject": subject,
             "dtype": dtype,
             "mode": mode,
+            "threads": threads,
             "lengths": [r["seq_len"] for r in points],
             "time_exponent": fit_exponent(
                 [r["seq_len"] for r in points], [r["time_ms"] for r in points]
@@ -144,7 +185,7 @@ def fits(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 [r["seq_len"] for r in points], [r["memory_mib"] for r in points]
             ),
         }
-        for (subject, dtype, mode), points in series.items()
+        for (subject, dtype, mode, threads), points in series.items()
     ]
 
 
@@ -244,10 +285,18 @@ def _faults_table(
 def markdown(
     rows: list[dict[str, Any]], fitted: list[dict], environment: dict, notes: list[str]
 ) -> str:
-    """One README-ready table per (mode, dtype): rows = subjects, columns = N."""
+    """One README-ready table per (mode, dtype), and per thread count where `threads` was swept:
+    rows = subjects, columns = N; under `load`, a second table of the loaded times."""
     lengths = sorted({r["seq_len"] for r in rows})
-    by_key = {(r["subject"], r["dtype"], r["mode"], r["seq_len"]): r for r in rows}
-    exponents = {(f["subject"], f["dtype"], f["mode"]): f for f in fitted}
+    swept = len({r.get("threads") for r in rows} - {None}) > 1
+
+    def panel_of(row: dict[str, Any]) -> tuple:
+        return (row["mode"], row["dtype"], row.get("threads") if swept else None)
+
+    exponents = {
+        (f["subject"], f["mode"], f["dtype"], f.get("threads") if swept else None): f
+        for f in fitted
+    }
     load = environment.get("load_average_start")
     rounds = max((r.get("rounds") or 0 for r in rows), default=0)
     timing = (
@@ -258,7 +307,7 @@ def markdown(
     )
     lines = [
         f"Measured on {environment['device_name']}, torch {environment['torch']}, "
-        f"{environment['threads']} threads, B={rows[0]['batch']}, H={rows[0]['heads']}, "
+        f"{_threads(environment['threads'])} threads, B={rows[0]['batch']}, H={rows[0]['heads']}, "
         f"Dh={rows[0]['head_dim']}"
         + (f", cpu_allocator={rows[0]['cpu_allocator']}" if rows[0].get("cpu_allocator") else "")
         + (
@@ -266,29 +315,34 @@ def markdown(
             if environment.get("transparent_hugepage")
             else ""
         )
-        + f"; {timing} at the same N, dtype and mode"
+        + f"; {timing} at the same N, dtype, mode and thread count"
         + (f"; 1-minute load average at the start: {load[0]:.1f}" if load else "")
         + ".",
         "",
     ]
-    panels = sorted({(r["mode"], r["dtype"]) for r in rows if r["mode"] != COUNTED})
-    for mode, dtype in panels:
+    panels = sorted(
+        {panel_of(r) for r in rows if r["mode"] != COUNTED}, key=lambda p: (p[0], p[1], p[2] or 0)
+    )
+    for panel in panels:
+        mode, dtype, threads = panel
+        shown = [r for r in rows if panel_of(r) == panel]
+        by_key = {(r["subject"], r["seq_len"]): r for r in shown}
+        title = f"{mode}, {dtype}" + (f", {threads} threads" if swept else "")
         memory = MEMORY_MEANING.get(mode, MEMORY_MEANING["default"])
-        lines += [f"### {mode}, {dtype}: time / memory ({memory})", ""]
+        lines += [f"### {title}: time / memory ({memory})", ""]
         header = (
             ["implementation"] + [f"N={_length(n)}" for n in lengths] + ["time ~N^k", "memory ~N^k"]
         )
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        labels = {
-            r["subject"]: r["label"] for r in rows if (r["mode"], r["dtype"]) == (mode, dtype)
-        }
+        labels = {r["subject"]: r["label"] for r in shown}
         for subject, label in labels.items():
-            fit = exponents.get((subject, dtype, mode), {})
-            cells = [_cell(by_key.get((subject, dtype, mode, n))) for n in lengths]
+            fit = exponents.get((subject, *panel), {})
+            cells = [_cell(by_key.get((subject, n))) for n in lengths]
             cells += [_exponent(fit.get("time_exponent")), _exponent(fit.get("memory_exponent"))]
             lines.append("| " + " | ".join([label] + cells) + " |")
         lines.append("")
-        lines += _faults_table(rows, mode, dtype, lengths, labels)
+        lines += _faults_table(shown, mode, dtype, lengths, labels)
+        lines += _loaded_table(shown, title, lengths, labels, environment.get("load"))
     lines += _launches_table(rows, lengths)
     not_measured = _not_measured(rows)
     if not_measured:
@@ -296,6 +350,55 @@ def markdown(
     if notes:
         lines += ["### Notes", ""] + [f"- {note}" for note in notes] + [""]
     return "\n".join(lines)
+
+
+def _threads(threads: int | list[int]) -> str:
+    return ", ".join(str(n) for n in threads) if isinstance(threads, list) else str(threads)
+
+
+def _loaded_table(
+    shown: list[dict[str, Any]],
+    title: str,
+    lengths: list[int],
+    labels: dict[str, str],
+    load: dict[str, Any] | None,
+) -> list[str]:
+    """One panel's times under the competing load, next to the idle table above it (nothing
+    when no row of the panel was timed under load)."""
+    loaded = {
+        (r["subject"], r["seq_len"]): r
+        for r in shown
+        if r["status"] == "ok" and r.get("time_ms_loaded") is not None
+    }
+    if not loaded:
+        return []
+    processes = load["processes"] if load else "?"
+    lines = [
+        (
+            f"{title} under load={processes} (competing CPU-bound processes): "
+            "loaded time (slowdown = loaded / idle time; x SDPA = that slowdown over SDPA's):"
+        ),
+        "",
+        "| implementation | " + " | ".join(f"N={_length(n)}" for n in lengths) + " |",
+        "|" + "---|" * (len(lengths) + 1),
+    ]
+    unit = "ms/token" if shown[0]["mode"] == "decode" else "ms"
+    for subject, label in labels.items():
+        cells = []
+        for n in lengths:
+            row = loaded.get((subject, n))
+            if row is None:
+                cells.append("")
+                continue
+            cell = f"{_number(row['time_ms_loaded'])} {unit}"
+            if row.get("slowdown") is not None:
+                cell += f" ({row['slowdown']:.2f}x"
+                if row.get("slowdown_vs_sdpa") is not None:
+                    cell += f", {row['slowdown_vs_sdpa']:.2f}x SDPA"
+                cell += ")"
+            cells.append(cell)
+        lines.append("| " + " | ".join([label] + cells) + " |")
+    return lines + [""]
 
 
 def _launches_table(rows: list[dict[str, Any]], lengths: list[int]) -> list[str]:
@@ -348,7 +451,10 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
         figsize=(4.5 * 2 * len(dtypes), 3.8 * len(modes) + 1),
         squeeze=False,
     )
-    subjects = list(dict.fromkeys(r["subject"] for r in rows))
+    swept = len({r.get("threads") for r in rows} - {None}) > 1
+    subjects = list(  # one line per subject, and per thread count where `threads` was swept
+        dict.fromkeys((r["subject"], r.get("threads") if swept else None) for r in rows)
+    )
     colors = plt.get_cmap("tab20")
     for row_index, mode in enumerate(modes):
         for dtype_index, dtype in enumerate(dtypes):
@@ -356,12 +462,13 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
                 axes[row_index, 2 * dtype_index],
                 axes[row_index, 2 * dtype_index + 1],
             )
-            for index, subject in enumerate(subjects):
+            for index, (subject, threads) in enumerate(subjects):
                 points = sorted(
                     (
                         r
                         for r in rows
                         if (r["subject"], r["mode"], r["dtype"]) == (subject, mode, dtype)
+                        and (not swept or r.get("threads") == threads)
                         and r["status"] == "ok"
                     ),
                     key=lambda r: r["seq_len"],
@@ -371,7 +478,7 @@ def plot(path: Path, rows: list[dict[str, Any]]) -> None:
                 style = {
                     "color": colors(index % 20),
                     "marker": "o",
-                    "label": subject,
+                    "label": subject if threads is None else f"{subject}, {threads} threads",
                     "linestyle": "-" if points[0]["kind"] == "backend" else "--",
                 }
                 lengths = [r["seq_len"] for r in points]

@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import Any
 
 from longctx.bench import anchors, report
-from longctx.bench.config import Settings, settings_from_config
+from longctx.bench.config import Config, Settings, settings_from_config
 from longctx.bench.environment import describe, load_average
 from longctx.bench.isolation import IsolatedRunner
+from longctx.bench.load import CompetingLoad
 from longctx.bench.plan import Planner
 from longctx.bench.sanity import sanity_check
 from longctx.bench.worker import base_row
@@ -33,6 +34,14 @@ NOTES = [
     "time_ms: median of `repeats` timed calls; with rounds > 1, the median of the rounds' medians. "
     "ratio_vs_sdpa: the median over rounds of the row's time over SDPA's in the same round.",
 ]
+LOAD_NOTE = (
+    "load={n}: each configuration was timed twice in a row, in fresh processes: idle (time_ms), "
+    "then while {n} competing process(es) spun on arithmetic, started by the bench just before "
+    "and killed just after (time_ms_loaded). slowdown: loaded / idle time, the median over rounds "
+    "of each round's pair; slowdown_vs_sdpa: the row's slowdown over SDPA's at the same N, dtype, "
+    "mode and thread count. 'idle' means without the bench's own load: other work on the machine "
+    "shows in the load averages."
+)
 
 
 def _timeout_s(settings: Settings) -> float:
@@ -53,10 +62,61 @@ def _summary(row: dict[str, Any]) -> str:
         return f"{head}: {row['status']}: {row['reason']}"
     if row["mode"] == "launches":
         return f"{head} kernel={row['kernel']}: {row['kernel_launches']} launches"
-    return f"{head}: {row['time_ms']:.3g} ms, {row['memory_mib']:.3g} MiB ({row['wall_s']:.1f} s)"
+    loaded = row.get("time_ms_loaded")
+    return (
+        f"{head}: {row['time_ms']:.3g} ms"
+        + (f", under load {loaded:.3g} ms" if loaded is not None else "")
+        + f", {row['memory_mib']:.3g} MiB ({row['wall_s']:.1f} s)"
+    )
 
 
-def measure_all(settings: Settings, runner: IsolatedRunner) -> list[dict[str, Any]]:
+class LoadedTimer:
+    """Runs configurations, each a second time under `settings.load` competing processes, and
+    keeps what the environment notes need: every pid started, the 1-minute load average before
+    the first loaded timing and after the last."""
+
+    def __init__(self, settings: Settings, runner: IsolatedRunner):
+        self.settings = settings
+        self.runner = runner
+        self.pids: list[int] = []
+        self.load_average_before: float | None = None
+        self.load_average_after: float | None = None
+
+    def run(self, config: Config) -> dict[str, Any]:
+        """The configuration's row; under load, with time_ms_loaded (None if the loaded run
+        failed, its reason then in the row's reason)."""
+        row = self.runner.run(config, _timeout_s(self.settings))
+        if not self.settings.load or row["status"] != "ok" or config.mode == report.COUNTED:
+            return row
+        if self.load_average_before is None:
+            self.load_average_before = _one_minute_load()
+        with CompetingLoad(self.settings.load) as load:
+            self.pids += load.pids
+            loaded = self.runner.run(config, _timeout_s(self.settings))
+        self.load_average_after = _one_minute_load()
+        if loaded["status"] == "ok":
+            row["time_ms_loaded"] = loaded["time_ms"]
+        else:
+            row["reason"] = (
+                f"under load={self.settings.load}: {loaded['status']}: {loaded['reason']}"
+            )
+        return row
+
+    def environment(self) -> dict[str, Any]:
+        return {
+            "processes": self.settings.load,
+            "pids": self.pids,
+            "load_average_1min_before": self.load_average_before,
+            "load_average_1min_after": self.load_average_after,
+        }
+
+
+def _one_minute_load() -> float | None:
+    averages = load_average()
+    return averages[0] if averages else None
+
+
+def measure_all(settings: Settings, timer: LoadedTimer) -> list[dict[str, Any]]:
     """One row per configuration, combined over `settings.rounds` passes over all of them.
 
     The first pass decides what is skipped; later passes re-measure what ran, in the same order,
@@ -71,7 +131,7 @@ def measure_all(settings: Settings, runner: IsolatedRunner) -> list[dict[str, An
     for index, config in enumerate(configs, 1):
         reason = planner.skip_reason(config)
         if reason is None:
-            row = runner.run(config, _timeout_s(settings))
+            row = timer.run(config)
         else:
             row = {**base_row(config), "status": "skipped", "reason": reason, "wall_s": 0.0}
         planner.record(config, row)
@@ -88,21 +148,26 @@ def measure_all(settings: Settings, runner: IsolatedRunner) -> list[dict[str, An
         if spent:
             log.info("round %d/%d stopped: %s", number, settings.rounds, spent)
             break
-        rows.append(runner.run(config, _timeout_s(settings)))
+        rows.append(timer.run(config))
         log.info("[round %d/%d] %s", number, settings.rounds, _summary(rows[-1]))
-    return [report.combine_rounds(rows) for rows in rounds]
+    return [{**report.combine_rounds(rows), "load": settings.load} for rows in rounds]
 
 
 def run_bench(cfg: Mapping[str, Any], out_dir: Path) -> list[dict[str, Any]]:
     """Measure everything cfg asks for and write bench.json/.csv/.md/.png into out_dir."""
     missing = anchors.missing_anchors(list(cfg["anchors"] or []))
     settings = settings_from_config(cfg, missing)
-    environment = describe(settings.template.device, settings.template.threads)
-    rows = measure_all(settings, _runner(settings))
+    threads = list(settings.threads) if len(settings.threads) > 1 else settings.threads[0]
+    environment = describe(settings.template.device, threads)
+    timer = LoadedTimer(settings, _runner(settings))
+    rows = measure_all(settings, timer)
     environment["load_average_end"] = load_average()
+    environment["load"] = timer.environment()
     report.add_ratios(rows)
+    report.add_slowdowns(rows)
     fitted = report.fits(rows)
-    notes = NOTES + [f"anchor {name} not run: {why}" for name, why in missing.items()]
+    notes = NOTES + ([LOAD_NOTE.format(n=settings.load)] if settings.load else [])
+    notes += [f"anchor {name} not run: {why}" for name, why in missing.items()]
     out_dir.mkdir(parents=True, exist_ok=True)
     report.write_json(out_dir / "bench.json", environment, dict(cfg), rows, fitted, notes)
     report.write_csv(out_dir / "bench.csv", rows)

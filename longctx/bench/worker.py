@@ -57,6 +57,10 @@ MEASUREMENTS = (
     "triton_launches",
     "opaque_launches",
     "host_syncs",
+    # Filled by the parent under `load` > 0 (longctx/bench/run.py, report.add_slowdowns).
+    "time_ms_loaded",
+    "slowdown",
+    "slowdown_vs_sdpa",
 )
 
 
@@ -78,6 +82,7 @@ def base_row(config: Config) -> dict[str, Any]:
     }
     row.update(label=label(config), status="ok", reason="")
     row.update(dict.fromkeys(MEASUREMENTS))
+    row["threads"] = config.threads  # the setting until a worker measures the count it ran with
     return row
 
 
