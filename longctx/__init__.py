@@ -5,6 +5,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from longctx.core.precision import default_training_precision
 from longctx.core.run_names import register_resolvers
 from longctx.model import LanguageModel, build_model
 
@@ -14,6 +15,8 @@ OmegaConf.register_new_resolver(
     "project_root", lambda: str(Path(__file__).resolve().parents[1]), replace=True
 )
 register_resolvers()  # `${run_name:...}` and `${eval_run_name:...}` in conf/train.yaml, eval.yaml
+# `${training_precision:<accelerator>}` in conf/trainer: bf16 autocast where the hardware has it.
+OmegaConf.register_new_resolver("training_precision", default_training_precision, replace=True)
 
 # `${run_id:}` in conf/hydra: a token drawn once per process, so that runs started in the same
 # second get different directories (and longctx.jobs knows which directory this process made).

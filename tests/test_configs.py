@@ -12,6 +12,7 @@ from conftest import CONF_DIR, ROOT, compose_config
 from hydra.errors import MissingConfigException
 
 from longctx import build_model
+from longctx.core import precision
 
 GROUPS = ["attention", "model", "data", "tokenizer", "trainer", "logger"]
 
@@ -59,3 +60,22 @@ def test_cli_prints_job_config():
     )
     assert out.returncode == 0, out.stderr
     assert "attention:" in out.stdout and "name: full" in out.stdout
+
+
+@pytest.mark.parametrize("native_bf16, expected", [(True, "bf16-mixed"), (False, "32-true")])
+@pytest.mark.parametrize("trainer", ["default", "cpu"])
+def test_cpu_presets_autocast_to_bf16_only_where_the_cpu_multiplies_it(
+    monkeypatch, trainer, native_bf16, expected
+):
+    """Emulated bf16 matmuls make a step many times slower than fp32: a CPU without native bf16
+    trains in fp32 unless the user names a precision."""
+    monkeypatch.setattr(precision, "cpu_multiplies_bf16", lambda: native_bf16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert compose_config(f"trainer={trainer}").trainer.precision == expected
+    named = compose_config(f"trainer={trainer}", "trainer.precision=bf16-mixed")
+    assert named.trainer.precision == "bf16-mixed"
+    assert compose_config("trainer=debug").trainer.precision == "32-true"  # always fp32
+
+
+def test_gpu_presets_keep_bf16_autocast():
+    assert compose_config("trainer=gpu").trainer.precision == "bf16-mixed"
