@@ -13,7 +13,10 @@ import numpy as np
 
 from longctx.bench.config import BASELINE
 from longctx.bench.measure import median
+from longctx.bench.worker import MEASUREMENTS
 
+# Identity and settings of a row, then what the worker measures (worker.MEASUREMENTS, except the
+# per-call list and the parameter count), then what the parent derives across rows.
 CSV_COLUMNS = [
     "subject",
     "kind",
@@ -27,40 +30,27 @@ CSV_COLUMNS = [
     "device",
     "status",
     "reason",
-    "time_ms",
-    "time_ms_min",
-    "ratio_vs_sdpa",
-    "load",
-    "time_ms_loaded",
-    "slowdown",
-    "slowdown_vs_sdpa",
-    "tokens_per_s",
-    "gflops_per_s",
-    "memory_mib",
-    "peak_alloc_mib",
-    "peak_rss_mib",
-    "faulted_mib",
-    "state_elements",
-    "state_mib",
-    "prefill_ms",
-    "wall_s",
     "rounds",
-    "threads",
     "cpu_allocator",
     "options",
     "kernel",
-    "mfu",
-    "kernel_launches",
-    "aten_ops",
-    "triton_launches",
-    "opaque_launches",
-    "host_syncs",
+    "load",
+    *(key for key in MEASUREMENTS if key not in ("times_ms", "parameters")),
+    "ratio_vs_sdpa",
 ]
 COUNTED = "launches"  # the mode whose rows are counts, not times: no fits, plots or ratios
 MEMORY_MEANING = {
     "decode": "streaming state after N tokens",
     "default": "allocator peak during one call, above what was live before it",
 }
+
+
+def _length_header(lengths: list[int]) -> list[str]:
+    """A markdown table's header with one column per sequence length."""
+    return [
+        "| implementation | " + " | ".join(f"N={_length(n)}" for n in lengths) + " |",
+        "|" + "---|" * (len(lengths) + 1),
+    ]
 
 
 def fit_exponent(lengths: list[float], values: list[float]) -> float | None:
@@ -273,8 +263,7 @@ def _faults_table(
             "minor faults x page size, median of the calls):"
         ),
         "",
-        "| implementation | " + " | ".join(f"N={_length(n)}" for n in lengths) + " |",
-        "|" + "---|" * (len(lengths) + 1),
+        *_length_header(lengths),
     ]
     for subject, label in labels.items():
         cells = [_number(faulted[subject, n]) if (subject, n) in faulted else "" for n in lengths]
@@ -379,8 +368,7 @@ def _loaded_table(
             "loaded time (slowdown = loaded / idle time; x SDPA = that slowdown over SDPA's):"
         ),
         "",
-        "| implementation | " + " | ".join(f"N={_length(n)}" for n in lengths) + " |",
-        "|" + "---|" * (len(lengths) + 1),
+        *_length_header(lengths),
     ]
     unit = "ms/token" if shown[0]["mode"] == "decode" else "ms"
     for subject, label in labels.items():
