@@ -28,6 +28,18 @@ if not torch.cuda.is_available():
         fla_interpreter.install_shims()
 
 
+# A tiny run that trains a few steps on the CPU with a plain logger and no evaluation: the
+# overrides the end-to-end tests of training, resume and checkpoints start from.
+SMALL_RUN = (
+    "model=tiny",
+    "trainer=debug",
+    "context_length=32",
+    "batch_size=4",
+    "logger=csv",
+    "eval_after_fit=false",
+)
+
+
 def compose_config(*overrides: str, config_name: str = "train") -> DictConfig:
     """The root config with overrides, as Hydra composes it for a run (hydra node included)."""
     GlobalHydra.instance().clear()

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import ROOT, SMALL_RUN, compose_config
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import InstantiationException
@@ -31,15 +31,6 @@ from longctx.jobs import train
 from longctx.train.callbacks import NonFiniteLossError, NonFiniteStepError
 from longctx.train.checkpoint_io import AtomicCheckpointIO
 from longctx.train.module import LanguageModelTask
-
-SMALL_RUN = [
-    "model=tiny",
-    "trainer=debug",
-    "context_length=32",
-    "batch_size=4",
-    "logger=csv",
-    "eval_after_fit=false",
-]
 
 
 def configure(tmp_path: Path, *overrides: str):

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import ROOT, SMALL_RUN, compose_config
 from hydra.core.hydra_config import HydraConfig
 
 from longctx.checkpoints import SCHEMA_KEY, SHARDED_METADATA_FILE
@@ -33,14 +33,6 @@ EVAL_LIGHT = [
     "eval.prefix_ablation.enabled=false",
     "eval.passkey.enabled=false",
     "eval.fact_recall.enabled=false",
-]
-SMALL_RUN = [
-    "model=tiny",
-    "trainer=debug",
-    "context_length=32",
-    "batch_size=4",
-    "logger=csv",
-    "eval_after_fit=false",
 ]
 
 

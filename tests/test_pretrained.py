@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import ROOT, SMALL_RUN, compose_config
 from hydra.core.hydra_config import HydraConfig
 
 import longctx
@@ -33,12 +33,7 @@ def bpe_run(tmp_path_factory) -> tuple[Path, str]:
     base = tmp_path_factory.mktemp("pretrained")
     out, cache = base / "run", base / "cache"
     cfg = compose_config(
-        "model=tiny",
-        "trainer=debug",
-        "context_length=32",
-        "batch_size=4",
-        "logger=csv",
-        "eval_after_fit=false",
+        *SMALL_RUN,
         "tokenizer=bpe",
         "tokenizer.vocab_size=300",
         "tokenizer.max_train_bytes=100000",

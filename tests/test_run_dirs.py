@@ -10,22 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, compose_config
+from conftest import ROOT, SMALL_RUN, compose_config
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from longctx.errors import ConfigError
 from longctx.jobs import errors_in_one_line, finish_wandb, train, wandb_files_inside
 from longctx.train.run_dir import claim_run_dir
-
-SMALL_RUN = [
-    "model=tiny",
-    "trainer=debug",
-    "context_length=32",
-    "batch_size=4",
-    "logger=csv",
-    "eval_after_fit=false",
-]
 
 
 def this_process_token() -> str:
