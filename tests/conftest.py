@@ -40,6 +40,33 @@ SMALL_RUN = (
 )
 
 
+# Bench settings that finish in seconds on a CPU (tests of the bench itself).
+TINY_BENCH = dict(
+    backends="all",
+    options={},
+    anchors=[],
+    lengths=[32, 64],
+    dtypes=["fp32"],
+    modes=["fwd_bwd", "decode"],
+    batch=1,
+    heads=2,
+    head_dim=8,
+    model_size="tiny",
+    device="cpu",
+    threads=None,
+    seed=0,
+    warmup=0,
+    repeats=1,
+    decode_tokens=2,
+    prefill_chunk=16,
+    config_budget_s=60,
+    memory_cap_mib=2048,
+    total_budget_s=600,
+    rounds=1,
+    cpu_allocator="default",
+)
+
+
 def compose_config(*overrides: str, config_name: str = "train") -> DictConfig:
     """The root config with overrides, as Hydra composes it for a run (hydra node included)."""
     GlobalHydra.instance().clear()

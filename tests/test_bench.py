@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, model_config
+from conftest import ROOT, TINY_BENCH, model_config
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -36,30 +36,7 @@ from longctx.flops import (
 from longctx.ops.softmax.masked import pattern_mask
 
 B, H, DH = 1, 2, 8
-TINY = dict(
-    backends="all",
-    options={},
-    anchors=[],
-    lengths=[32, 64],
-    dtypes=["fp32"],
-    modes=["fwd_bwd", "decode"],
-    batch=B,
-    heads=H,
-    head_dim=DH,
-    model_size="tiny",
-    device="cpu",
-    threads=None,
-    seed=0,
-    warmup=0,
-    repeats=1,
-    decode_tokens=2,
-    prefill_chunk=16,
-    config_budget_s=60,
-    memory_cap_mib=2048,
-    total_budget_s=600,
-    rounds=1,
-    cpu_allocator="default",
-)
+TINY = TINY_BENCH
 
 
 def _config(**changes) -> Config:

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, TINY_BENCH
 from omegaconf import OmegaConf
 
 from longctx.bench import load, report, run, worker
@@ -23,32 +23,14 @@ from longctx.bench.report import CSV_COLUMNS, add_ratios, add_slowdowns
 from longctx.errors import ConfigError
 
 LOADED_COLUMNS = ("time_ms_loaded", "slowdown", "slowdown_vs_sdpa")
-TINY = dict(  # one small backend, one short length, fp32, one timed call
-    backends=["full"],
-    options={},
-    anchors=[],
-    lengths=[32],
-    dtypes=["fp32"],
-    modes=["fwd_bwd"],
-    batch=1,
-    heads=2,
-    head_dim=8,
-    model_size="tiny",
-    device="cpu",
-    threads=None,
-    seed=0,
-    warmup=0,
-    repeats=1,
-    decode_tokens=2,
-    prefill_chunk=16,
-    config_budget_s=60,
-    memory_cap_mib=2048,
-    total_budget_s=600,
-    rounds=1,
-    cpu_allocator="default",
-    kernel="auto",
-    load=1,
-)
+TINY = {  # one small backend, one short length, fp32, one timed call
+    **TINY_BENCH,
+    "backends": ["full"],
+    "lengths": [32],
+    "modes": ["fwd_bwd"],
+    "kernel": "auto",
+    "load": 1,
+}
 ORPHAN_DEADLINE_S = 60  # how long an orphaned busy process may take to notice (a liveness bound)
 
 
