@@ -3,7 +3,8 @@ the hardware multiplies bf16 natively, fp32 elsewhere.
 
 bf16 autocast roughly halves the time of a step on CUDA GPUs with bf16 and on CPUs with
 AVX-512-BF16 or AMX; on other CPUs every bf16 matmul is emulated and a step takes many times
-longer than in fp32 (docs/results/bench_cpu/LOG.md, 2026-12-07).
+longer than in fp32 (docs/results/bench_cpu/LOG.md,
+"bf16 autocast on a CPU without bf16 units").
 """
 
 from __future__ import annotations

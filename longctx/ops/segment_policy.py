@@ -7,7 +7,7 @@ holds them equal). Segments change only where memory comes from. In host memory 
 unmaps every freed block above its mmap threshold (adaptive, at most 32 MiB), so a call whose
 tensors pass it page-faults them afresh on every call; segments whose tensors stay under a cap
 run on heap memory that is reused (what that costs and saves: docs/results/bench_cpu/
-faults_2026-12-06 and allocator_2026-12-06). A caching device allocator (CUDA's) keeps freed
+LOG.md, campaign 4, "What each call page-faults"). A caching device allocator (CUDA's) keeps freed
 blocks for reuse, so there segments would only add sequential launches: one pass.
 """
 

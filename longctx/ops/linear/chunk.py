@@ -24,7 +24,7 @@ from longctx.ops.segment_policy import segment_length
 # Where host memory caps segments, no intermediate of a segment passes this many elements (2 MiB
 # in fp32): tuned on the CPU, where segments this small beat both 16 MiB ones and one pass over
 # 16K positions because fewer of their pages are faulted afresh per call (linear's faults per call:
-# docs/results/bench_cpu/faults_2026-12-06).
+# docs/results/bench_cpu/LOG.md, campaign 4).
 HOST_SEGMENT_TENSOR_ELEMENTS = 1 << 19
 
 

@@ -23,7 +23,8 @@ from longctx.ops.sparse.engine import BlockLayout, PositionPredicate, make_layou
 
 # Tile size of the CPU engine: smaller tiles make more, smaller matmuls; larger ones compute more
 # masked pairs at a window's edges (ceil((W - 1) / b) + 1 blocks per query block). 64 sits
-# between the two for the default windows (docs/results/bench_cpu/sparse_family_2026-12-06a).
+# between the two for the default windows (docs/results/bench_cpu/LOG.md,
+# campaign 4).
 ENGINE_BLOCK = 64
 
 KeyBound = Callable[[Tensor], Tensor]  # query positions -> a monotone bound on their key positions

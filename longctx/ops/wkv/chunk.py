@@ -27,7 +27,7 @@ WKV_CHUNK = 32
 # Where host memory caps segments, no tensor of a segment passes this many elements (16 MiB in
 # fp32, under glibc's 32 MiB largest mmap threshold): one pass over 16K positions at d=512 was
 # slower on the CPU, its tensors faulted afresh on every call (rwkv's and aft_simple's faults per
-# call: docs/results/bench_cpu/allocator_2026-12-06).
+# call: docs/results/bench_cpu/LOG.md, campaign 4).
 HOST_SEGMENT_TENSOR_ELEMENTS = 1 << 22
 
 
