@@ -292,6 +292,22 @@ def _tiny_run(out, *overrides: str):
     return json.loads((out / "results.json").read_text())
 
 
+def test_a_short_fit_through_train_py_evaluates_mqar(tmp_path):
+    """The whole path of experiment=mqar_cpu on a tiny budget: data checks, fit, evaluation."""
+    results = _tiny_run(tmp_path, "attention=full", "trainer.max_steps=3")
+    assert {r["split"] for r in results["mqar"]} == {"validation", "test"}
+    assert results["state_size"][0]["bytes"] > 0
+
+
+def test_too_few_examples_for_a_batch_are_refused_before_training(tmp_path):
+    with pytest.raises(ConfigError, match="no full training batch.*Raise examples"):
+        _tiny_run(
+            tmp_path,
+            "attention=full",
+            "data.train_settings=[{seq_len:16,num_pairs:2,examples:100}]",
+        )
+
+
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("mqar")

@@ -335,6 +335,13 @@ class MQARDataModule(L.LightningDataModule):
             )
         return self._splits[name]
 
+    def fewest_training_batches(self, world_size: int) -> int:
+        """Full training batches of the rank dealt the fewest, as `SettingBatches` deals them."""
+        split = self.split("train")
+        return len(
+            SettingBatches(split, self.rows_per_batch, True, self.seed, world_size - 1, world_size)
+        )
+
     def setup(self, stage: str | None = None) -> None:
         for name in ("train", "validation") if stage == "fit" else ("test",):
             self.split(name)

@@ -8,6 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from longctx.data import LongDocDataModule
 from longctx.data.files import expand_patterns
+from longctx.data.mqar import MQARDataModule
 from longctx.errors import ConfigError
 
 
@@ -56,6 +57,9 @@ def check_enough_data(
     dealt to the ranks for training; or, ordered, one row per batch element and rank, each row
     needing more than context_length tokens.
     """
+    if isinstance(datamodule, MQARDataModule):
+        _check_mqar_batches(datamodule, world_size)
+        return
     splits = ["train"]
     if cfg.trainer.get("limit_val_batches") != 0:
         splits.append("validation")
@@ -83,3 +87,19 @@ def check_enough_data(
             f"the {split} split has {problem}. Lower batch_size or context_length, or give the "
             "corpus more text"
         )
+
+
+def _check_mqar_batches(datamodule: MQARDataModule, world_size: int) -> None:
+    """Generated examples: every rank gets at least one full batch of one setting (validation
+    always has data.validation_examples of each)."""
+    if datamodule.fewest_training_batches(world_size) >= 1:
+        return
+    settings = ", ".join(
+        f"{s.seq_len}/{s.num_pairs}: {s.examples} examples, batches of "
+        f"{datamodule.rows_per_batch(s.seq_len)}"
+        for s in datamodule.train_settings
+    )
+    raise ConfigError(
+        f"data=mqar gives {world_size} rank(s) no full training batch ({settings}). Raise "
+        "examples in data.train_settings, or lower data.batch_tokens (batch_size when it is null)"
+    )
