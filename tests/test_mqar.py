@@ -26,6 +26,7 @@ from longctx.eval.mqar import mqar_sections, split_accuracy
 from longctx.eval.report import write_report
 from longctx.eval.scoring import Scorer
 from longctx.eval.state_size import streaming_state_size
+from longctx.eval.stats import student_t_quantile
 from longctx.jobs import train
 from longctx.model import build_model
 from longctx.model.loss import chunked_cross_entropy
@@ -160,33 +161,59 @@ def test_a_setting_longer_than_the_context_length_is_refused():
         build_datamodule(_mqar_cfg(**settings), ordered_stream=False)
 
 
+class _Oracle(torch.nn.Module):
+    """Predicts the answers of the examples for which `right(row)` holds, token 0 (never a value)
+    elsewhere; rows are recognised by their inputs."""
+
+    def __init__(self, examples, right):
+        super().__init__()
+        self.examples, self.right = examples, right
+        self.weight = torch.nn.Parameter(torch.zeros(1))
+        self.backend = build_model(model_config("full"), 32).backend
+        self.dims = build_model(model_config("full"), 32).dims
+
+    def forward(self, ids):
+        predicted = torch.zeros(ids.shape, dtype=torch.long)
+        for i, row_ids in enumerate(ids):
+            row = next(r for r, x in enumerate(self.examples.inputs) if torch.equal(x, row_ids))
+            if self.right(row):
+                predicted[i] = self.examples.targets[row].clamp(min=0)
+        return torch.nn.functional.one_hot(predicted, 32).float()
+
+
+def _test_split():
+    return build_datamodule(_mqar_cfg(**SMALL), ordered_stream=False).split("test")
+
+
 def test_scoring_counts_greedy_answers_by_setting_and_distance():
-    """An oracle model that predicts each example's answers scores 1; a model that predicts
-    token 0 everywhere scores 0 (0 is never a value)."""
-    datamodule = build_datamodule(_mqar_cfg(**SMALL), ordered_stream=False)
-    split = datamodule.split("test")
-    examples = split.parts[0]
-
-    class Oracle(torch.nn.Module):
-        def __init__(self, answer: bool):
-            super().__init__()
-            self.answer, self.weight = answer, torch.nn.Parameter(torch.zeros(1))
-            self.backend = build_model(model_config("full"), 32).backend
-            self.dims = build_model(model_config("full"), 32).dims
-
-        def forward(self, ids):
-            row = next(i for i in range(len(examples)) if torch.equal(examples.inputs[i], ids[0]))
-            wanted = examples.targets[row : row + len(ids)].clamp(min=0) if self.answer else 0
-            predicted = torch.zeros(len(ids), ids.shape[1], dtype=torch.long) + wanted
-            return torch.nn.functional.one_hot(predicted, 32).float()
-
+    """An oracle model that predicts each example's answers scores 1 with a zero-width interval;
+    a model that predicts token 0 everywhere scores 0 (0 is never a value)."""
+    split = _test_split()
     for answer, accuracy in ((True, 1.0), (False, 0.0)):
-        rows, by_distance = split_accuracy(Scorer(Oracle(answer)), split, "test", batch_size=4)
+        oracle = _Oracle(split.parts[0], lambda row, answer=answer: answer)
+        rows, by_distance = split_accuracy(Scorer(oracle), split, "test", batch_size=4)
         assert rows[0]["answers"] == 10 * 8 and rows[0]["accuracy"] == accuracy
+        assert rows[0]["accuracy_low"] == rows[0]["accuracy_high"] == accuracy
         assert sum(r["answers"] for r in by_distance) == 80
         for row in by_distance:
             assert row["distance_start"] * 2 == row["distance_end"]
             assert row["accuracy"] == accuracy
+
+
+def test_accuracy_interval_resamples_examples_not_answers():
+    """Five of ten examples wholly right (8 answers each): the units are the 10 examples, so the
+    95% interval is 0.5 +- t(0.975, 9) * sd / sqrt(10) = 0.5 +- 0.377; counting the 80 answers as
+    independent would give about +- 0.11."""
+    split = _test_split()
+    rows, _ = split_accuracy(
+        Scorer(_Oracle(split.parts[0], lambda row: row % 2 == 0)), split, "test", batch_size=1
+    )
+    row = rows[0]
+    assert row["accuracy"] == 0.5
+    half = (row["accuracy_high"] - row["accuracy_low"]) / 2
+    expected = student_t_quantile(0.975, 9) * np.std([1, 0] * 5, ddof=1) / np.sqrt(10)
+    assert expected == pytest.approx(0.377, abs=1e-3)
+    assert half == pytest.approx(expected, rel=0.1)
 
 
 def _states(attention: str, options: dict, *lengths: int) -> list[dict]:
@@ -343,7 +370,8 @@ def _fake_run(root, name: str, options: dict, lr: float, seed: int, validation: 
     run.mkdir(parents=True)
     rows = [
         {"split": split, "seq_len": 64, "num_pairs": 4, "examples": 10, "answers": 40,
-         "correct": round(40 * accuracy), "accuracy": accuracy, "skipped": None}
+         "correct": round(40 * accuracy), "accuracy": accuracy, "accuracy_low": accuracy - 0.05,
+         "accuracy_high": accuracy + 0.05, "skipped": None}
         for split, accuracy in (("validation", validation), ("test", test))
     ]  # fmt: skip
     results = {
@@ -362,7 +390,8 @@ def _fake_run(root, name: str, options: dict, lr: float, seed: int, validation: 
 
 def test_report_keeps_each_cell_at_its_best_validation_rate_and_plots_the_frontier(tmp_path):
     """Each (arm, width) is reported at the learning rate with the best validation accuracy
-    (never chosen on the test split), with the mean and spread over that rate's seeds."""
+    (never chosen on the test split), with the mean, standard deviation and t interval over
+    that rate's seeds; a single run shows its own interval."""
     runs = [
         _fake_run(tmp_path, "full", {}, 1e-3, 1, 0.5, 0.9, 65544),  # worse on validation
         _fake_run(tmp_path, "full", {}, 3e-3, 1, 0.9, 0.8, 65544),
@@ -374,8 +403,9 @@ def test_report_keeps_each_cell_at_its_best_validation_rate_and_plots_the_fronti
         OmegaConf.create({"runs": [str(r) for r in runs], "output_dir": str(out)}), out
     )
     text = (out / "report.md").read_text()
-    assert "| full | 64 | 0.003 | 2 | 70.0 ± 10.0 | 64.0 KiB |" in text
-    assert "| sliding_window (window=16) | 64 | 0.003 | 1 | 25.0 | 15.2 KiB |" in text
+    # seeds 80% and 60%: sd 14.1; t(0.975, 1) = 12.7 makes the interval of two seeds [0, 100]
+    assert "| full | 64 | 0.003 | 2 | 70.0 ± 14.1 [0.0, 100.0] | 64.0 KiB |" in text
+    assert "| sliding_window (window=16) | 64 | 0.003 | 1 | 25.0 [20.0, 30.0] | 15.2 KiB |" in text
     assert "| full | 64 | 50.0 | 90.0 |" in text  # the learning-rate sweep, validation
     assert set(result["figures"]) == {"accuracy_vs_length", "state_frontier"}
     assert all(path.stat().st_size > 0 for path in result["figures"].values())

@@ -4,8 +4,10 @@ streaming state size (the recall-versus-state frontier of Based, Arora et al. 20
 A cell is one arm (the attention backend with its options) at one width (model.d_model). Its
 runs differ in learning rate and seed. As in Zoology, each cell is reported at its best learning
 rate; here the best is chosen on the validation split (fresh examples of the training settings),
-never on the test split whose numbers are shown. With several seeds at that rate, the table shows
-their mean and spread.
+never on the test split whose numbers are shown. Every accuracy comes with a 95% interval: a
+single run's from its evaluation (a bootstrap over test examples, longctx/eval/mqar.py); with
+several seeds at the best rate, the table shows their mean, standard deviation and the t interval
+of the mean over seeds (the seeds are then the units: they vary more than the examples do).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np  # noqa: E402
 from longctx.core.files import atomic_write_text  # noqa: E402
 from longctx.eval.costs import training_dir  # noqa: E402
 from longctx.eval.outputs import csv_text  # noqa: E402
+from longctx.eval.stats import student_t_quantile  # noqa: E402
 
 ARM_OPTIONS_IGNORED = ("name", "kernel")  # how a backend runs, not what it computes
 MARKERS = {64: "o", 128: "s"}  # by width; other widths get triangles
@@ -41,6 +44,7 @@ class MQARRun:
     seed: int | None
     validation: dict  # (seq_len, num_pairs) -> accuracy
     test: dict  # (seq_len, num_pairs) -> accuracy
+    test_interval: dict  # (seq_len, num_pairs) -> (low, high), or None where not recorded
     by_distance: dict  # (distance_start, distance_end) -> (correct, answers), test settings pooled
     state_bytes: dict  # length -> peak bytes per sequence while decoding that many tokens
     steps: int | None
@@ -87,10 +91,13 @@ def _training_log(run_dir: Path, results: dict) -> tuple[int | None, int | None]
 def mqar_run(run) -> MQARRun:
     """From a report Run (results.json of a data=mqar evaluation, its cost and directory)."""
     r = run.results
-    accuracy = defaultdict(dict)
+    accuracy, interval = defaultdict(dict), {}
     for row in r["mqar"]:
         if row.get("accuracy") is not None:
-            accuracy[row["split"]][(row["seq_len"], row["num_pairs"])] = row["accuracy"]
+            setting = (row["seq_len"], row["num_pairs"])
+            accuracy[row["split"]][setting] = row["accuracy"]
+            if row["split"] == "test" and row.get("accuracy_low") is not None:
+                interval[setting] = (row["accuracy_low"], row["accuracy_high"])
     pooled = defaultdict(lambda: [0, 0])
     for row in r.get("mqar_distance", []):
         bucket = pooled[(row["distance_start"], row["distance_end"])]
@@ -105,6 +112,7 @@ def mqar_run(run) -> MQARRun:
         seed=r.get("train", {}).get("seed"),
         validation=dict(accuracy["validation"]),
         test=dict(accuracy["test"]),
+        test_interval=interval,
         by_distance={k: tuple(v) for k, v in pooled.items()},
         state_bytes={row["length"]: row["peak_bytes"] for row in r.get("state_size", [])},
         steps=steps,
@@ -127,7 +135,20 @@ class Cell:
         values = [run.test[setting] for run in self.runs if setting in run.test]
         if not values:
             return None, None
-        return float(np.mean(values)), (float(np.std(values)) if len(values) > 1 else None)
+        return float(np.mean(values)), (float(np.std(values, ddof=1)) if len(values) > 1 else None)
+
+    def test_interval(self, setting, confidence: float = 0.95) -> tuple[float, float] | None:
+        """One run: its evaluation's interval. Several seeds: mean +- t * sd / sqrt(seeds)."""
+        values = [run.test[setting] for run in self.runs if setting in run.test]
+        if len(values) == 1:
+            return next(run.test_interval.get(setting) for run in self.runs if setting in run.test)
+        if len(values) < 2:
+            return None
+        half = student_t_quantile(0.5 + confidence / 2, len(values) - 1) * float(
+            np.std(values, ddof=1) / np.sqrt(len(values))
+        )
+        mean = float(np.mean(values))
+        return max(0.0, mean - half), min(1.0, mean + half)
 
     def state_bytes(self, length: int) -> int | None:
         sizes = {run.state_bytes.get(length) for run in self.runs} - {None}
@@ -151,10 +172,11 @@ def _settings(cells: list[Cell]) -> list[tuple[int, int]]:
     return sorted({s for cell in cells for run in cell.runs for s in run.test})
 
 
-def _pct(mean: float | None, spread: float | None = None) -> str:
+def _pct(mean: float | None, spread: float | None = None, interval=None) -> str:
     if mean is None:
         return "–"
-    return f"{100 * mean:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
+    text = f"{100 * mean:.1f}" + (f" ± {100 * spread:.1f}" if spread is not None else "")
+    return text + (f" [{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]" if interval else "")
 
 
 def _bytes(value: int | None) -> str:
@@ -184,7 +206,7 @@ def accuracy_table(cells: list[Cell]) -> list[str]:
             str(cell.width),
             f"{cell.lr:g}" if cell.lr is not None else "–",
             str(len(cell.runs)),
-            *[_pct(*cell.test_accuracy(s)) for s in settings],
+            *[_pct(*cell.test_accuracy(s), cell.test_interval(s)) for s in settings],
             _bytes(cell.state_bytes(longest)) if longest else "–",
             "/".join(str(s) for s in steps) or "–",
             f"{len(reached)}/{len(cell.runs)}" + (f" (≤{max(reached)})" if reached else ""),
@@ -240,10 +262,21 @@ def plot_accuracy_vs_length(cells: list[Cell], path: Path) -> Path:
     fig, axes = plt.subplots(1, len(widths), figsize=(6 * len(widths), 4.5), squeeze=False)
     for ax, width in zip(axes[0], widths):
         for cell in (c for c in cells if c.width == width):
-            points = [(s[0], cell.test_accuracy(s)[0]) for s in _settings([cell])]
-            points = [(n, 100 * a) for n, a in points if a is not None]
+            points = [
+                (s[0], cell.test_accuracy(s)[0], cell.test_interval(s)) for s in _settings([cell])
+            ]
+            points = [(n, a, i) for n, a, i in points if a is not None]
             if points:
-                ax.plot(*zip(*points), marker="o", color=colors[cell.arm], label=cell.arm)
+                lengths, values, intervals = zip(*points)
+                ax.errorbar(
+                    lengths,
+                    [100 * a for a in values],
+                    yerr=_error_bars(values, intervals),
+                    marker="o",
+                    capsize=3,
+                    color=colors[cell.arm],
+                    label=cell.arm,
+                )
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sequence length (pairs grow with it)")
         ax.set_ylabel("MQAR test accuracy (%)")
@@ -252,6 +285,16 @@ def plot_accuracy_vs_length(cells: list[Cell], path: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="lower left")
     return _save(fig, path)
+
+
+def _error_bars(values, intervals) -> np.ndarray:
+    """[2, points] distances below and above each value (percent); 0 where no interval."""
+    return np.array(
+        [
+            [100 * (a - i[0]), 100 * (i[1] - a)] if i else [0.0, 0.0]
+            for a, i in zip(values, intervals)
+        ]
+    ).T
 
 
 def plot_frontier(cells: list[Cell], path: Path) -> Path:
@@ -265,11 +308,14 @@ def plot_frontier(cells: list[Cell], path: Path) -> Path:
             accuracy, size = cell.test_accuracy(setting)[0], cell.state_bytes(setting[0])
             if accuracy is None or size is None:
                 continue
-            ax.scatter(
+            ax.errorbar(
                 size,
                 100 * accuracy,
+                yerr=_error_bars([accuracy], [cell.test_interval(setting)]),
                 color=colors[cell.arm],
                 marker=MARKERS.get(cell.width, "^"),
+                linestyle="none",
+                capsize=3,
                 label=f"{cell.arm}, d={cell.width}",
             )
         ax.set_xscale("log")
@@ -290,7 +336,8 @@ def plot_frontier(cells: list[Cell], path: Path) -> Path:
 def records(runs: list[MQARRun]) -> list[list]:
     """report.csv: one row per run and test setting."""
     head = ["arm", "d_model", "lr", "seed", "seq_len", "num_pairs", "split", "accuracy",
-            "state_bytes", "steps", "steps_to_99", "train_seconds", "run_dir"]  # fmt: skip
+            "accuracy_low", "accuracy_high", "state_bytes", "steps", "steps_to_99",
+            "train_seconds", "run_dir"]  # fmt: skip
     rows = [head]
     for run in sorted(runs, key=lambda r: (r.arm, r.width, r.lr or 0, r.seed or 0)):
         for split, by_setting in (("validation", run.validation), ("test", run.test)):
@@ -305,6 +352,11 @@ def records(runs: list[MQARRun]) -> list[list]:
                         pairs,
                         split,
                         accuracy,
+                        *(
+                            run.test_interval.get((length, pairs)) or (None, None)
+                            if split == "test"
+                            else (None, None)
+                        ),
                         run.state_bytes.get(length),
                         run.steps,
                         run.steps_to_99,
@@ -331,7 +383,9 @@ def write_mqar_report(report_runs, provenance: list[str], out_dir: Path, title: 
         *provenance,
         "",
         "MQAR test accuracy (%) per setting, each arm at its best learning rate on the validation "
-        "split (mean ± standard deviation over seeds where several ran); state = the largest "
+        "split, with its 95% interval in brackets: one run's from a bootstrap over test examples; "
+        "where several seeds ran, their mean ± standard deviation and the t interval of the mean "
+        "over seeds. state = the largest "
         "streaming state of one sequence while decoding the longest tested length token by "
         "token, measured from `init_state`/`step`; "
         "steps = optimizer steps trained per seed (training stops once validation accuracy passes "

@@ -59,7 +59,7 @@ def evaluate_model(model, datamodule, cfg, output_dir: Path, checkpoint: str | N
     if isinstance(datamodule, MQARDataModule):
         timings = {}
         with _timed(timings, "mqar"):
-            sections = mqar_sections(scorer, datamodule, settings.batch_size)
+            sections = mqar_sections(scorer, datamodule, settings.batch_size, settings.bootstrap)
         meta = _meta(cfg, datamodule, scorer, settings, checkpoint, started, timings)
         return _write(output_dir, meta | {"tokenizer": "none"}, sections, {}, timings)
     stream = np.asarray(datamodule.split_tokens("test"), dtype=np.int64)
