@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from longctx.data.tokenizer import Tokenizer, tokenizer_from_state
 from longctx.errors import ConfigError
 from longctx.model import LanguageModel, build_model
 
@@ -298,11 +299,20 @@ def _check_weights_fit_the_config(
         )
 
 
-def model_from_checkpoint(path: str | os.PathLike) -> tuple[LanguageModel, dict[str, Any]]:
-    """The trained LanguageModel (fp32, on the CPU) and the run's config dict."""
+def model_from_checkpoint(
+    path: str | os.PathLike,
+) -> tuple[LanguageModel, dict[str, Any], Tokenizer | None]:
+    """The trained LanguageModel (fp32, on the CPU), the run's config dict and the tokenizer
+    stored with it (None for checkpoints written before tokenizers were stored, or on data=mqar)."""
     checkpoint = read_checkpoint(path)
     info = checkpoint_info(checkpoint, str(path))
-    return model_from_contents(checkpoint, info), info.cfg
+    return model_from_contents(checkpoint, info), info.cfg, stored_tokenizer(checkpoint)
+
+
+def stored_tokenizer(checkpoint: dict[str, Any]) -> Tokenizer | None:
+    """The tokenizer train.py stored in the checkpoint's contents, if it stored one."""
+    state = checkpoint.get(TOKENIZER_KEY)
+    return tokenizer_from_state(state) if isinstance(state, dict) else None
 
 
 def model_from_contents(checkpoint: dict[str, Any], info: CheckpointInfo) -> LanguageModel:

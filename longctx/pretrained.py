@@ -18,18 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from longctx.checkpoints import (
-    TOKENIZER_KEY,
     checkpoint_info,
     is_url,
     model_from_contents,
     read_checkpoint,
+    stored_tokenizer,
 )
 from longctx.data import build_tokenizer, corpus_fingerprint
 from longctx.data.tokenizer import (
     TOKENIZER_CONFIG,
     Tokenizer,
     tokenizer_from_pretrained,
-    tokenizer_from_state,
 )
 from longctx.errors import ConfigError
 from longctx.model import LanguageModel
@@ -81,8 +80,9 @@ def _checkpoint_tokenizer(
     """The tokenizer stored in the checkpoint; for a checkpoint written before tokenizers were
     stored, the one its config names (byte; a tokenizer file or a cached bpe that still
     exist)."""
-    if isinstance(contents.get(TOKENIZER_KEY), dict):
-        return tokenizer_from_state(contents[TOKENIZER_KEY])
+    stored = stored_tokenizer(contents)
+    if stored is not None:
+        return stored
     if cfg.get("data", {}).get("source") == "mqar":
         return None
     tokenizer_cfg = cfg.get("tokenizer") or {"name": "byte"}

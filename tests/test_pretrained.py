@@ -19,6 +19,7 @@ from longctx.checkpoints import TOKENIZER_KEY
 from longctx.core.cli import errors_in_one_line
 from longctx.data.tokenizer import ByteTokenizer, HFTokenizer
 from longctx.errors import ConfigError
+from longctx.eval.run import evaluate_checkpoint
 from longctx.generation import generate_text
 from longctx.jobs import train
 from longctx.model import LanguageModel
@@ -68,6 +69,38 @@ def test_a_checkpoint_without_its_tokenizer_says_what_is_missing(bpe_run, tmp_pa
     torch.save(contents, older)
     with pytest.raises(ConfigError, match="written before checkpoints held their tokenizer"):
         longctx.load_checkpoint(older)
+
+
+def test_eval_scores_with_the_checkpoints_tokenizer_and_never_rebuilds_one(
+    bpe_run, tmp_path, monkeypatch
+):
+    """The run's data cache (its trained BPE file included) is gone: eval.py re-tokenises the
+    test split with the tokenizer stored in the checkpoint, never training or loading another."""
+    ckpt, _ = bpe_run
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("eval.py built a tokenizer instead of using the checkpoint's")
+
+    monkeypatch.setattr("longctx.data.datamodule.build_tokenizer", refuse)
+    cfg = compose_config(
+        f"ckpt_path={ckpt}",
+        f"paths.root_dir={ROOT}",
+        f"paths.output_dir={tmp_path / 'eval'}",
+        f"paths.data_dir={tmp_path / 'data'}",
+        "logger=csv",
+        "eval.context_lengths=[32]",
+        "eval.strides=[null]",
+        "eval.max_tokens=256",
+        "eval.prefix_ablation.enabled=false",
+        "eval.passkey.enabled=false",
+        "eval.fact_recall.enabled=false",
+        config_name="eval",
+    )
+    HydraConfig.instance().set_config(cfg)
+    evaluate_checkpoint(cfg)
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert results["tokenizer"] == "bpe" and results["vocab_size"] == 300
+    assert results["perplexity"][0]["tokens"] > 0
 
 
 def test_generate_streams_the_greedy_continuation(bpe_run):

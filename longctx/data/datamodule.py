@@ -95,7 +95,10 @@ class LongDocDataModule(L.LightningDataModule):
         num_workers: int = 0,
         sampling: str = "packed",
         seed: int = 0,
+        tokenizer: Tokenizer | None = None,
     ):
+        """`tokenizer`: a tokenizer to use as it is (a checkpoint's own) instead of building the
+        one `tokenizer_cfg` names."""
         super().__init__()
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"sampling must be one of {SAMPLING_MODES}, got {sampling!r}")
@@ -110,6 +113,8 @@ class LongDocDataModule(L.LightningDataModule):
         self.corpus_fingerprint = corpus_fingerprint(self.data_cfg)
         self._corpus: DatasetDict | None = None
         self._splits: dict[str, TokenSplit] = {}
+        if tokenizer is not None:
+            self.__dict__["tokenizer"] = tokenizer  # fills the cached property below
 
     # --- building (prepare_data runs once per node, setup on every rank) ---
 
@@ -260,8 +265,11 @@ class LongDocDataModule(L.LightningDataModule):
         return float(-(probs * np.log(probs)).sum())
 
 
-def build_datamodule(cfg: Mapping, ordered_stream: bool) -> LongDocDataModule | MQARDataModule:
-    """The DataModule of a composed root config (`data`, `tokenizer`, lengths, batch, seed)."""
+def build_datamodule(
+    cfg: Mapping, ordered_stream: bool, tokenizer: Tokenizer | None = None
+) -> LongDocDataModule | MQARDataModule:
+    """The DataModule of a composed root config (`data`, `tokenizer`, lengths, batch, seed);
+    `tokenizer` replaces the one the config names (eval.py passes a checkpoint's own)."""
     sampling = "ordered" if ordered_stream else "packed"
     if cfg["data"].get("source") == "mqar":  # generated recall examples, no corpus or tokenizer
         return MQARDataModule(
@@ -275,4 +283,5 @@ def build_datamodule(cfg: Mapping, ordered_stream: bool) -> LongDocDataModule | 
         num_workers=cfg["num_workers"],
         sampling=sampling,
         seed=cfg["seed"],
+        tokenizer=tokenizer,
     )

@@ -233,13 +233,14 @@ def _log_summary(sections: dict, timings: dict) -> None:
 def evaluate_checkpoint(cfg: DictConfig) -> dict:
     """eval.py: rebuild the model and data of a checkpoint's run, then evaluate with `cfg.eval`."""
     eval_settings(cfg.eval)  # a bad setting fails here, before the checkpoint and data load
-    model, saved_cfg = model_from_checkpoint(cfg.ckpt_path)
+    model, saved_cfg, tokenizer = model_from_checkpoint(cfg.ckpt_path)
     run_cfg = OmegaConf.create(saved_cfg)
     run_cfg.eval = cfg.eval
-    # Data and tokenizer must be the checkpoint's (the vocabulary depends on them); only where
-    # caches live may differ between machines.
+    # Data and tokenizer must be the checkpoint's (the vocabulary depends on them): the tokenizer
+    # stored in the checkpoint is used as it is, never rebuilt from a cache that may differ; only
+    # where caches live may differ between machines.
     run_cfg.data.cache_dir = cfg.paths.data_dir + "/cache"
-    datamodule = build_datamodule(run_cfg, ordered_stream=False)
+    datamodule = build_datamodule(run_cfg, ordered_stream=False, tokenizer=tokenizer)
     datamodule.prepare_data()
     datamodule.setup("test")
     _start_logger(cfg)
