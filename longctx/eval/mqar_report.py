@@ -13,7 +13,6 @@ of the mean over seeds (the seeds are then the units: they vary more than the ex
 from __future__ import annotations
 
 import csv
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,12 +24,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from longctx.core.files import atomic_write_text  # noqa: E402
+from longctx.core.run_names import flatten, value_text  # noqa: E402
 from longctx.eval.costs import training_dir  # noqa: E402
 from longctx.eval.outputs import csv_text  # noqa: E402
 from longctx.eval.stats import student_t_quantile  # noqa: E402
 
 ARM_OPTIONS_IGNORED = ("name", "kernel")  # how a backend runs, not what it computes
-MARKERS = {64: "o", 128: "s"}  # by width; other widths get triangles
+# Each arm a colour and a marker (10 colours x 7 markers never repeat a pair below 70 arms);
+# widths past the narrowest draw hollow markers.
+ARM_MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 
 @dataclass
@@ -57,18 +59,16 @@ class MQARRun:
 
 
 def arm_name(results: dict) -> str:
-    """`sliding_window (window=16)`: the backend and the options that define what it computes."""
+    """`sliding_window (window=16)`, `hybrid (pattern=rwkv+full)`: the backend and the options
+    that define what it computes, flattened (an empty mapping of options adds nothing)."""
     options = {
         k: v
-        for k, v in results.get("attention_options", {}).items()
-        if k not in ARM_OPTIONS_IGNORED
+        for k, v in flatten(results.get("attention_options", {})).items()
+        if k not in ARM_OPTIONS_IGNORED and v != {}
     }
     if not options:
         return results["attention"]
-    text = ", ".join(
-        f"{k}={json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v}"
-        for k, v in sorted(options.items())
-    )
+    text = ", ".join(f"{k}={value_text(v)}" for k, v in sorted(options.items()))
     return f"{results['attention']} ({text})"
 
 
@@ -242,48 +242,103 @@ def rate_table(cells: list[Cell]) -> list[str]:
     return lines
 
 
-def _colors(labels: list[str]) -> dict[str, tuple]:
-    cmap = plt.get_cmap("tab20")
-    return {label: cmap(i % cmap.N) for i, label in enumerate(labels)}
+def _styles(cells: list[Cell]) -> dict[tuple[str, int], dict]:
+    """Matplotlib keywords per (arm, width): a distinct colour and marker per arm."""
+    arms = sorted({c.arm for c in cells})
+    narrowest = min(c.width for c in cells)
+    colors = plt.get_cmap("tab10").colors
+    styles = {}
+    for cell in cells:
+        i = arms.index(cell.arm)
+        color = colors[i % len(colors)]
+        styles[(cell.arm, cell.width)] = {
+            "color": color,
+            "marker": ARM_MARKERS[i % len(ARM_MARKERS)],
+            "markerfacecolor": color if cell.width == narrowest else "none",
+        }
+    return styles
 
 
 def _save(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
 
 
+def _legend_below(fig, axes) -> None:
+    """One legend for the figure, below the axes (it never covers data), each label once."""
+    entries = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=2, fontsize=8)
+
+
+def _curves(settings: list[tuple[int, int]]) -> list[tuple[str, list[tuple[int, int]], int]]:
+    """The two views of the test settings: (x label, settings, x index) for accuracy by length
+    along the pairs-per-token ratio most settings share (pairs grow with length), and by pairs
+    at the length tested with most pair counts; a view with fewer than two settings is left out.
+    """
+    ratios = [pairs / length for length, pairs in settings]
+    ratio = max(set(ratios), key=ratios.count) if ratios else None
+    by_length = [s for s, r in zip(settings, ratios) if r == ratio]
+    lengths = [length for length, _ in settings]
+    busiest = max(set(lengths), key=lengths.count) if lengths else None
+    by_pairs = [s for s in settings if s[0] == busiest]
+    views = [
+        (f"sequence length (pairs = length / {1 / ratio:g})", by_length, 0),
+        (f"key-value pairs at length {busiest}", by_pairs, 1),
+    ]
+    return [view for view in views if len(view[1]) > 1]
+
+
 def plot_accuracy_vs_length(cells: list[Cell], path: Path) -> Path:
-    """Test accuracy by sequence length (pairs grow with it), one panel per width."""
+    """Test accuracy by sequence length (pairs growing with it) and by pairs at one length,
+    one row of panels per width."""
     widths = sorted({c.width for c in cells})
-    colors = _colors(sorted({c.arm for c in cells}))
-    fig, axes = plt.subplots(1, len(widths), figsize=(6 * len(widths), 4.5), squeeze=False)
-    for ax, width in zip(axes[0], widths):
-        for cell in (c for c in cells if c.width == width):
-            points = [
-                (s[0], cell.test_accuracy(s)[0], cell.test_interval(s)) for s in _settings([cell])
-            ]
-            points = [(n, a, i) for n, a, i in points if a is not None]
-            if points:
-                lengths, values, intervals = zip(*points)
-                ax.errorbar(
-                    lengths,
-                    [100 * a for a in values],
-                    yerr=_error_bars(values, intervals),
-                    marker="o",
-                    capsize=3,
-                    color=colors[cell.arm],
-                    label=cell.arm,
-                )
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("sequence length (pairs grow with it)")
-        ax.set_ylabel("MQAR test accuracy (%)")
-        ax.set_ylim(-2, 102)
-        ax.set_title(f"d_model={width}, best learning rate per arm")
-        ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower left")
+    views = _curves(_settings(cells)) or [("sequence length", _settings(cells), 0)]
+    styles = _styles(cells)
+    fig, axes = plt.subplots(
+        len(widths),
+        len(views),
+        figsize=(6.5 * len(views), 4.5 * len(widths) + 2.0),
+        squeeze=False,
+        layout="constrained",
+    )
+    for row, width in enumerate(widths):
+        for ax, (xlabel, settings, index) in zip(axes[row], views):
+            for cell in (c for c in cells if c.width == width):
+                points = [
+                    (s[index], cell.test_accuracy(s)[0], cell.test_interval(s)) for s in settings
+                ]
+                points = [(x, a, i) for x, a, i in points if a is not None]
+                if points:
+                    xs, values, intervals = zip(*points)
+                    ax.errorbar(
+                        xs,
+                        [100 * a for a in values],
+                        yerr=_error_bars(values, intervals),
+                        capsize=3,
+                        label=cell.arm,
+                        **styles[(cell.arm, cell.width)],
+                    )
+            ax.plot(
+                [s[index] for s in settings],
+                [100 / s[1] for s in settings],
+                linestyle="--",
+                color="0.4",
+                label="bag of values: one of the example's values, guessed (1 / pairs)",
+            )
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel(xlabel)
+            ax.set_ylabel("MQAR test accuracy (%)")
+            ax.set_ylim(-2, 102)
+            ax.set_title(f"d_model={width}, best learning rate per arm")
+            ax.grid(alpha=0.3)
+    fig.suptitle("MQAR test accuracy (95% intervals)")
+    _legend_below(fig, axes.flatten())
     return _save(fig, path)
 
 
@@ -301,9 +356,16 @@ def plot_frontier(cells: list[Cell], path: Path) -> Path:
     """Accuracy against streaming state bytes per sequence, one panel per test setting and one
     point per (arm, width): the recall-versus-state trade-off."""
     settings = _settings(cells)
-    colors = _colors(sorted({c.arm for c in cells}))
-    fig, axes = plt.subplots(1, len(settings), figsize=(5 * len(settings), 4.5), squeeze=False)
-    for ax, setting in zip(axes[0], settings):
+    styles = _styles(cells)
+    columns = min(len(settings), 3)
+    rows = -(-len(settings) // columns)
+    fig, axes = plt.subplots(
+        rows, columns, figsize=(5 * columns, 4 * rows + 1.5), squeeze=False, layout="constrained"
+    )
+    panels = axes.flatten()
+    for ax in panels[len(settings) :]:
+        ax.set_visible(False)
+    for ax, setting in zip(panels, settings):
         for cell in cells:
             accuracy, size = cell.test_accuracy(setting)[0], cell.state_bytes(setting[0])
             if accuracy is None or size is None:
@@ -312,25 +374,21 @@ def plot_frontier(cells: list[Cell], path: Path) -> Path:
                 size,
                 100 * accuracy,
                 yerr=_error_bars([accuracy], [cell.test_interval(setting)]),
-                color=colors[cell.arm],
-                marker=MARKERS.get(cell.width, "^"),
                 linestyle="none",
                 capsize=3,
                 label=f"{cell.arm}, d={cell.width}",
+                **styles[(cell.arm, cell.width)],
             )
         ax.set_xscale("log")
-        ax.set_xlabel(f"streaming state, peak over {setting[0]} tokens (bytes per sequence)")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel(f"state bytes per sequence (peak over {setting[0]} tokens)")
         ax.set_ylabel("MQAR test accuracy (%)")
         ax.set_ylim(-2, 102)
         ax.set_title(f"L={setting[0]}, {setting[1]} pairs")
         ax.grid(alpha=0.3)
-    handles, labels = axes[0][-1].get_legend_handles_labels()
-    fig.legend(handles, labels, fontsize=7, loc="center right")
-    fig.subplots_adjust(right=0.8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    fig.suptitle("Recall against streaming state (95% intervals)")
+    _legend_below(fig, panels[: len(settings)])
+    return _save(fig, path)
 
 
 def records(runs: list[MQARRun]) -> list[list]:
