@@ -27,6 +27,7 @@ from longctx.core.files import atomic_write_text  # noqa: E402
 from longctx.core.run_names import flatten, value_text  # noqa: E402
 from longctx.eval.costs import training_dir  # noqa: E402
 from longctx.eval.outputs import csv_text  # noqa: E402
+from longctx.eval.plots import figure_legend, save_figure  # noqa: E402
 from longctx.eval.stats import student_t_quantile  # noqa: E402
 
 ARM_OPTIONS_IGNORED = ("name", "kernel")  # how a backend runs, not what it computes
@@ -259,23 +260,6 @@ def _styles(cells: list[Cell]) -> dict[tuple[str, int], dict]:
     return styles
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _legend_below(fig, axes) -> None:
-    """One legend for the figure, below the axes (it never covers data), each label once."""
-    entries = {}
-    for ax in axes:
-        for handle, label in zip(*ax.get_legend_handles_labels()):
-            entries.setdefault(label, handle)
-    if entries:
-        fig.legend(entries.values(), entries.keys(), loc="outside lower center", ncol=2, fontsize=8)
-
-
 def _curves(settings: list[tuple[int, int]]) -> list[tuple[str, list[tuple[int, int]], int]]:
     """The two views of the test settings: (x label, settings, x index) for accuracy by length
     along the pairs-per-token ratio most settings share (pairs grow with length), and by pairs
@@ -338,8 +322,8 @@ def plot_accuracy_vs_length(cells: list[Cell], path: Path) -> Path:
             ax.set_title(f"d_model={width}, best learning rate per arm")
             ax.grid(alpha=0.3)
     fig.suptitle("MQAR test accuracy (95% intervals)")
-    _legend_below(fig, axes.flatten())
-    return _save(fig, path)
+    figure_legend(fig, axes.flatten())
+    return save_figure(fig, path)
 
 
 def _error_bars(values, intervals) -> np.ndarray:
@@ -387,8 +371,8 @@ def plot_frontier(cells: list[Cell], path: Path) -> Path:
         ax.set_title(f"L={setting[0]}, {setting[1]} pairs")
         ax.grid(alpha=0.3)
     fig.suptitle("Recall against streaming state (95% intervals)")
-    _legend_below(fig, panels[: len(settings)])
-    return _save(fig, path)
+    figure_legend(fig, panels[: len(settings)])
+    return save_figure(fig, path)
 
 
 def records(runs: list[MQARRun]) -> list[list]:

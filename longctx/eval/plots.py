@@ -58,7 +58,7 @@ def _plain_log2_axis(axis) -> None:
     axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
 
 
-def _legend(fig, axes, extra: Sequence = ()) -> None:
+def figure_legend(fig, axes, extra: Sequence = ()) -> None:
     """One legend for the figure, outside the axes on the right (it never covers data)."""
     handles, labels = [], []
     for ax in axes:
@@ -80,7 +80,7 @@ def _legend(fig, axes, extra: Sequence = ()) -> None:
         )
 
 
-def _save(fig, path: Path) -> Path:
+def save_figure(fig, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -93,9 +93,9 @@ def _finish(fig, axes, xlabel: str, ylabel: str, title: str, path: Path) -> Path
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3, which="both")
-    _legend(fig, axes)
+    figure_legend(fig, axes)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _points(rows, x: str, y: str, keep=lambda row: True) -> list[dict]:
@@ -185,9 +185,9 @@ def plot_ppl_vs_context(
         ax.grid(alpha=0.3, which="both")
         _plain_log_axis(ax.yaxis)
     axes[0].set_ylabel("perplexity per token (log scale)")
-    _legend(fig, axes)
+    figure_legend(fig, axes)
     fig.suptitle(title or "Perplexity by context length")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_position_loss(
@@ -252,9 +252,9 @@ def plot_position_loss(
                 label="hollow: a bin of few tokens",
             )
         )
-    _legend(fig, axes, extra)
+    figure_legend(fig, axes, extra)
     fig.suptitle(title or "Loss by token position")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_prefix_ablation(series: Series, path: Path, title: str = "") -> Path:
@@ -364,7 +364,7 @@ def plot_passkey(series: Series, path: Path, chance: float | None = None, title:
     fig.suptitle(
         heading + " (cells: correct/trials" + (f"; chance {chance:.2f})" if chance else ")")
     )
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_cost_quality(
@@ -436,7 +436,7 @@ def plot_paired_differences(
     ax.set_xlabel(xlabel)
     ax.grid(alpha=0.3, axis="x")
     ax.set_title(title or "Paired differences", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_training_curves(series: Series, path: Path, title: str = "") -> Path:
@@ -462,6 +462,6 @@ def plot_training_curves(series: Series, path: Path, title: str = "") -> Path:
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("validation loss (nats / token)")
-    _legend(fig, axes)
+    figure_legend(fig, axes)
     fig.suptitle(title or "Validation loss at equal compute")
-    return _save(fig, path)
+    return save_figure(fig, path)
