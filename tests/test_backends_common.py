@@ -160,3 +160,47 @@ def test_bf16_forward_and_backward_are_finite(name):
     logits.float().logsumexp(-1).mean().backward()
     assert torch.isfinite(logits).all()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def _loss_and_grads(model, ids):
+    params = [p for p in model.parameters() if p.requires_grad]
+    logits = model(ids)
+    weights = torch.randn(
+        logits.shape, dtype=logits.dtype, generator=torch.Generator().manual_seed(3)
+    )
+    return (logits, *torch.autograd.grad((logits * weights).sum(), params))
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "blocks"])
+@pytest.mark.parametrize("name", NAMES)
+def test_heads_split_across_threads_equal_one_thread(name, checkpointing, monkeypatch):
+    """With the CPU kernels' heads split across 2 threads (longctx.ops.head_parallel, forced at
+    this size), logits and every parameter's gradient equal the one-thread run, with the kept
+    graphs and, under activation checkpointing, with the recomputed groups. Every backend with a
+    torch kernel of its own goes through the split."""
+    from longctx.ops import head_parallel
+
+    model = _model(name, overrides=(f"model.activation_checkpointing={checkpointing}",))
+    ids = _ids(CASES[name]["seq_len"])
+    runs = []
+    original_run = head_parallel._Call.run
+
+    def counted_run(call, task):
+        runs.append(len(call.groups))
+        return original_run(call, task)
+
+    monkeypatch.setattr(head_parallel, "MIN_GROUP_ELEMENTS", 0)
+    monkeypatch.setattr(head_parallel._Call, "run", counted_run)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        unsplit = _loss_and_grads(model, ids)
+        assert runs == []
+        torch.set_num_threads(2)
+        split = _loss_and_grads(model, ids)
+    finally:
+        torch.set_num_threads(threads)
+    if name != "full":  # SDPA is the fused kernel: nothing to split
+        assert runs and all(groups == 2 for groups in runs)
+    for index, (got, want) in enumerate(zip(split, unsplit)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"#{index}")

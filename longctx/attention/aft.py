@@ -37,6 +37,7 @@ from longctx.ops.aft.blocked import (
     blocked_flops,
 )
 from longctx.ops.aft.reference import aft_one_query, prefix_after
+from longctx.ops.head_parallel import across_heads
 from longctx.ops.wkv.chunk import WKV_CHUNK, wkv_chunked, wkv_flops
 from longctx.ops.wkv.reference import WkvState, empty_wkv_state, wkv_recurrent
 
@@ -71,7 +72,10 @@ class SimpleAFT(AFTMixer):
     def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         zero = self._zeros(k)
         state = empty_wkv_state(k.shape[:-2] + k.shape[-1:], k)
-        return torch.sigmoid(q) * wkv_chunked(k, v, zero, zero, state, WKV_CHUNK)[0]
+        mean, _ = across_heads(
+            wkv_chunked, (k, v, zero, zero, state, WKV_CHUNK), (1, 1, 0, 0, 1, None)
+        )
+        return torch.sigmoid(q) * mean
 
     def init_state(self, batch_size: int) -> State:
         return self._empty_prefix(batch_size)
@@ -82,7 +86,9 @@ class SimpleAFT(AFTMixer):
         if x.shape[1] == 1:
             mean, state = wkv_recurrent(k, v, zero, zero, state)
         else:
-            mean, state = wkv_chunked(k, v, zero, zero, state, WKV_CHUNK)
+            mean, state = across_heads(
+                wkv_chunked, (k, v, zero, zero, state, WKV_CHUNK), (1, 1, 0, 0, 1, None)
+            )
         return self.merge_heads(torch.sigmoid(q) * mean), state
 
 
@@ -92,15 +98,28 @@ class BlockedAFT(AFTMixer):
 
     band: int | None
     block: int
+    # Where the learned bias tensors hold the heads (None: one bias shared by every head).
+    bias_head_dim: int | None = None
 
     @abstractmethod
-    def bias_for(self, offset: int, length: int) -> BiasFn:
-        """The bias of sequence indices 0..length-1 at absolute positions offset.. ."""
+    def bias_tensors(self) -> tuple[Tensor, ...]:
+        """The learned tensors the bias reads (passed to `bias_for`, never captured, so that a
+        kernel running on other threads still returns their gradients)."""
+
+    @abstractmethod
+    def bias_for(self, offset: int, length: int, *tensors: Tensor) -> BiasFn:
+        """The bias of sequence indices 0..length-1 at absolute positions offset.., read from
+        `tensors` (this mixer's bias_tensors, or their slices for some heads)."""
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         prefix = empty_wkv_state(k.shape[:-2] + k.shape[-1:], k)
-        bias = self.bias_for(0, k.shape[-2])
-        return torch.sigmoid(q) * aft_blocked(k, v, bias, self.band, self.block, prefix)
+        args = (k, v, prefix, self.bias_tensors())
+        mean = across_heads(self._blocked_mean, args, (1, 1, 1, self.bias_head_dim))
+        return torch.sigmoid(q) * mean
+
+    def _blocked_mean(self, k: Tensor, v: Tensor, prefix, tensors: tuple[Tensor, ...]) -> Tensor:
+        bias = self.bias_for(0, k.shape[-2], *tensors)
+        return aft_blocked(k, v, bias, self.band, self.block, prefix)
 
     def init_state(self, batch_size: int) -> State:
         empty = self.out.weight.new_zeros(batch_size, self.n_head, 0, self.head_dim)
@@ -111,7 +130,7 @@ class BlockedAFT(AFTMixer):
         cached = state["k"].shape[-2]
         keys = torch.cat((state["k"], k), -2)
         values = torch.cat((state["v"], v), -2)
-        bias = self.bias_for(start - cached, keys.shape[-2])
+        bias = self.bias_for(start - cached, keys.shape[-2], *self.bias_tensors())
         if x.shape[1] == 1:
             mean = aft_one_query(keys, values, bias, state["prefix"])
         else:
@@ -136,8 +155,11 @@ class FullAFT(BlockedAFT):
         self.u = nn.Parameter(torch.randn(max_len, FULL_RANK) / math.sqrt(FULL_RANK))
         self.v = nn.Parameter(torch.zeros(max_len, FULL_RANK))
 
-    def bias_for(self, offset: int, length: int) -> BiasFn:
-        u, v = self.u[offset : offset + length], self.v[offset : offset + length]
+    def bias_tensors(self) -> tuple[Tensor, ...]:
+        return self.u, self.v
+
+    def bias_for(self, offset: int, length: int, *tensors: Tensor) -> BiasFn:
+        u, v = (t[offset : offset + length] for t in tensors)
         last = length - 1  # padding rows of the last block pass the end
 
         def bias(rows: Tensor, cols: Tensor) -> Tensor:
@@ -155,8 +177,11 @@ class LocalAFT(BlockedAFT):
         # w[t, t - lag] for lag < window, stored as a band: row t, column lag.
         self.w = nn.Parameter(torch.zeros(max_len, window))
 
-    def bias_for(self, offset: int, length: int) -> BiasFn:
-        table, last = self.w[offset : offset + length], length - 1
+    def bias_tensors(self) -> tuple[Tensor, ...]:
+        return (self.w,)
+
+    def bias_for(self, offset: int, length: int, *tensors: Tensor) -> BiasFn:
+        table, last = tensors[0][offset : offset + length], length - 1
 
         def bias(rows: Tensor, cols: Tensor) -> Tensor:
             lag = (rows[:, :, None] - cols[:, None, :]).clamp(0, self.band - 1)
@@ -166,14 +191,21 @@ class LocalAFT(BlockedAFT):
 
 
 class ConvAFT(BlockedAFT):
+    bias_head_dim = 0  # w [H, kernel]: a kernel per head
+
     def __init__(self, dims: ModelSettings, kernel: int):
         super().__init__(dims)
         self.band, self.block = kernel, LOCAL_BLOCK
         self.w = nn.Parameter(torch.zeros(dims.n_head, kernel))  # one causal kernel per head
 
-    def bias_for(self, offset: int, length: int) -> BiasFn:
+    def bias_tensors(self) -> tuple[Tensor, ...]:
+        return (self.w,)
+
+    def bias_for(self, offset: int, length: int, *tensors: Tensor) -> BiasFn:
+        (w,) = tensors
+
         def bias(rows: Tensor, cols: Tensor) -> Tensor:
-            return self.w[:, (rows[:, :, None] - cols[:, None, :]).clamp(0, self.band - 1)]
+            return w[:, (rows[:, :, None] - cols[:, None, :]).clamp(0, self.band - 1)]
 
         return bias
 

@@ -20,6 +20,7 @@ from longctx.attention.base import Backend, HeadMixer, Mixer, ModelSettings, Sta
 from longctx.attention.registry import register
 from longctx.core.dtypes import accumulation_dtype
 from longctx.errors import ConfigError
+from longctx.ops.head_parallel import across_heads
 from longctx.ops.linear.chunk import chunked_linear_attention
 from longctx.ops.linear.fla import fla_linear_attention
 from longctx.ops.linear.reference import FEATURE_MAPS, recurrent_linear_attention
@@ -51,7 +52,11 @@ class LinearAttention(HeadMixer):
             return fla_linear_attention(q, k, v, state, self.feature)
         if state is None:
             state = q.new_zeros(*q.shape[:-2], self.head_dim, self.head_dim + 1)
-        return chunked_linear_attention(q, k, v, state, self.chunk_size, self.feature)
+        return across_heads(
+            chunked_linear_attention,
+            (q, k, v, state, self.chunk_size, self.feature),
+            (1, 1, 1, 1, None, None),
+        )
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return self._attend(q, k, v, None)[0]

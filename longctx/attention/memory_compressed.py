@@ -37,6 +37,7 @@ from longctx.attention.registry import register
 from longctx.attention.softmax import AttentionCore, SoftmaxAttention
 from longctx.core.positions import Rotary, alibi_bias, alibi_slopes
 from longctx.errors import ConfigError
+from longctx.ops.head_parallel import across_heads
 from longctx.ops.pieces import split_into_pieces
 from longctx.ops.softmax.masked import masked_attention
 
@@ -264,7 +265,11 @@ class MemoryCompressedAttention(HeadMixer):
         return self._rotate(q, start), self._rotate(k, start), v, slot_k, slot_v
 
     def mix(self, q: Tensor, k: Tensor, v: Tensor, slot_k: Tensor, slot_v: Tensor) -> Tensor:
-        return compressed_attention(q, k, v, slot_k, slot_v, 0, self.compression, self.slopes)
+        return across_heads(
+            compressed_attention,
+            (q, k, v, slot_k, slot_v, 0, self.compression, self.slopes),
+            (1, 1, 1, 1, 1, None, None, 0),
+        )
 
     def init_state(self, batch_size: int) -> State:
         """The pending (incomplete) block's unrotated keys and values, and all slots so far."""

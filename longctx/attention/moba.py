@@ -32,6 +32,7 @@ from longctx.attention.base import Backend, Mixer, State
 from longctx.attention.registry import register
 from longctx.attention.softmax import AttentionCore, SoftmaxAttention
 from longctx.errors import ConfigError
+from longctx.ops.head_parallel import across_heads
 from longctx.ops.moba.engine import block_sparse_attention
 from longctx.ops.moba.flex import flex_moba_attention
 from longctx.ops.moba.gate import block_key_sums, select_blocks
@@ -53,10 +54,18 @@ class MobaCore(AttentionCore):
 
     def forward(self, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None) -> Tensor:
         kernel = resolve_kernel(self.kernel, self.kernels, q.device)
-        key_sums = block_key_sums(k.detach(), self.block_size, GATE_DTYPE[kernel])
-        selected = select_blocks(q, key_sums, 0, self.block_size, self.top_k)
         if kernel == FLEX:
+            selected = self._select(q, k, kernel)
             return flex_moba_attention(q, k, v, selected, self.block_size, slopes)
+        return across_heads(self._gated_attention, (q, k, v, slopes), (1, 1, 1, 0))
+
+    def _select(self, q: Tensor, k: Tensor, kernel: str) -> Tensor:
+        key_sums = block_key_sums(k.detach(), self.block_size, GATE_DTYPE[kernel])
+        return select_blocks(q, key_sums, 0, self.block_size, self.top_k)
+
+    def _gated_attention(self, q: Tensor, k: Tensor, v: Tensor, slopes: Tensor | None) -> Tensor:
+        """The gate and the torch engine, for the heads of q, k, v."""
+        selected = self._select(q, k, TORCH)
         return block_sparse_attention(q, k, v, selected, self.block_size, slopes)
 
     def init_cache(self, batch: int, heads: int, head_dim: int, like: Tensor) -> State:

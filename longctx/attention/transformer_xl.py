@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from longctx.attention.base import Backend, HeadMixer, Mixer, ModelSettings, State
 from longctx.attention.registry import register
 from longctx.errors import ConfigError
+from longctx.ops.head_parallel import across_heads
 from longctx.ops.pieces import rows_per_piece, split_into_pieces
 
 
@@ -91,18 +92,10 @@ class TransformerXLAttention(HeadMixer):
     def attend(
         self, q: Tensor, keys: Tensor, values: Tensor, allowed: Tensor, relative_keys: Tensor
     ) -> Tensor:
-        """q [b,H,l,Dh] are the last l of the positions of keys/values [b,H,K,Dh];
-        allowed [b|1,1,l,K]; relative_keys = W_R R for distances K-1 .. 0 [H,K,Dh]."""
-        scale = self.head_dim**-0.5  # applied to the (small) queries rather than to the scores
-        content = ((q + self.content_bias) * scale) @ keys.transpose(-1, -2)
-        position = relative_shift(
-            ((q + self.position_bias) * scale) @ relative_keys.transpose(-1, -2)
+        """relative_attention with this layer's biases u and v."""
+        return relative_attention(
+            q, keys, values, allowed, relative_keys, self.content_bias, self.position_bias
         )
-        scores = (content + position).masked_fill(~allowed, float("-inf"))
-        weights = torch.softmax(
-            scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)
-        )
-        return weights.to(values.dtype) @ values
 
     def project(self, x: Tensor, start: int = 0) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """q, k, v [B,H,n,Dh] and the memory's k, v (the same values, from the stop-gradient input).
@@ -119,59 +112,14 @@ class TransformerXLAttention(HeadMixer):
     def _segment_windows(
         self, q: Tensor, k: Tensor, v: Tensor, memory_k: Tensor, memory_v: Tensor, earlier: int
     ) -> Tensor:
-        """Queries q [B,H,n,Dh] at positions 0..n-1, segments starting at 0; k, v their keys/values.
-
-        memory_k / memory_v [B,H,earlier+n,Dh]: stop-gradient keys/values of the `earlier` positions
-        before 0 (a streaming memory) and of positions 0..n-1. Every segment gets its key window
-        [memory ; segment] of mem_len + L keys; groups of segments are scored together (about
-        longctx.ops.pieces.TRANSIENT_SCORES scores at a time, whole segments).
-        """
-        batch, heads, n, head_dim = q.shape
-        seg, mem = self.segment_length, self.mem_len
-        n_seg = -(-n // seg)
-        device = q.device
-        # Queries past n pad the last segment; the keys they add follow every real query (masked).
-        pad = (0, 0, 0, n_seg * seg - n)
-
-        def segment_major(t: Tensor) -> Tensor:  # [B, H, S, m, Dh] -> [S*B, H, m, Dh]
-            return t.permute(2, 0, 1, 3, 4).reshape(n_seg * batch, heads, -1, head_dim)
-
-        def segments(t: Tensor) -> Tensor:
-            return F.pad(t, pad).view(batch, heads, n_seg, seg, head_dim)
-
-        segment_start = torch.arange(n_seg, device=device)[:, None] * seg
-        memory_pos = segment_start - mem + torch.arange(mem, device=device)  # [S, M]
-        gather = (memory_pos + earlier).clamp(min=0)
-
-        def windows(t: Tensor, memory: Tensor) -> Tensor:
-            return segment_major(torch.cat((memory[:, :, gather], segments(t)), dim=3))
-
-        query_pos = segment_start + torch.arange(seg, device=device)
-        key_pos = torch.cat((memory_pos, query_pos), dim=1)
-        exists = key_pos >= -earlier
-        allowed = exists[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])  # [S, L, M+L]
-        allowed = (
-            allowed[:, None, None]
-            .expand(-1, batch, -1, -1, -1)
-            .reshape(n_seg * batch, 1, seg, mem + seg)
+        """segment_windows of q, k, v with this layer's memory, segments and weights, the heads
+        split across a CPU's threads (longctx.ops.head_parallel)."""
+        relative_keys = self._relative_keys(self.mem_len + self.segment_length, q)
+        args = (q, k, v, memory_k, memory_v, relative_keys, self.content_bias, self.position_bias)
+        settings = (earlier, self.segment_length, self.mem_len)
+        return across_heads(
+            segment_windows, (*args, *settings), (1, 1, 1, 1, 1, 0, 0, 0, None, None, None)
         )
-        relative_keys = self._relative_keys(mem + seg, q)
-        # Whole segments per group (the softmax weights kept for backward stay O(N (mem + L) H)).
-        rows = batch * rows_per_piece(batch * heads * seg * (mem + seg))
-        groups = zip(
-            *(
-                split_into_pieces(t, rows)
-                for t in (
-                    segment_major(segments(q)),
-                    windows(k, memory_k),
-                    windows(v, memory_v),
-                    allowed,
-                )
-            )
-        )
-        o = torch.cat([self.attend(*group, relative_keys) for group in groups])
-        o = o.view(n_seg, batch, heads, seg, head_dim).permute(1, 2, 0, 3, 4)
-        return o.reshape(batch, heads, n_seg * seg, head_dim)[:, :, :n]
 
     def init_state(self, batch_size: int) -> State:
         """memory: detached inputs of the last mem_len positions before the current segment;
@@ -234,6 +182,95 @@ class TransformerXLAttention(HeadMixer):
         query_index = klen - qlen + torch.arange(qlen, device=piece.device)
         allowed = key_index[None, :] <= query_index[:, None]
         return self.attend(q, keys, values, allowed[None, None], self._relative_keys(klen, q))
+
+
+def relative_attention(
+    q: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    allowed: Tensor,
+    relative_keys: Tensor,
+    content_bias: Tensor,
+    position_bias: Tensor,
+) -> Tensor:
+    """q [b,H,l,Dh] are the last l of the positions of keys/values [b,H,K,Dh];
+    allowed [b|1,1,l,K]; relative_keys = W_R R for distances K-1 .. 0 [H,K,Dh];
+    content_bias u and position_bias v [H,1,Dh]."""
+    scale = q.shape[-1] ** -0.5  # applied to the (small) queries rather than to the scores
+    content = ((q + content_bias) * scale) @ keys.transpose(-1, -2)
+    position = relative_shift(((q + position_bias) * scale) @ relative_keys.transpose(-1, -2))
+    scores = (content + position).masked_fill(~allowed, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+    return weights.to(values.dtype) @ values
+
+
+def segment_windows(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    memory_k: Tensor,
+    memory_v: Tensor,
+    relative_keys: Tensor,
+    content_bias: Tensor,
+    position_bias: Tensor,
+    earlier: int,
+    seg: int,
+    mem: int,
+) -> Tensor:
+    """Queries q [B,H,n,Dh] at positions 0..n-1, segments of `seg` starting at 0; k, v their
+    keys/values.
+
+    memory_k / memory_v [B,H,earlier+n,Dh]: stop-gradient keys/values of the `earlier` positions
+    before 0 (a streaming memory) and of positions 0..n-1. Every segment gets its key window
+    [memory ; segment] of mem + seg keys; groups of segments are scored together (about
+    longctx.ops.pieces.TRANSIENT_SCORES scores at a time, whole segments).
+    """
+    batch, heads, n, head_dim = q.shape
+    n_seg = -(-n // seg)
+    device = q.device
+    # Queries past n pad the last segment; the keys they add follow every real query (masked).
+    pad = (0, 0, 0, n_seg * seg - n)
+
+    def segment_major(t: Tensor) -> Tensor:  # [B, H, S, m, Dh] -> [S*B, H, m, Dh]
+        return t.permute(2, 0, 1, 3, 4).reshape(n_seg * batch, heads, -1, head_dim)
+
+    def segments(t: Tensor) -> Tensor:
+        return F.pad(t, pad).view(batch, heads, n_seg, seg, head_dim)
+
+    segment_start = torch.arange(n_seg, device=device)[:, None] * seg
+    memory_pos = segment_start - mem + torch.arange(mem, device=device)  # [S, M]
+    gather = (memory_pos + earlier).clamp(min=0)
+
+    def windows(t: Tensor, memory: Tensor) -> Tensor:
+        return segment_major(torch.cat((memory[:, :, gather], segments(t)), dim=3))
+
+    query_pos = segment_start + torch.arange(seg, device=device)
+    key_pos = torch.cat((memory_pos, query_pos), dim=1)
+    exists = key_pos >= -earlier
+    allowed = exists[:, None, :] & (key_pos[:, None, :] <= query_pos[:, :, None])  # [S, L, M+L]
+    allowed = (
+        allowed[:, None, None]
+        .expand(-1, batch, -1, -1, -1)
+        .reshape(n_seg * batch, 1, seg, mem + seg)
+    )
+    # Whole segments per group (the softmax weights kept for backward stay O(N (mem + L) H)).
+    rows = batch * rows_per_piece(batch * heads * seg * (mem + seg))
+    groups = zip(
+        *(
+            split_into_pieces(t, rows)
+            for t in (
+                segment_major(segments(q)),
+                windows(k, memory_k),
+                windows(v, memory_v),
+                allowed,
+            )
+        )
+    )
+    o = torch.cat(
+        [relative_attention(*group, relative_keys, content_bias, position_bias) for group in groups]
+    )
+    o = o.view(n_seg, batch, heads, seg, head_dim).permute(1, 2, 0, 3, 4)
+    return o.reshape(batch, heads, n_seg * seg, head_dim)[:, :, :n]
 
 
 def transformer_xl_layers(model: nn.Module) -> list[TransformerXLAttention]:

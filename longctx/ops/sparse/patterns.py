@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from longctx.ops.head_parallel import across_heads
 from longctx.ops.sparse.engine import Part, SelfPart, attend_parts, computed_pairs
 from longctx.ops.sparse.flex import (
     SlotPlan,
@@ -388,5 +389,11 @@ class LayerPattern:
             heads = slice(first, end)
             group_slopes = None if slopes is None else slopes[heads]
             parts = component_parts(component, q.shape[-2])
-            outputs.append(attend_parts(q[:, heads], k[:, heads], v[:, heads], parts, group_slopes))
+            outputs.append(
+                across_heads(
+                    attend_parts,
+                    (q[:, heads], k[:, heads], v[:, heads], parts, group_slopes),
+                    (1, 1, 1, None, 0),
+                )
+            )
         return outputs[0] if len(outputs) == 1 else torch.cat(outputs, 1)
