@@ -33,10 +33,12 @@ from torch.nn import functional as F
 from longctx.core.dtypes import accumulation_dtype
 from longctx.ops.softmax.merge import merge_by_lse
 
-# Score elements of one (batch, head) slice per chunk of query blocks: a chunk's scores for
-# 8 heads stay around 1 MiB of fp32, which a core's cache holds between the product that writes
-# them and the one that reads them.
-CHUNK_SCORES = 1 << 15
+# Score elements of one (batch, head) slice per chunk of query blocks. On a CPU each thread runs
+# the whole engine for its own heads (longctx.ops.head_parallel), so every operator of a chunk is
+# one more dispatch that two threads take turns for: chunks of 4 MiB of fp32 scores per 8 heads
+# ran the split engine faster than cache-sized 1 MiB ones, and a single thread slightly slower
+# (docs/results/bench_cpu/threads_under_load_2026-12-07/README.md).
+CHUNK_SCORES = 1 << 17
 
 PositionPredicate = Callable[[Tensor, Tensor], Tensor]
 
