@@ -84,7 +84,7 @@ def _groups(leaves: list[Any], dims: list[int | None]) -> list[tuple[int, int]] 
     cut = [(t, d) for t, d in split if d is not None]
     if not cut or getattr(_local, "worker", False):
         return None
-    if any(t.device.type != "cpu" for t, _ in split):
+    if not all(_splits_on(t.device) for t, _ in split):
         return None
     if torch.compiler.is_compiling() or _get_current_dispatch_mode() is not None:
         return None
@@ -100,6 +100,11 @@ def _groups(leaves: list[Any], dims: list[int | None]) -> list[tuple[int, int]] 
     sizes = [base + (g < extra) for g in range(count)]
     starts = [sum(sizes[:g]) for g in range(count)]
     return list(zip(starts, sizes))
+
+
+def _splits_on(device: torch.device) -> bool:
+    """Host memory and host threads: a GPU kernel parallelises over heads by itself."""
+    return device.type == "cpu"
 
 
 def _saved_tensor_hooks_active() -> bool:
