@@ -409,6 +409,28 @@ def test_report_puts_runs_at_equal_compute(tmp_path):
     assert (tmp_path / "r" / "training_curves_synthetic-byte-ctx256.png").stat().st_size > 5000
 
 
+def test_throughput_measured_beside_other_work_is_marked_shared(tmp_path):
+    """A CPU run whose metrics.jsonl logs a load average 1 above its own threads: its tok/s gets
+    `*` in report.md and shared_cpu in report.csv; the quiet run's does not."""
+    for name, load in (("full", 2.1), ("linear", 3.0)):
+        run = make_run(tmp_path / name, fake_results(name), curve=[(50, 1e12, 10, 3.0)])
+        rows = [json.loads(line) for line in (run / METRICS_FILE).read_text().splitlines()]
+        for row in rows:
+            row.update({"load_average": load, "threads": 2, "peak_memory_mib": None})
+        (run / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "r"
+    write_report(OmegaConf.create({"runs": str(tmp_path / "*"), "output_dir": str(out)}), tmp_path)
+    table = {
+        line.split(" | ")[0]: line
+        for line in (out / "report.md").read_text().splitlines()
+        if line.startswith(("| full |", "| linear |")) and "M |" in line
+    }
+    assert "500*" in table["| linear"] and "500*" not in table["| full"]
+    with open(out / "report.csv") as handle:
+        shared = {r["mechanism"]: r["shared_cpu"] for r in csv.DictReader(handle)}
+    assert shared == {"full": "False", "linear": "True"}
+
+
 def test_runs_are_found_by_glob_list_or_multirun_root(sweep):
     by_root, missing = find_run_dirs(str(sweep))
     by_glob, _ = find_run_dirs(str(sweep / "*"))

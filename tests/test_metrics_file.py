@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT, compose_config
 from hydra.core.hydra_config import HydraConfig
 
@@ -55,6 +57,7 @@ def test_the_metrics_file_is_written_under_the_wandb_logger(wandb_run):
         assert row["tokens"] == row["step"] * 4 * 32  # batch x context per optimizer step
         assert row["tokens_per_s"] > 0 and row["train_seconds"] > 0 and row["peak_rss_mib"] > 0
         assert row["flops"] > 0 and row["peak_memory_mib"] is None  # on the CPU
+        assert row["threads"] == torch.get_num_threads() and row["load_average"] >= 0
     flops_per_token = training[0]["flops"] / training[0]["tokens"]
     assert training[-1]["flops"] == pytest.approx(flops_per_token * training[-1]["tokens"])
     seconds = [r["train_seconds"] for r in rows]
@@ -87,3 +90,17 @@ def test_a_resume_drops_rows_past_the_checkpoint_and_continues_the_counters(tmp_
     resumed = next(r for r in rows if r["step"] == 6 and "loss" in r)
     assert resumed["tokens"] == at_checkpoint["tokens"] + 2 * 128
     assert resumed["train_seconds"] > at_checkpoint["train_seconds"]
+
+
+@pytest.mark.parametrize(("load", "shared"), [(2.2, False), (3.0, True)])
+def test_a_cpu_cost_measured_beside_other_work_is_marked_shared(tmp_path, load, shared):
+    """2 threads keep the load average near 2 by themselves; 1 more busy process makes it 3."""
+    rows = [
+        {"step": s, "tokens": 100.0 * s, "train_seconds": 1.0 * s, "loss": 1.0,
+         "peak_memory_mib": None, "load_average": load, "threads": 2}
+        for s in (1, 2, 3)
+    ]  # fmt: skip
+    (tmp_path / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cost = costs_from_metrics_file(tmp_path)
+    assert cost["shared_cpu"] is shared
+    assert cost["other_cpu_load"] == pytest.approx(load - 2)

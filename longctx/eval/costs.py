@@ -17,12 +17,17 @@ import csv
 import json
 import math
 import re
+import statistics
 from pathlib import Path
 from typing import Any
 
 from longctx.core.metrics_log import METRICS_FILE, read_metrics
 
 MEMORY_COLUMN = re.compile(r"(peak|max).*mem", re.IGNORECASE)
+# A CPU run's throughput counts as measured on a shared machine when, at the median logged row,
+# the load average exceeds the run's own torch threads by this much: other processes then took
+# CPU time from it (a run's threads alone keep the load at about their number).
+SHARED_CPU_LOAD = 0.5
 BENCH_MODES = ("train_step", "fwd_bwd")
 
 
@@ -53,6 +58,14 @@ def costs_from_metrics_file(directory: Path) -> dict[str, Any]:
     peaks = [r["peak_memory_mib"] for r in rows if r.get("peak_memory_mib") is not None]
     if peaks:
         cost["peak_memory_mib"] = max(peaks)
+    other = [
+        r["load_average"] - r["threads"]
+        for r in rows
+        if r.get("load_average") is not None and r.get("threads")
+    ]
+    if other and not peaks:  # CPU runs (a CUDA run logs its allocator peak)
+        cost["other_cpu_load"] = statistics.median(other)
+        cost["shared_cpu"] = cost["other_cpu_load"] >= SHARED_CPU_LOAD
     return cost
 
 
@@ -128,7 +141,14 @@ def run_costs(
     )
     cost = {
         k: logged.get(k)
-        for k in ("tokens_per_s", "peak_memory_mib", "train_seconds", "train_tokens")
+        for k in (
+            "tokens_per_s",
+            "peak_memory_mib",
+            "train_seconds",
+            "train_tokens",
+            "shared_cpu",
+            "other_cpu_load",
+        )
     }
     sources = {}
     for key in ("tokens_per_s", "peak_memory_mib"):
@@ -137,5 +157,7 @@ def run_costs(
             sources[key] = bench["source"]
         elif cost[key] is not None:
             sources[key] = logged["source"]
+    if sources.get("tokens_per_s") != logged.get("source"):  # the bench's figure, not shared
+        cost["shared_cpu"] = cost["other_cpu_load"] = None
     cost["sources"] = sources
     return cost

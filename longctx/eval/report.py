@@ -78,6 +78,7 @@ RUN_COLUMNS = (
     "passkey_beyond",
     "fact_recall_in_reach",
     "tokens_per_s",
+    "shared_cpu",
     "peak_memory_mib",
     "train_seconds",
     "train_flops",
@@ -244,6 +245,7 @@ def summarise(run: Run) -> dict[str, Any]:
         if in_reach
         else None,
         "tokens_per_s": run.cost.get("tokens_per_s"),
+        "shared_cpu": run.cost.get("shared_cpu"),
         "peak_memory_mib": run.cost.get("peak_memory_mib"),
         "train_seconds": run.cost.get("train_seconds"),
         "train_flops": next(
@@ -426,7 +428,8 @@ def _summary_table(group: ReportGroup) -> list[str]:
             _count_cell(arm_passkey(arm, lambda p: p["context_length"] <= length, confidence)),
             _count_cell(arm_passkey(arm, lambda p: p["context_length"] > length, confidence)),
             _count_cell(facts),
-            _fmt(_mean(summaries, "tokens_per_s")),
+            _fmt(_mean(summaries, "tokens_per_s"))
+            + ("*" if any(s["shared_cpu"] for s in summaries) else ""),
             _fmt(_mean(summaries, "peak_memory_mib")),
             _fmt(_mean(summaries, "train_seconds")),
         ]
@@ -867,7 +870,9 @@ def _legend_text(confidence: float) -> str:
         f"{confidence:.0%} interval, documents resampled (passkey and facts: Wilson over trials, "
         "n given); with several seeds, the value pools them document by document and each "
         "seed's own value follows. train tok/s, peak MiB and train s come from each run's "
-        "metrics.jsonl (or the bench, see report.csv); seeds' mean."
+        "metrics.jsonl (or the bench, see report.csv); seeds' mean. `*`: measured while other "
+        "processes kept the CPU busy (the run's metrics.jsonl logs the load average above its "
+        "own threads): a shared-machine figure, not the kernel's cost."
     )
 
 

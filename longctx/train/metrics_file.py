@@ -6,7 +6,9 @@ first step, carried over a resume), `loss` (mean training loss of rank 0's batch
 previous row), `lr` (or `lr/<group>` per parameter group when the groups differ), `grad_norm`
 (total L2 norm of the gradients before clipping; under FSDP, of this rank's shard),
 `tokens_per_s` (since the previous row), `peak_memory_mib` (CUDA allocator peak, null on the
-CPU) and `peak_rss_mib` (the process's peak resident memory). Validation rows: `step`,
+CPU), `peak_rss_mib` (the process's peak resident memory), and `load_average` (the machine's
+1-minute load average) beside `threads` (this process's torch threads), from which a report
+tells a CPU cost measured on a shared machine (longctx/eval/costs.py). Validation rows: `step`,
 `val_loss`, `val_ppl` and the same cumulative counters, so that curves can be read at equal
 steps, tokens, FLOPs or training time (longctx/eval/costs.py).
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import resource
 import sys
 import time
@@ -35,6 +38,13 @@ from longctx.core.metrics_log import METRICS_FILE, read_metrics
 from longctx.train.optimizer_stats import gradient_norm, learning_rates, logging_step_due
 
 COUNTERS = ("tokens", "flops", "train_seconds")  # cumulative: carried over a resume
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):  # a platform without a load average
+        return None
 
 
 def _peak_rss_mib() -> float:
@@ -116,6 +126,8 @@ class MetricsFile(Callback):
             if pl_module.device.type == "cuda"
             else None,
             "peak_rss_mib": _peak_rss_mib(),
+            "load_average": _load_average(),
+            "threads": torch.get_num_threads(),
         }
         self._append(row)
         self._losses, self._step_extras = [], {}
