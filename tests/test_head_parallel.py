@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import pytest
@@ -41,19 +42,14 @@ def test_split_equals_the_whole_call_with_gradients(two_threads, hooks):
     inputs = _inputs()
     want = _kernel(*inputs)
     want_grads = torch.autograd.grad(want[0].sum() + want[1].square().sum(), inputs)
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if hooks else _null():
+    hooked = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t)
+    with hooked if hooks else contextlib.nullcontext():
         got = across_heads(_kernel, inputs, (1, 0, None))
     got_grads = torch.autograd.grad(got[0].sum() + got[1].square().sum(), inputs)
     kind = "_RecomputedBackward" if hooks else "_KeptGraphsBackward"
     assert type(got[0].grad_fn).__name__ == kind
     for a, b in zip((*got, *got_grads), (*want, *want_grads)):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-
-def _null():
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def test_without_gradients_no_graph_is_recorded(two_threads):

@@ -38,7 +38,7 @@ from longctx.ops.aft.blocked import (
 )
 from longctx.ops.aft.reference import aft_one_query, prefix_after
 from longctx.ops.head_parallel import across_heads
-from longctx.ops.wkv.chunk import WKV_CHUNK, wkv_chunked, wkv_flops
+from longctx.ops.wkv.chunk import wkv_across_heads, wkv_flops
 from longctx.ops.wkv.reference import WkvState, empty_wkv_state, wkv_recurrent
 
 # Rank of aft_full's factorised bias w = U V^T (the paper's d' = 128 for long sequences).
@@ -72,10 +72,7 @@ class SimpleAFT(AFTMixer):
     def mix(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         zero = self._zeros(k)
         state = empty_wkv_state(k.shape[:-2] + k.shape[-1:], k)
-        mean, _ = across_heads(
-            wkv_chunked, (k, v, zero, zero, state, WKV_CHUNK), (1, 1, 0, 0, 1, None)
-        )
-        return torch.sigmoid(q) * mean
+        return torch.sigmoid(q) * wkv_across_heads(k, v, zero, zero, state)[0]
 
     def init_state(self, batch_size: int) -> State:
         return self._empty_prefix(batch_size)
@@ -86,9 +83,7 @@ class SimpleAFT(AFTMixer):
         if x.shape[1] == 1:
             mean, state = wkv_recurrent(k, v, zero, zero, state)
         else:
-            mean, state = across_heads(
-                wkv_chunked, (k, v, zero, zero, state, WKV_CHUNK), (1, 1, 0, 0, 1, None)
-            )
+            mean, state = wkv_across_heads(k, v, zero, zero, state)
         return self.merge_heads(torch.sigmoid(q) * mean), state
 
 

@@ -31,9 +31,8 @@ from torch import Tensor, nn
 from longctx.attention.base import Backend, HeadMixer, Mixer, ModelSettings, State
 from longctx.attention.registry import register
 from longctx.errors import ConfigError
-from longctx.ops.head_parallel import across_heads
 from longctx.ops.seam import FLA, TORCH, resolve_kernel
-from longctx.ops.wkv.chunk import WKV_CHUNK, wkv_chunked, wkv_flops
+from longctx.ops.wkv.chunk import wkv_across_heads, wkv_flops
 from longctx.ops.wkv.fla import fla_wkv
 from longctx.ops.wkv.reference import WkvState, empty_wkv_state, wkv_recurrent
 
@@ -106,7 +105,7 @@ class TimeMix(HeadMixer):
         if state is None:
             state = empty_wkv_state(k.shape[:-2] + k.shape[-1:], k)
         w, u = self.decay_and_bonus()
-        return across_heads(wkv_chunked, (k, v, w, u, state, WKV_CHUNK), (1, 1, 0, 0, 1, None))
+        return wkv_across_heads(k, v, w, u, state)
 
     def mix(self, r: Tensor, k: Tensor, v: Tensor) -> Tensor:
         return torch.sigmoid(r) * self._wkv(k, v, None)[0]

@@ -122,16 +122,19 @@ class _Call:
         # Thread-local state the workers must share with the caller.
         self.autocast = (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))
 
-    def group_args(self, group: tuple[int, int], inputs: Sequence[Tensor] | None = None):
-        """The arguments of one group; `inputs` replace the call's tensors (in order)."""
+    def pieces(self, g: int, inputs: Sequence[Tensor]) -> list[Tensor]:
+        """Group g's slices of `inputs` (the call's tensors, in order; shared ones whole)."""
+        start, size = self.groups[g]
+        return [
+            t if self.dims[index] is None else t.narrow(self.dims[index], start, size)
+            for index, t in zip(self.tensors, inputs)
+        ]
+
+    def args_with(self, tensors: Sequence[Tensor]) -> list[Any]:
+        """The call's arguments with its tensors replaced by `tensors` (in order)."""
         leaves = list(self.leaves)
-        if inputs is not None:
-            for index, tensor in zip(self.tensors, inputs):
-                leaves[index] = tensor
-        for index in self.tensors:
-            dim = self.dims[index]
-            if dim is not None:
-                leaves[index] = leaves[index].narrow(dim, *group)
+        for index, tensor in zip(self.tensors, tensors):
+            leaves[index] = tensor
         return pytree.tree_unflatten(leaves, self.spec)
 
     def run(self, task: Callable[[_Call, int], Any]) -> list[Any]:
@@ -161,32 +164,19 @@ class _Call:
 
 
 def _forward_without_graph(call: _Call, g: int) -> list[Tensor]:
-    return call.call(call.group_args(call.groups[g]))
-
-
-def _leaves_for(call: _Call, g: int, inputs: Sequence[Tensor]) -> list[Tensor]:
-    """Detached leaf copies of one group's slices of `inputs`, requiring grad like them."""
-    start, size = call.groups[g]
-    leaves = []
-    for index, tensor in zip(call.tensors, inputs):
-        dim = call.dims[index]
-        piece = tensor if dim is None else tensor.narrow(dim, start, size)
-        leaves.append(piece.detach().requires_grad_(tensor.requires_grad))
-    return leaves
+    inputs = [call.leaves[index] for index in call.tensors]
+    return call.call(call.args_with(call.pieces(g, inputs)))
 
 
 def _forward_with_graph(call: _Call, g: int, inputs: Sequence[Tensor]):
-    leaves = _leaves_for(call, g, inputs)
-    args = pytree.tree_unflatten(_replace(call, leaves), call.spec)
+    """Group g's forward recorded on detached leaf copies of its slices of `inputs` (requiring
+    grad like them): (the leaves, the outputs)."""
+    leaves = [
+        piece.detach().requires_grad_(tensor.requires_grad)
+        for piece, tensor in zip(call.pieces(g, inputs), inputs)
+    ]
     with torch.enable_grad():
-        return leaves, call.call(args)
-
-
-def _replace(call: _Call, leaves: Sequence[Tensor]) -> list[Any]:
-    values = list(call.leaves)
-    for index, leaf in zip(call.tensors, leaves):
-        values[index] = leaf
-    return values
+        return leaves, call.call(call.args_with(leaves))
 
 
 def _group_backward(leaves, outputs, grads) -> list[Tensor | None]:

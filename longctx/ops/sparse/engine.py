@@ -37,7 +37,7 @@ from longctx.ops.softmax.merge import merge_by_lse
 # the whole engine for its own heads (longctx.ops.head_parallel), so every operator of a chunk is
 # one more dispatch that two threads take turns for: chunks of 4 MiB of fp32 scores per 8 heads
 # ran the split engine faster than cache-sized 1 MiB ones, and a single thread slightly slower
-# (docs/results/bench_cpu/threads_under_load_2026-12-07/README.md).
+# (docs/kernels.md, "CPU threads", links the measurements).
 CHUNK_SCORES = 1 << 17
 
 PositionPredicate = Callable[[Tensor, Tensor], Tensor]

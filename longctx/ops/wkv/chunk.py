@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from longctx.core.dtypes import accumulation_dtype
+from longctx.ops.head_parallel import across_heads
 from longctx.ops.segment_policy import segment_length
 from longctx.ops.wkv.reference import WkvState, empty_wkv_state, merge_states, push_position
 
@@ -106,6 +107,14 @@ def wkv_chunked(
                 outputs.append(y)
         y = torch.cat(outputs, -2) if len(outputs) > 1 else outputs[0]
     return y.to(v.dtype), state
+
+
+def wkv_across_heads(
+    k: Tensor, v: Tensor, w: Tensor, u: Tensor, state: WkvState
+) -> tuple[Tensor, WkvState]:
+    """wkv_chunked in WKV_CHUNK chunks over k, v [B, H, N, Dh] with w, u [H, Dh] and a state of
+    [B, H, Dh] tensors, the heads split across a CPU's threads (longctx.ops.head_parallel)."""
+    return across_heads(wkv_chunked, (k, v, w, u, state, WKV_CHUNK), (1, 1, 0, 0, 1, None))
 
 
 def wkv_flops(seq_len: int, channels: int) -> float:
